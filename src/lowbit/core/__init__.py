@@ -1,0 +1,1 @@
+"""Pure tensor math for quantization: no nn.Module, no transformers."""
