@@ -1,0 +1,41 @@
+"""Tokenize text and cut it into evaluation / calibration windows."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D LongTensor (no special tokens added beyond the tokenizer's own)."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    return ids.reshape(-1).to(torch.long)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``(n, seqlen)`` from the start of ``ids`` (the tail that does not fill one is dropped)."""
+    if seqlen < 2:
+        raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        if max_windows < 1:
+            raise LowbitError(f"max_windows must be at least 1, got {max_windows}")
+        n = min(n, max_windows)
+    if n == 0:
+        raise LowbitError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (GPTQ-style ``random.randint``)."""
+    if nsamples < 1 or seqlen < 1:
+        raise LowbitError(f"need nsamples >= 1 and seqlen >= 1, got {nsamples} and {seqlen}")
+    if ids.numel() <= seqlen:
+        raise LowbitError(f"the text has {ids.numel()} tokens, too few for windows of {seqlen}; use a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])

@@ -1,0 +1,26 @@
+"""Peak memory of the current process (CPU RSS) or device (CUDA allocator)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_mb(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated since the last reset, in MiB (None on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**2
+    return None

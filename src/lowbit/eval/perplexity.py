@@ -1,0 +1,146 @@
+"""Perplexity in the GPTQ convention, plus KL / top-1 agreement against a reference model."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.data.corpora import load_text
+from lowbit.data.windows import eval_windows, tokenize_text
+from lowbit.errors import LowbitError
+from lowbit.eval.memory import device_peak_mb, peak_rss_mb, reset_device_peak
+from lowbit.eval.nll import kl_and_top1, shifted_nll_sum
+
+
+@dataclass
+class EvalResult:
+    """One evaluation record; ``to_dict`` gives the same fields the CLI prints with ``--json``."""
+
+    model: str
+    dataset: str
+    split: str
+    seqlen: int
+    windows: int
+    tokens: int
+    perplexity: float
+    nll: float
+    kl: float | None
+    top1_agreement: float | None
+    reference: str | None
+    seconds: float
+    tokens_per_s: float
+    peak_rss_mb: float
+    peak_device_mb: float | None
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum context, from its config (None when it does not say)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model: Any, seqlen: int) -> None:
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise LowbitError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens; use --seqlen {limit} or less")
+
+
+@torch.no_grad()
+def window_metrics(
+    model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False
+) -> dict[str, float]:
+    """NLL sum, token count, model forward seconds and (with a reference) KL sum / top-1 count over windows."""
+    device = next(model.parameters()).device
+    ref_device = next(reference.parameters()).device if reference is not None else None
+    nll = 0.0
+    kl = 0.0
+    agree = 0
+    count = 0
+    positions = 0
+    seconds = 0.0
+    for row in tqdm(windows, desc="eval", unit="win", disable=not progress, leave=False):
+        ids = row.unsqueeze(0)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        nll += shifted_nll_sum(logits, ids).item()
+        count += ids.shape[1] - 1
+        if reference is not None:
+            ref_logits = reference(input_ids=ids.to(ref_device), use_cache=False).logits.to(logits.device)
+            k, a = kl_and_top1(ref_logits, logits)
+            kl += k.item()
+            agree += int(a.item())
+            positions += ids.numel()
+        del logits
+    return {"nll_sum": nll, "count": count, "seconds": seconds, "kl_sum": kl, "agree": agree, "positions": positions}
+
+
+def _name(model: Any) -> str:
+    source = getattr(model, "lowbit_source", None)
+    return source.ref if source is not None else type(model).__name__
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: str = "wikitext2",
+    split: str = "test",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    reference: Any | None = None,
+    progress: bool = False,
+    data_dir: str | None = None,
+) -> EvalResult:
+    """Perplexity on ``dataset``/``split`` in the GPTQ convention.
+
+    The split's rows are joined by the corpus convention, tokenized once and cut into
+    non-overlapping ``seqlen`` windows (``max_windows`` keeps a fixed prefix of them);
+    perplexity is ``exp`` of the mean next-token NLL over every predicted position.
+    With ``reference`` (e.g. the fp32 model), also the mean per-token KL(reference || model)
+    and the top-1 agreement of their next-token predictions.
+    """
+    if not hasattr(model, "config") or not callable(model):
+        raise LowbitError("evaluate() needs a transformers causal LM (as returned by lowbit.load_model)")
+    check_seqlen(model, seqlen)
+    windows = eval_windows(tokenize_text(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
+    device = next(model.parameters()).device
+    reset_device_peak(device)
+    t0 = time.perf_counter()
+    m = window_metrics(model, windows, reference, progress)
+    total = time.perf_counter() - t0
+    nll = m["nll_sum"] / m["count"]
+    return EvalResult(
+        model=_name(model),
+        dataset=dataset,
+        split=split,
+        seqlen=seqlen,
+        windows=windows.shape[0],
+        tokens=windows.numel(),
+        perplexity=math.exp(nll),
+        nll=nll,
+        kl=m["kl_sum"] / m["positions"] if reference is not None else None,
+        top1_agreement=m["agree"] / m["positions"] if reference is not None else None,
+        reference=_name(reference) if reference is not None else None,
+        seconds=total,
+        tokens_per_s=windows.numel() / m["seconds"] if m["seconds"] > 0 else float("nan"),
+        peak_rss_mb=peak_rss_mb(),
+        peak_device_mb=device_peak_mb(device),
+        device=str(device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )

@@ -1,0 +1,1 @@
+"""Model resolution and loading: local HF dirs, hub ids, GGUF files and built-in aliases."""

