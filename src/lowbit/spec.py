@@ -98,11 +98,23 @@ class QuantSpec:
                 raise bad(f"int quantization needs 1 <= bits <= 8, got {self.bits}")
             if self.fmt is not None:
                 raise bad(f"fmt {self.fmt!r} is only for float or codebook types")
+            if self.bits == 1 and self.symmetric:
+                raise bad("symmetric 1-bit int has no positive level; use symmetric=False or the 'binary' codebook")
+            if self.double_quant is not None or self.global_scale:
+                raise bad("double_quant and global_scale are for NF4 / NVFP4 style formats, not int")
         elif self.type == "float":
             if self.fmt not in FLOAT_FORMATS:
                 raise bad(f"float type needs fmt in {', '.join(FLOAT_FORMATS)}, got {self.fmt!r}")
             if self.bits != FLOAT_FORMATS[self.fmt]:
                 raise bad(f"fmt {self.fmt} has {FLOAT_FORMATS[self.fmt]} bits, but bits={self.bits}")
+            if not self.symmetric or not self.signed:
+                raise bad("float formats are signed and symmetric (set symmetric=True, signed=True)")
+            if self.double_quant is not None:
+                raise bad("double_quant is defined for codebook (NF4) scales, not float formats")
+            if self.global_scale and self.scale_dtype != "e4m3":
+                raise bad("global_scale (NVFP4) needs scale_dtype='e4m3' block scales")
+            if self.pow2_scale and self.scale_dtype == "e4m3":
+                raise bad("pow2_scale conflicts with e4m3 block scales; use scale_dtype='e8m0' for power-of-two scales")
         else:
             if self.fmt not in CODEBOOK_FORMATS:
                 raise bad(f"codebook type needs fmt in {', '.join(CODEBOOK_FORMATS)}, got {self.fmt!r}")
@@ -111,6 +123,10 @@ class QuantSpec:
                 raise bad(f"codebook {self.fmt} uses {allowed[0]} bits, got bits={self.bits}")
             if allowed is None and not 1 <= self.bits <= 8:
                 raise bad(f"codebook {self.fmt} needs 1 <= bits <= 8, got {self.bits}")
+            if self.double_quant is not None and self.fmt in ("kmeans", "log", "bcq"):
+                raise bad(f"double_quant applies to absmax block scales (nf4, binary, ternary), not {self.fmt}")
+            if self.pow2_scale or self.global_scale or self.scale_dtype in ("e8m0", "e4m3"):
+                raise bad("codebook formats store float scales: pow2_scale, global_scale and e8m0/e4m3 scales do not apply")
         if self.granularity not in GRANULARITY_KINDS:
             raise bad(f"unknown granularity {self.granularity!r}; expected one of {', '.join(GRANULARITY_KINDS)}")
         if self.granularity == "group":
@@ -129,6 +145,8 @@ class QuantSpec:
             raise bad(f"unknown observer {self.observer!r}; expected one of {', '.join(OBSERVERS)}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise bad(f"unknown scale_dtype {self.scale_dtype!r}; expected one of {', '.join(SCALE_DTYPES)}")
+        if self.observer in ("kl", "symmetric_kl", "js") and self.granularity != "tensor":
+            raise bad(f"the histogram observer {self.observer!r} calibrates one per-tensor range; use granularity 'tensor'")
         if self.dynamic and self.granularity not in ("token", "tensor", "group"):
             raise bad("dynamic quantization is computed per token, per tensor or per group at run time")
         if self.double_quant is not None:
