@@ -35,3 +35,23 @@ def smollm():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m")
+
+
+@pytest.fixture()
+def tiny_llama():
+    """A randomly initialised 2-block Llama built from a config (no download), fp32, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture()
+def tiny_calib():
+    """Random token windows for the tiny models: (8, 32) ids below 256."""
+    import torch
+
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))

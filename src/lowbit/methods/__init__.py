@@ -1,0 +1,8 @@
+"""Compression methods, one file each, registered by name (see ``lowbit.methods.base.METHODS``)."""
+
+from lowbit.methods.base import METHODS, LayerResult, LayerStats, WeightMethod, get_method, register_method
+
+# Importing the modules registers the methods.
+from lowbit.methods import gptq, rtn  # noqa: F401,E402
+
+__all__ = ["METHODS", "LayerResult", "LayerStats", "WeightMethod", "get_method", "register_method"]

@@ -1,0 +1,111 @@
+"""The contract every weight method follows, and the registry that maps names to methods.
+
+A method is a dataclass config (its knobs) plus:
+
+* ``needs_hessian`` / ``needs_act_stats``: what the pipeline must collect from calibration
+  inputs of each target linear before ``quantize_layer`` is called;
+* ``prepare_block(ctx)``: optional whole-block work before the layers are quantized
+  (e.g. AWQ's scale search and folding), given the block and its calibration inputs;
+* ``quantize_layer(name, layer, stats) -> LayerResult``: the new (fake-quant) weight, the
+  exact stored bits per weight, and anything an exporter needs (codes, scales, zeros, ...).
+
+Methods never load models or move data between devices: the pipeline does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.spec import QuantSpec
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's inputs ``X`` (tokens x in_features).
+
+    ``hessian`` is ``2/n * X^T X`` (GPTQ's H), ``act_absmean`` the mean |x| per input channel.
+    """
+
+    nsamples: int = 0
+    hessian: torch.Tensor | None = None
+    act_absmean: torch.Tensor | None = None
+    act_absmax: torch.Tensor | None = None
+    sample_inputs: torch.Tensor | None = None  # a few hundred input rows, for error measurement
+
+
+@dataclass
+class LayerResult:
+    """What quantizing one layer produced."""
+
+    weight: torch.Tensor  # fake-quant weight, same shape/dtype as the original
+    bits_per_weight: float  # stored bits per weight, scales / zeros / outliers included
+    artifacts: dict[str, Any] = field(default_factory=dict)  # codes, scales, zeros, g_idx, ...
+    extra_params: int = 0  # full-precision values kept beside the codes (outliers), for reporting
+
+
+@dataclass
+class WeightMethod:
+    """Base class of weight-quantization methods (see module docstring)."""
+
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="int", bits=4, granularity="group", group_size=128))
+
+    name: ClassVar[str] = ""
+    needs_hessian: ClassVar[bool] = False
+    needs_act_stats: ClassVar[bool] = False
+
+    def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
+        """Raise a LowbitError before any work if this layer cannot take the spec."""
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise LowbitError(f"{name} has no 2-D weight; {self.name} quantizes linear layers only")
+        cols = weight.shape[1]
+        gs = self.spec.group_size
+        if self.spec.granularity == "group" and gs and cols % gs and self.spec.padding != "pad":
+            divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]
+            raise LowbitError(
+                f"group size {gs} does not divide {name}'s {cols} input features; use a group size that "
+                f"does ({', '.join(map(str, divisors)) or 'none of 32/64/128/256'}) or padding: pad"
+            )
+
+    def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
+        """Whole-block work before layers are quantized (default: nothing)."""
+
+    def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "spec"]
+
+
+METHODS: dict[str, type[WeightMethod]] = {}
+
+
+def register_method(cls: type[WeightMethod]) -> type[WeightMethod]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None) -> WeightMethod:
+    """Instantiate a registered method with its spec and options; clear errors for bad input."""
+    if name not in METHODS:
+        raise LowbitError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    options = dict(options or {})
+    unknown = set(options) - set(cls.options())
+    if unknown:
+        raise LowbitError(
+            f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are {', '.join(cls.options()) or 'none'}"
+        )
+    try:
+        return cls(spec=spec, **options)
+    except (TypeError, ValueError) as exc:
+        raise LowbitError(f"invalid options for method {name!r}: {exc}") from None

@@ -1,0 +1,177 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with inverse-Hessian error feedback.
+
+Minimises ``||X W^T - X Q^T||^2`` one input column at a time: after column ``j`` is rounded,
+its error ``(w_j - q_j) / [H^-1]_jj`` is spread over the columns not yet quantized through
+the upper Cholesky factor of ``H^-1`` (``H = 2/n X^T X``).  Knobs: dampening (fraction of the
+mean diagonal, raised automatically when the Cholesky factorisation fails), lazy block
+updates (``block_size``), act-order (columns by descending ``diag(H)``), static groups
+(group parameters fixed from the un-updated weights before the sweep), any int spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.affine import compute_qparams
+from lowbit.errors import LowbitError
+from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
+from lowbit.spec import QuantSpec
+
+SCALE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}
+
+
+@dataclass
+class GPTQResult:
+    """Dequantized weight plus its integer form (codes in original column order)."""
+
+    weight: torch.Tensor  # (out, in) float32
+    codes: torch.Tensor  # (out, in) int32
+    scale: torch.Tensor  # (out, n_groups)
+    zero: torch.Tensor  # (out, n_groups)
+    g_idx: torch.Tensor  # (in,) group of each original column
+    damp_used: float
+
+
+def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of a column block ``w`` (out x cols), shape ``(out,)``."""
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    if spec.granularity == "tensor":
+        lo, hi = lo.amin().expand_as(lo), hi.amax().expand_as(hi)
+    return compute_qparams(lo, hi, spec.bits, spec.symmetric, spec.signed, pow2_scale=spec.pow2_scale,
+                           scale_dtype=spec.scale_dtype)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp*mean(diag) I)^-1``, raising damp x10 on failure."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for _ in range(max_tries):
+        try:
+            chol = torch.linalg.cholesky(h + damp * mean_diag * eye)
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True), damp
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise LowbitError(
+        f"the Hessian stayed singular even with dampening {damp:g}; use more calibration samples"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Run GPTQ on one weight matrix ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
+    if spec.type != "int":
+        raise LowbitError(f"GPTQ here quantizes to int grids; got a {spec.type} spec")
+    if spec.granularity not in ("channel", "group", "tensor"):
+        raise LowbitError(f"GPTQ supports channel, group or tensor granularity, not {spec.granularity}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    rows, cols = w.shape
+    group = spec.group_size if spec.granularity == "group" else cols
+    n_groups = (cols + group - 1) // group
+    qmin, qmax = spec.qmin, spec.qmax
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    static: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if static_groups or spec.granularity != "group":
+        blocks = [w[:, g * group : (g + 1) * group] for g in range(n_groups)] if spec.granularity == "group" else [w]
+        static = [_qparams(b, spec) for b in blocks]
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv, damp_used = _inverse_cholesky(h, damp)
+
+    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    scale = torch.zeros(rows, n_groups, device=w.device)
+    zero = torch.zeros(rows, n_groups, device=w.device)
+    g_idx = torch.zeros(cols, dtype=torch.int32, device=w.device)
+    s = z = None
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col])
+            if static:
+                g = orig // group
+                s, z = static[g if len(static) > 1 else 0]
+            else:
+                g = col // group  # groups follow the sweep order (= original order without act-order)
+                if col % group == 0:
+                    s, z = _qparams(_current_columns(w, w1, err1, hinv, i1, i2, i, group), spec)
+            assert s is not None and z is not None
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            deq = s * (q - z)
+            codes[:, orig] = q.to(torch.int32)
+            scale[:, g], zero[:, g] = s, z
+            g_idx[orig] = g
+            e = (x - deq) / hinv1[i, i]
+            w1[:, i] = deq
+            w1[:, i + 1 :] -= e.unsqueeze(1) * hinv1[i, i + 1 :].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return GPTQResult(w[:, inv], codes, scale, zero, g_idx, damp_used)
+
+
+def _current_columns(
+    w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, hinv: torch.Tensor, i1: int, i2: int, i: int, group: int
+) -> torch.Tensor:
+    """Columns ``i1+i .. i1+i+group`` of W with every error update so far applied (lazy ones too)."""
+    cur = w1[:, i : i + group]
+    end = i1 + i + group
+    if end > i2 and i2 < w.shape[1]:
+        pending = err1[:, :i] @ hinv[i1 : i1 + i, i2:end]
+        cur = torch.cat([cur, w[:, i2:end] - pending], dim=1)
+    return cur
+
+
+@register_method
+@dataclass
+class GPTQ(WeightMethod):
+    """GPTQ with dampening retry, lazy block updates, act-order and static groups."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    name = "gptq"
+    needs_hessian = True
+
+    def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
+        if stats.hessian is None:
+            raise LowbitError(f"GPTQ needs calibration inputs for {name}, but none reached it")
+        w = layer.weight.data
+        res = gptq_quantize(w, stats.hessian, self.spec, self.damp, self.block_size, self.act_order,
+                            self.static_groups)
+        numel = w.numel()
+        n_params = res.scale.numel()
+        bits = numel * self.spec.bits + n_params * SCALE_BITS[self.spec.scale_dtype]
+        if not self.spec.symmetric:
+            bits += n_params * self.spec.bits
+        return LayerResult(
+            weight=res.weight.to(w.dtype),
+            bits_per_weight=bits / numel,
+            artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
+                       "damp": res.damp_used},
+        )

@@ -1,0 +1,126 @@
+"""Architecture knowledge as data: where the decoder blocks are, which op feeds which linears.
+
+Methods that move scales between neighbouring ops (AWQ, SmoothQuant, ...) read ``ScaleGroup``
+entries: ``prev`` is the op whose output feeds ``linears`` (a norm or a linear, named relative
+to the block).  Architectures not in the table fall back to a generic finder that locates the
+decoder blocks (the longest ``ModuleList`` of modules holding linears); methods that need
+scale groups then raise a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """``prev`` (norm or linear) produces the input of every module in ``linears``."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Per-model-type layout: dotted path of the block list and the block's scale groups."""
+
+    blocks: str
+    groups: tuple[ScaleGroup, ...] = field(default=())
+
+
+_LLAMA = Architecture(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "phi3": Architecture(
+        blocks="model.layers",
+        groups=(
+            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",)),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+    ),
+    "phi": Architecture(
+        blocks="model.layers",
+        groups=(ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
+                ScaleGroup("mlp.fc1", ("mlp.fc2",))),
+    ),
+    "opt": Architecture(
+        blocks="model.decoder.layers",
+        groups=(
+            ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+            ScaleGroup("final_layer_norm", ("fc1",)),
+            ScaleGroup("fc1", ("fc2",)),
+        ),
+    ),
+    "gpt2": Architecture(
+        blocks="transformer.h",
+        groups=(ScaleGroup("ln_1", ("attn.c_attn",)), ScaleGroup("ln_2", ("mlp.c_fc",))),
+    ),
+}
+
+
+def get_submodule(root: torch.nn.Module, path: str) -> Any:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise LowbitError(f"module {path!r} not found in {type(root).__name__}") from None
+
+
+def _generic_blocks(model: torch.nn.Module) -> str:
+    best, best_len = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > best_len:
+            if any(isinstance(m, torch.nn.Linear) for m in module[0].modules()):
+                best, best_len = name, len(module)
+    if best is None:
+        raise LowbitError(
+            f"cannot find the decoder blocks of {type(model).__name__}; add its layout to "
+            "lowbit.models.arch.ARCHITECTURES"
+        )
+    return best
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    """The table entry for ``model.config.model_type``, or a generic one (blocks only)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return Architecture(blocks=_generic_blocks(model))
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks."""
+    blocks = get_submodule(model, architecture_of(model).blocks)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise LowbitError(f"{architecture_of(model).blocks} of {type(model).__name__} is not a list of blocks")
+    return blocks
+
+
+def scale_groups(model: torch.nn.Module) -> tuple[ScaleGroup, ...]:
+    """Scale groups of the model's blocks; a clear error where the architecture has none."""
+    arch = architecture_of(model)
+    if not arch.groups:
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        raise LowbitError(
+            f"no norm -> linear mapping is known for model type {model_type!r}; methods that move "
+            "scales between ops (AWQ, SmoothQuant) need one in lowbit.models.arch.ARCHITECTURES"
+        )
+    return arch.groups

@@ -1,0 +1,149 @@
+"""The sequential calibration pipeline: one decoder block at a time, with error propagation.
+
+For each block: (1) methods may transform the whole block (AWQ scale search), (2) a forward
+pass with hooks collects the statistics the methods need (Hessians, activation magnitudes),
+(3) each target linear is quantized, (4) the quantized block is re-run so the next block is
+calibrated on quantized outputs.  Only the current block's activations are held.  Blocks
+whose layers need no statistics skip step (2): their sample inputs are taken during step (4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.methods.base import LayerStats, WeightMethod
+from lowbit.models.arch import architecture_of, decoder_blocks
+from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
+from lowbit.pipeline.stats import StatsCollector, output_error
+
+
+@dataclass
+class LayerReport:
+    """How one layer was quantized and what it cost."""
+
+    name: str
+    method: str
+    shape: tuple[int, int]
+    bits_per_weight: float
+    output_error: float | None  # ||X(W-Wq)^T||^2 / ||XW^T||^2 on sampled calibration inputs
+    weight_error: float  # ||W-Wq||^2 / ||W||^2
+    extra_params: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BlockContext:
+    """What ``WeightMethod.prepare_block`` gets: the block, its inputs and its target layers."""
+
+    model: torch.nn.Module
+    block: torch.nn.Module
+    index: int
+    prefix: str  # full name of the block, with a trailing dot
+    inputs: BlockInputs
+    layers: dict[str, torch.nn.Module]  # this method's targets in the block, by full name
+
+
+@dataclass
+class PipelineResult:
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    calib_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.layers], "seconds": self.seconds, "calib_tokens": self.calib_tokens}
+
+
+def _weight_error(w: torch.Tensor, wq: torch.Tensor) -> float:
+    denom = w.float().pow(2).sum().item()
+    return (w.float() - wq.float()).pow(2).sum().item() / denom if denom > 0 else 0.0
+
+
+@torch.no_grad()
+def _run_block(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector | None = None) -> BlockInputs:
+    outs = []
+    for h, kw in zip(inputs.hidden, inputs.kwargs):
+        outs.append(block_output(block(h, **kw)))
+        if collector is not None:
+            collector.end_batch()
+    return BlockInputs(outs, inputs.kwargs)
+
+
+def _quantize_layers(
+    assignments: dict[str, WeightMethod],
+    modules: dict[str, torch.nn.Module],
+    stats: dict[str, LayerStats],
+) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+    reports, originals = [], {}
+    for name, method in assignments.items():
+        layer = modules[name]
+        t0 = time.perf_counter()
+        res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
+        w = layer.weight.data
+        originals[name] = w.clone()
+        reports.append(LayerReport(
+            name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
+            output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
+            weight_error=_weight_error(w, res.weight), extra_params=res.extra_params,
+            seconds=time.perf_counter() - t0,
+        ))
+        w.copy_(res.weight)
+        layer.lowbit_artifacts = res.artifacts
+    return reports, originals
+
+
+@torch.no_grad()
+def run_sequential(
+    model: torch.nn.Module,
+    assignments: dict[str, WeightMethod],
+    calib: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PipelineResult:
+    """Quantize ``assignments`` (full layer name -> method) block by block on ``calib`` (n, seqlen)."""
+    t_start = time.perf_counter()
+    modules = dict(model.named_modules())
+    blocks = decoder_blocks(model)
+    prefix_root = architecture_of(model).blocks
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    result = PipelineResult(calib_tokens=inputs.tokens)
+    bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{prefix_root}.{i}."
+        mine = {n: m for n, m in assignments.items() if n.startswith(prefix)}
+        if not mine:
+            inputs = _run_block(block, inputs)
+            continue
+        for method in {id(m): m for m in mine.values()}.values():
+            layers = {n: modules[n] for n, m in mine.items() if m is method}
+            method.prepare_block(BlockContext(model, block, i, prefix, inputs, layers))
+        hessian = {n for n, m in mine.items() if m.needs_hessian}
+        act = {n for n, m in mine.items() if m.needs_act_stats}
+        layer_modules = {n: modules[n] for n in mine}
+        if hessian or act:
+            collector = StatsCollector(layer_modules, hessian, act)
+            with collector.attached():
+                _run_block(block, inputs, collector)
+            stats = collector.finalize()
+            reports, _ = _quantize_layers(mine, modules, stats)
+            inputs = _run_block(block, inputs)
+        else:  # data-free layers: quantize first, sample inputs while propagating
+            reports, originals = _quantize_layers(mine, modules, {})
+            collector = StatsCollector(layer_modules, set(), set())
+            with collector.attached():
+                inputs = _run_block(block, inputs, collector)
+            stats = collector.finalize()
+            for r in reports:
+                wq = modules[r.name].weight.data
+                r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name], wq)
+        result.layers.extend(reports)
+        errs = [r.output_error for r in reports if r.output_error is not None]
+        if errs:
+            bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
+    result.seconds = time.perf_counter() - t_start
+    return result

@@ -1,0 +1,110 @@
+"""``lowbit.quantize``: apply a recipe to a model, and write the result with its summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lowbit.atomic import atomic_dir
+from lowbit.errors import LowbitError
+from lowbit.eval.memory import peak_rss_mb
+from lowbit.pipeline.sequential import PipelineResult, run_sequential
+from lowbit.recipe import Recipe, load_recipe, resolve_targets
+
+SUMMARY_FILE = "lowbit_summary.json"
+
+
+@dataclass
+class QuantizationReport:
+    """Machine-readable summary of one quantization run."""
+
+    recipe: dict[str, Any]
+    layers: list[dict[str, Any]]
+    quantized_params: int
+    bits_per_weight: float  # over the quantized linears, scales / zeros / outliers included
+    model_params: int
+    model_bits_per_weight: float  # whole model, unquantized tensors at their storage width
+    seconds: float
+    calib_tokens: int
+    peak_rss_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def mean_output_error(self) -> float | None:
+        errs = [l["output_error"] for l in self.layers if l["output_error"] is not None]
+        return sum(errs) / len(errs) if errs else None
+
+
+def _model_bits(model: torch.nn.Module, quantized: dict[str, float]) -> tuple[int, float]:
+    """Total parameters and bits: quantized linears at their bits, everything else at its dtype width."""
+    total_bits = 0.0
+    total = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        layer = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and layer in quantized:
+            total_bits += p.numel() * quantized[layer]
+        else:
+            total_bits += p.numel() * p.element_size() * 8
+    return total, total_bits / max(total, 1)
+
+
+def quantize(
+    model: torch.nn.Module,
+    recipe: str | Path | dict[str, Any] | Recipe,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place with ``recipe`` using calibration token windows ``calib`` (n, seqlen).
+
+    All input is validated (recipe, targets, group sizes, calibration shape) before any work.
+    """
+    rec = load_recipe(recipe)
+    assignments = resolve_targets(model, rec)
+    if calib is None:
+        raise LowbitError("quantize() needs calibration windows (lowbit.data.get_calibration(...)), even for "
+                          "data-free methods: they are used to measure each layer's output error")
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
+        raise LowbitError("calibration must be a 2-D tensor of token ids (nsamples, seqlen)")
+    t0 = time.perf_counter()
+    result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    layers = result.to_dict()["layers"]
+    per_layer_bits = {l["name"]: l["bits_per_weight"] for l in layers}
+    qparams = sum(l["shape"][0] * l["shape"][1] for l in layers)
+    qbits = sum(l["shape"][0] * l["shape"][1] * l["bits_per_weight"] for l in layers) / max(qparams, 1)
+    total, model_bpw = _model_bits(model, per_layer_bits)
+    return QuantizationReport(
+        recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
+        model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
+        calib_tokens=result.calib_tokens, peak_rss_mb=peak_rss_mb(),
+    )
+
+
+def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport, out: str | Path) -> Path:
+    """Write the fake-quant model, tokenizer, recipe and summary to ``out`` atomically.
+
+    The directory appears only when everything is written; an interrupted run leaves nothing
+    that looks complete.
+    """
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(report.recipe, sort_keys=False))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+    return out
