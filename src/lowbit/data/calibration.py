@@ -18,7 +18,13 @@ def calibration_windows(
 ) -> torch.Tensor:
     """``(nsamples, seqlen)`` token windows from a named corpus (its validation split by default) or a file."""
     text = load_text(source, split or CALIB_SPLITS.get(source, "test"))
-    return random_windows(tokenize_text(tokenizer, text), nsamples, seqlen, seed)
+    ids = tokenize_text(tokenizer, text)
+    if ids.numel() < nsamples * seqlen:
+        raise LowbitError(
+            f"calibration text {source!r} has {ids.numel()} tokens, fewer than the {nsamples} x {seqlen} = "
+            f"{nsamples * seqlen} requested; lower --nsamples / --seqlen or use a larger corpus"
+        )
+    return random_windows(ids, nsamples, seqlen, seed)
 
 
 @torch.no_grad()

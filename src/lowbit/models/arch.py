@@ -19,10 +19,17 @@ from lowbit.errors import LowbitError
 
 @dataclass(frozen=True)
 class ScaleGroup:
-    """``prev`` (norm or linear) produces the input of every module in ``linears``."""
+    """``prev`` (norm or linear) produces the input of every module in ``linears``.
+
+    ``inspect`` (optional) names the sub-module whose output measures the group's error when
+    the linears' weights change (AWQ's ``module2inspect``): e.g. ``self_attn`` for q/k/v,
+    ``mlp`` for gate/up, the consuming linear itself for v->o and up->down; ``""`` is the whole
+    block.  ``None``: each linear is measured on its own output.
+    """
 
     prev: str
     linears: tuple[str, ...]
+    inspect: str | None = None
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,10 @@ class Architecture:
 _LLAMA = Architecture(
     blocks="model.layers",
     groups=(
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
 )
 
@@ -52,27 +59,27 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phi3": Architecture(
         blocks="model.layers",
         groups=(
-            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",)),
-            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+            ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+            ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
         ),
     ),
     "phi": Architecture(
         blocks="model.layers",
-        groups=(ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
-                ScaleGroup("mlp.fc1", ("mlp.fc2",))),
+        groups=(ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), ""),
+                ScaleGroup("mlp.fc1", ("mlp.fc2",), "mlp.fc2")),
     ),
     "opt": Architecture(
         blocks="model.decoder.layers",
         groups=(
-            ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
-            ScaleGroup("final_layer_norm", ("fc1",)),
-            ScaleGroup("fc1", ("fc2",)),
+            ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+            ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+            ScaleGroup("fc1", ("fc2",), "fc2"),
         ),
     ),
     "gpt2": Architecture(
         blocks="transformer.h",
-        groups=(ScaleGroup("ln_1", ("attn.c_attn",)), ScaleGroup("ln_2", ("mlp.c_fc",))),
+        groups=(ScaleGroup("ln_1", ("attn.c_attn",), "attn"), ScaleGroup("ln_2", ("mlp.c_fc",), "mlp")),
     ),
 }
 
