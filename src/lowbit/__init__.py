@@ -4,6 +4,7 @@ Public API (imported lazily so that ``import lowbit`` stays cheap):
 
 * ``load_model(ref, dtype=...)`` -> ``(model, tokenizer)``
 * ``evaluate(model, tokenizer, ...)`` -> ``EvalResult``
+* ``quantize(model, recipe, calib)`` -> ``QuantizationReport`` (in place); ``save_quantized``
 * ``QuantSpec``, ``preset(name)``
 """
 
@@ -17,6 +18,9 @@ _LAZY = {
     "load_model": ("lowbit.models.loading", "load_model"),
     "resolve_model": ("lowbit.models.loading", "resolve_model"),
     "evaluate": ("lowbit.eval.perplexity", "evaluate"),
+    "quantize": ("lowbit.quantization", "quantize"),
+    "save_quantized": ("lowbit.quantization", "save_quantized"),
+    "load_recipe": ("lowbit.recipe", "load_recipe"),
     "QuantSpec": ("lowbit.spec", "QuantSpec"),
     "preset": ("lowbit.spec", "preset"),
     "PRESETS": ("lowbit.spec", "PRESETS"),
