@@ -20,8 +20,9 @@ def test_quantize_gptq_end_to_end(run_cli, smollm, data_dir, tmp_path):
     assert summary["bits_per_weight"] == pytest.approx(4.5)  # 4-bit codes + fp32 scale per 64
     ev = summary["extra"]["eval"]
     assert ev["before"]["perplexity"] == pytest.approx(18.84, abs=0.05)  # 2 windows fp32: measured 18.837
-    # 16 windows only (128 in benchmarks): measured 27.71; RTN W4 g64 on the same windows: 28.11
-    assert 26.0 < ev["after"]["perplexity"] < 29.5
+    # 16 windows only (128 in benchmarks), act-order + static groups: measured 23.24 (+23%);
+    # without act-order 27.71; RTN W4 g64 sym on the same windows: 28.11
+    assert 21.5 < ev["after"]["perplexity"] < 25.0
     assert (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     assert json.loads(stdout)["recipe"]["name"] == "gptq-w4g64"
     # the written model loads back and evaluates to the same perplexity

@@ -6,11 +6,15 @@ the upper Cholesky factor of ``H^-1`` (``H = 2/n X^T X``).  Knobs: dampening (fr
 mean diagonal, raised automatically when the Cholesky factorisation fails), lazy block
 updates (``block_size``), act-order (columns by descending ``diag(H)``), static groups
 (group parameters fixed from the un-updated weights before the sweep), any int spec.
+
+The column sweep itself (``gptq_sweep``: lazy block updates, a per-column quantizer callback, and
+columns left unquantized but compensated) is shared with OWQ and SpQR.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -98,39 +102,63 @@ def gptq_quantize(
     scale = torch.zeros(rows, n_groups, device=w.device)
     zero = torch.zeros(rows, n_groups, device=w.device)
     g_idx = torch.zeros(cols, dtype=torch.int32, device=w.device)
-    s = z = None
+    params: list[torch.Tensor] = []  # current (scale, zero)
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
+    def quantize_column(col: int, x: torch.Tensor, peek: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        orig = int(perm[col])
+        if static:
+            g = orig // group
+            params[:] = static[g if len(static) > 1 else 0]
+        else:
+            g = col // group  # groups follow the sweep order (= original order without act-order)
+            if col % group == 0:
+                params[:] = _qparams(peek(group), spec)
+        s, z = params
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        codes[:, orig] = q.to(torch.int32)
+        scale[:, g], zero[:, g] = s, z
+        g_idx[orig] = g
+        return s * (q - z)
+
+    gptq_sweep(w, hinv, quantize_column, block_size)
+    inv = torch.argsort(perm)
+    return GPTQResult(w[:, inv], codes, scale, zero, g_idx, damp_used)
+
+
+ColumnQuantizer = Callable[[int, torch.Tensor, Callable[[int], torch.Tensor]], torch.Tensor]
+
+
+def gptq_sweep(
+    w: torch.Tensor, hinv: torch.Tensor, quantize_column: ColumnQuantizer, block_size: int = 128,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """GPTQ's column sweep with lazy block updates, in place on ``w`` (columns already in sweep order).
+
+    For each column ``col < stop``, ``quantize_column(col, x, peek)`` gets the column ``x`` with every
+    earlier error update applied (a view: do not modify it) and returns its new value (dequantized
+    codes, or ``x`` itself for a weight kept in full precision).  ``peek(n)`` returns columns
+    ``col .. col+n`` of the current W (lazy updates included), e.g. to fit group parameters.  The
+    error ``(x - new) / U_jj`` (``U`` = ``hinv``, the upper Cholesky factor of ``H^-1``) is spread over
+    all later columns, including those at or after ``stop``, which are left unquantized but
+    compensated (OWQ's fp16 columns).  Returns ``w``.
+    """
+    cols = w.shape[1]
+    stop = cols if stop is None else stop
+    for i1 in range(0, stop, block_size):
+        i2 = min(i1 + block_size, stop)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            orig = int(perm[col])
-            if static:
-                g = orig // group
-                s, z = static[g if len(static) > 1 else 0]
-            else:
-                g = col // group  # groups follow the sweep order (= original order without act-order)
-                if col % group == 0:
-                    s, z = _qparams(_current_columns(w, w1, err1, hinv, i1, i2, i, group), spec)
-            assert s is not None and z is not None
             x = w1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            deq = s * (q - z)
-            codes[:, orig] = q.to(torch.int32)
-            scale[:, g], zero[:, g] = s, z
-            g_idx[orig] = g
+            deq = quantize_column(i1 + i, x, lambda n: _current_columns(w, w1, err1, hinv, i1, i2, i, n))
             e = (x - deq) / hinv1[i, i]
             w1[:, i] = deq
             w1[:, i + 1 :] -= e.unsqueeze(1) * hinv1[i, i + 1 :].unsqueeze(0)
             err1[:, i] = e
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    return GPTQResult(w[:, inv], codes, scale, zero, g_idx, damp_used)
+    return w
 
 
 def _current_columns(
@@ -152,8 +180,10 @@ class GPTQ(WeightMethod):
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+    # act-order with static groups by default (llm-compressor's "static" actorder): on smollm2-135m,
+    # W4 g64 sym, 128 windows, 2-window ppl 23.45 with it vs 26.74 without (fp32 18.84).
+    act_order: bool = True
+    static_groups: bool = True
 
     name = "gptq"
     needs_hessian = True

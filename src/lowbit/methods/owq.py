@@ -1,0 +1,193 @@
+"""OWQ (Lee et al., 2024): keep a few weak input columns in fp16, quantize the rest with GPTQ.
+
+An activation outlier on input channel ``j`` makes every weight of column ``j`` sensitive.  OWQ
+scores each column by ``lambda_j * ||dW_{:,j}||^2`` with ``lambda = diag(H)`` (``H = 2/n X^T X``)
+and ``dW = W - Q(W)`` the round-to-nearest error under the spec, keeps the top ``k`` columns
+("weak columns") in fp16 and quantizes the other ``in - k`` columns with GPTQ.  As in the
+reference code, the weak columns are moved to the *end* of the GPTQ sweep: they are never
+quantized but receive GPTQ's error compensation from every quantized column, and their final
+(compensated) values are what is stored in fp16.  Group parameters are fitted on the quantized
+columns only: groups of ``group_size`` consecutive columns of the sweep order (the original order
+without the weak columns; with ``act_order``, descending sensitivity, as in the reference), so the
+last group may be partial.
+
+Storage (``bits_per_weight``, exact): ``bits`` per code of the ``in - k`` quantized columns, one
+scale (``spec.scale_dtype`` width) and, for asymmetric specs, a ``bits``-bit zero per row and
+group, and per weak column ``out`` fp16 values plus a 32-bit column index.  Without act-order the
+group of every column follows from the weak-column index list, so nothing else is stored; with
+act-order the column permutation is not counted (as for GPTQ's act-order ``g_idx``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lowbit.core.quant import dequantize, quantize
+from lowbit.errors import LowbitError
+from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
+from lowbit.methods.gptq import SCALE_BITS, _inverse_cholesky, _qparams, gptq_sweep
+from lowbit.spec import QuantSpec
+
+FP_BITS = 16  # storage of a weak-column weight
+INDEX_BITS = 32  # storage of a weak column's index
+
+
+@dataclass
+class OWQResult:
+    """Dequantized weight plus its parts, all in original column order."""
+
+    weight: torch.Tensor  # (out, in) float32: quantized columns dequantized, weak columns fp16 values
+    codes: torch.Tensor  # (out, in) int32; 0 in the weak columns
+    scale: torch.Tensor  # (out, n_groups)
+    zero: torch.Tensor  # (out, n_groups)
+    g_idx: torch.Tensor  # (in,) int32 group of each column, -1 for weak columns
+    fp_idx: torch.Tensor  # (k,) int64 weak columns, most sensitive first
+    fp_weight: torch.Tensor  # (out, k) float16 stored weak columns
+    sensitivity: torch.Tensor  # (in,) lambda_j * ||dW_j||^2
+    damp_used: float
+
+
+def column_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """OWQ's ``lambda_j * ||W_{:,j} - Q(W)_{:,j}||^2`` with ``lambda = diag(H)`` and ``Q`` = RTN under ``spec``."""
+    w = weight.detach().float()
+    rtn_spec = spec.replace(padding="pad") if spec.granularity == "group" else spec
+    dw = w - dequantize(quantize(w, rtn_spec)).float()
+    return torch.diag(hessian.detach().float()).clamp(min=0) * dw.pow(2).sum(0)
+
+
+def owq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    n_fp_cols: int,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> OWQResult:
+    """Run OWQ on one weight ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
+    if spec.type != "int":
+        raise LowbitError(f"OWQ here quantizes to int grids; got a {spec.type} spec")
+    if spec.granularity not in ("channel", "group", "tensor"):
+        raise LowbitError(f"OWQ supports channel, group or tensor granularity, not {spec.granularity}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    rows, cols = w.shape
+    k = int(n_fp_cols)
+    if not 0 <= k < cols:
+        raise LowbitError(f"OWQ needs 0 <= n_fp_cols < in_features ({cols}), got {k}")
+    n_q = cols - k
+    group = spec.group_size if spec.granularity == "group" else n_q
+    n_groups = (n_q + group - 1) // group
+    qmin, qmax = spec.qmin, spec.qmax
+
+    sens = column_sensitivity(w, h, spec)
+    order = torch.argsort(sens, descending=True)
+    fp_idx = order[:k]
+    if act_order:
+        perm = torch.cat([order[k:], fp_idx])
+    else:
+        keep = torch.ones(cols, dtype=torch.bool, device=w.device)
+        keep[fp_idx] = False
+        perm = torch.cat([torch.arange(cols, device=w.device)[keep], fp_idx])
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    static = [] if spec.granularity == "group" else [_qparams(w[:, :n_q], spec)]
+    hinv, damp_used = _inverse_cholesky(h, damp)
+
+    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    scale = torch.zeros(rows, n_groups, device=w.device)
+    zero = torch.zeros(rows, n_groups, device=w.device)
+    g_idx = torch.full((cols,), -1, dtype=torch.int32, device=w.device)
+    params: list[torch.Tensor] = list(static[0]) if static else []
+
+    def quantize_column(col: int, x: torch.Tensor, peek: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        g = col // group
+        if not static and col % group == 0:
+            params[:] = _qparams(peek(min(group, n_q - col)), spec)
+        s, z = params
+        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+        orig = int(perm[col])
+        codes[:, orig] = q.to(torch.int32)
+        scale[:, g], zero[:, g] = s, z
+        g_idx[orig] = g
+        return s * (q - z)
+
+    gptq_sweep(w, hinv, quantize_column, block_size, stop=n_q)
+    fp_weight = w[:, n_q:].to(torch.float16)
+    w[:, n_q:] = fp_weight.float()
+    return OWQResult(w[:, torch.argsort(perm)], codes, scale, zero, g_idx, fp_idx, fp_weight, sens, damp_used)
+
+
+def owq_bits(rows: int, cols: int, n_fp_cols: int, n_groups: int, spec: QuantSpec) -> float:
+    """Exact stored bits per weight of an OWQ layer (see the module docstring)."""
+    per_param = SCALE_BITS[spec.scale_dtype] + (0 if spec.symmetric else spec.bits)
+    total = rows * (cols - n_fp_cols) * spec.bits + rows * n_groups * per_param
+    total += n_fp_cols * (rows * FP_BITS + INDEX_BITS)
+    return total / (rows * cols)
+
+
+@register_method
+@dataclass
+class OWQ(WeightMethod):
+    """GPTQ with the ``n_fp_cols`` (or ``fp_ratio`` x in_features) most sensitive input columns in fp16.
+
+    ``fp_ratio=0.0035`` keeps ~0.35% of the columns (2 of 576, 5 of 1536): about 0.045 extra
+    bits per weight at 3 bits, in the paper's 0.01-0.05 range.  A positive ratio keeps at least one
+    column.
+    """
+
+    n_fp_cols: int | None = None
+    fp_ratio: float = 0.0035
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    name = "owq"
+    needs_hessian = True
+
+    def __post_init__(self) -> None:
+        if self.n_fp_cols is not None and (not isinstance(self.n_fp_cols, int) or self.n_fp_cols < 0):
+            raise LowbitError(f"owq: n_fp_cols must be a non-negative integer, got {self.n_fp_cols!r}")
+        if not 0 <= self.fp_ratio < 1:
+            raise LowbitError(f"owq: fp_ratio must be in [0, 1), got {self.fp_ratio!r}")
+        if self.spec.type != "int" or self.spec.granularity not in ("channel", "group", "tensor"):
+            raise LowbitError("owq quantizes to int specs with channel, group or tensor granularity")
+
+    def fp_columns(self, cols: int) -> int:
+        """Number of fp16 columns for a layer with ``cols`` input features."""
+        if self.n_fp_cols is not None:
+            return self.n_fp_cols
+        return max(1, round(self.fp_ratio * cols)) if self.fp_ratio > 0 else 0
+
+    def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
+        # groups run over the quantized columns only, so a partial last group is normal: no divisibility check
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise LowbitError(f"{name} has no 2-D weight; owq quantizes linear layers only")
+        if self.fp_columns(weight.shape[1]) >= weight.shape[1]:
+            raise LowbitError(f"owq: {self.fp_columns(weight.shape[1])} fp16 columns leave nothing to quantize in {name}")
+
+    def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
+        if stats.hessian is None:
+            raise LowbitError(f"OWQ needs calibration inputs for {name}, but none reached it")
+        w = layer.weight.data
+        rows, cols = w.shape
+        k = self.fp_columns(cols)
+        res = owq_quantize(w, stats.hessian, self.spec, k, self.damp, self.block_size, self.act_order)
+        return LayerResult(
+            weight=res.weight.to(w.dtype),
+            bits_per_weight=owq_bits(rows, cols, k, res.scale.shape[1], self.spec),
+            artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
+                       "fp_idx": res.fp_idx, "fp_weight": res.fp_weight, "damp": res.damp_used},
+            extra_params=k * rows,
+        )
+
+
+__all__ = ["OWQ", "OWQResult", "owq_quantize", "owq_bits", "column_sensitivity"]
