@@ -28,6 +28,7 @@ CODEBOOK_FORMATS = {
 }
 OBSERVERS = ("minmax", "moving_minmax", "percentile", "mse", "kl", "symmetric_kl", "js")
 SCALE_DTYPES = ("float32", "float16", "bfloat16", "e8m0", "e4m3")
+SCALE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}  # storage width of a scale
 PADDING = ("error", "pad")
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.core.granularity import GroupLayout, group_view, ungroup
+from lowbit.core.granularity import GroupLayout, group_view, ungroup, valid_mask
 from lowbit.spec import CODEBOOK_FORMATS, QuantSpec
 
 __all__ = [
@@ -429,13 +429,7 @@ def bcq_planes(qt: CodebookQuantized) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- dispatch
 def _padding_mask(x: torch.Tensor, spec: QuantSpec, layout: GroupLayout) -> torch.Tensor | None:
     """1 for real elements, 0 for the fill that ``padding='pad'`` added; ``None`` if no fill."""
-    if layout.padded_cols == layout.cols and layout.padded_rows == layout.rows:
-        return None
-    idx, _ = _view(torch.arange(x.numel(), device=x.device).reshape(x.shape), spec)
-    flat = idx.reshape(-1)
-    pos = torch.arange(flat.numel(), device=x.device)
-    first = torch.full((x.numel(),), flat.numel(), device=x.device).scatter_reduce(0, flat, pos, "amin")
-    return (first[flat] == pos).float().reshape(idx.shape)
+    return valid_mask(layout, x.device)
 
 
 def _view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, GroupLayout]:

@@ -152,3 +152,16 @@ def param_shape(layout: GroupLayout) -> tuple[int, ...]:
         return (layout.rows, layout.padded_cols // layout.group_size)
     assert layout.block is not None
     return (layout.padded_rows // layout.block[0], layout.padded_cols // layout.block[1])
+
+
+def valid_mask(layout: GroupLayout, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """1.0 on real elements of the ``(G, E)`` view, 0.0 on the fill of ``padding='pad'``; None without fill."""
+    if layout.padded_cols == layout.cols and layout.padded_rows == layout.rows:
+        return None
+    numel = layout.rows * layout.cols
+    idx, _ = group_view(torch.arange(numel, device=device).reshape(layout.shape), layout.kind,  # type: ignore[arg-type]
+                        layout.group_size, layout.block, "pad")
+    flat = idx.reshape(-1)
+    pos = torch.arange(flat.numel(), device=device)
+    first = torch.full((numel,), flat.numel(), device=device).scatter_reduce(0, flat, pos, "amin")
+    return (first[flat] == pos).float().reshape(idx.shape)

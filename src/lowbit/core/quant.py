@@ -23,11 +23,10 @@ from lowbit.core.codebooks import (
     storage_bits_per_weight,
 )
 from lowbit.core.floats import FloatQuantized, dequantize_float, fake_quant_float, quantize_float
-from lowbit.spec import QuantSpec
+from lowbit.spec import SCALE_BITS, QuantSpec
 
 Quantized = Union[IntQuantized, FloatQuantized, CodebookQuantized]
 
-SCALE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, **kwargs: Any) -> Quantized:

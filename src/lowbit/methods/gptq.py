@@ -21,9 +21,8 @@ import torch
 from lowbit.core.affine import compute_qparams
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.spec import QuantSpec
+from lowbit.spec import SCALE_BITS, QuantSpec
 
-SCALE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}
 
 
 @dataclass

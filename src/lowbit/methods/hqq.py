@@ -55,14 +55,13 @@ from typing import Callable
 import torch
 
 from lowbit.core.affine import EPS, IntQuantized, code_dtype, compute_qparams, dequantize_affine
-from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup
+from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup, valid_mask
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.spec import QuantSpec
+from lowbit.spec import SCALE_BITS, QuantSpec
 
 __all__ = ["HQQ", "HQQRows", "ZERO_BITS", "hqq_bits_per_weight", "hqq_codes", "hqq_quantize", "hqq_rows", "shrink_lp"]
 
-SCALE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}
 ZERO_DTYPE = torch.float16
 ZERO_BITS = 16
 
@@ -207,14 +206,8 @@ def hqq_rows(
 
 # ---------------------------------------------------------------------------------- spec level
 def _padding_mask(x: torch.Tensor, spec: QuantSpec, layout: GroupLayout) -> torch.Tensor | None:
-    """1 on real elements of the ``(G, E)`` view, 0 on the fill of ``padding='pad'``."""
-    if layout.padded_cols == layout.cols and layout.padded_rows == layout.rows:
-        return None
-    idx, _ = _view(torch.arange(x.numel(), device=x.device).reshape(x.shape), spec)
-    flat = idx.reshape(-1)
-    pos = torch.arange(flat.numel(), device=x.device)
-    first = torch.full((x.numel(),), flat.numel(), device=x.device).scatter_reduce(0, flat, pos, "amin")
-    return (first[flat] == pos).float().reshape(idx.shape)
+    """1 for real elements, 0 for the fill that ``padding='pad'`` added; ``None`` if no fill."""
+    return valid_mask(layout, x.device)
 
 
 def _view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, GroupLayout]:

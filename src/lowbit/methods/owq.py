@@ -28,8 +28,8 @@ import torch
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import SCALE_BITS, _inverse_cholesky, _qparams, gptq_sweep
-from lowbit.spec import QuantSpec
+from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep
+from lowbit.spec import SCALE_BITS, QuantSpec
 
 FP_BITS = 16  # storage of a weak-column weight
 INDEX_BITS = 32  # storage of a weak column's index
