@@ -24,7 +24,6 @@ from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_
 from lowbit.spec import SCALE_BITS, QuantSpec
 
 
-
 @dataclass
 class GPTQResult:
     """Dequantized weight plus its integer form (codes in original column order)."""
