@@ -83,3 +83,37 @@ def _assert_clean_error(code: int, err: str, *needles: str) -> None:
 def clean_error():
     """Checker: exit code 2, a last stderr line ``error: ...`` holding every needle, no traceback."""
     return _assert_clean_error
+
+
+@pytest.fixture()
+def real_layer(smollm):
+    """Function: layer name -> (weight fp32, its calibration inputs X, Hessian 2/n X^T X) on 4 x 512 wikitext2 tokens."""
+    import torch
+
+    from lowbit.data import get_calibration
+
+    model, tok = smollm
+    calib = get_calibration("wikitext2", tok, nsamples=4, seqlen=512, seed=0)
+
+    class _Stop(Exception):
+        pass
+
+    def capture(name: str):
+        layer = dict(model.named_modules())[name]
+        xs = []
+
+        def grab(m, a, o):
+            xs.append(a[0].reshape(-1, a[0].shape[-1]).float())
+            raise _Stop  # nothing after this layer is needed
+
+        hook = layer.register_forward_hook(grab)
+        with torch.no_grad():
+            try:
+                model(calib)
+            except _Stop:
+                pass
+        hook.remove()
+        x = torch.cat(xs)
+        return layer.weight.data.float(), x, 2 * x.T @ x / x.shape[0]
+
+    return capture

@@ -140,35 +140,9 @@ def test_owq_beats_gptq_at_equal_bits_with_activation_outliers():
         assert _err(x, w, owq.weight) < 0.5 * _err(x, w, gptq.weight)
 
 
-def _real_layer(smollm, name: str):
-    from lowbit.data import get_calibration
-
-    model, tok = smollm
-    calib = get_calibration("wikitext2", tok, nsamples=4, seqlen=512, seed=0)
-    layer = dict(model.named_modules())[name]
-    xs = []
-
-    class Stop(Exception):
-        pass
-
-    def grab(m, a, o):
-        xs.append(a[0].reshape(-1, a[0].shape[-1]).float())
-        raise Stop  # nothing after this layer is needed
-
-    hook = layer.register_forward_hook(grab)
-    with torch.no_grad():
-        try:
-            model(calib)
-        except Stop:
-            pass
-    hook.remove()
-    x = torch.cat(xs)
-    return layer.weight.data.float(), x, 2 * x.T @ x / x.shape[0]
-
-
-def test_owq_beats_gptq_at_equal_bits_on_real_layer(smollm, data_dir):
+def test_owq_beats_gptq_at_equal_bits_on_real_layer(real_layer, data_dir):
     """smollm2 layer 2 q_proj (after RMSNorm, outlier channels): OWQ 3-bit g96 + 8 fp16 columns vs GPTQ 3-bit g64."""
-    w, x, h = _real_layer(smollm, "model.layers.2.self_attn.q_proj")
+    w, x, h = real_layer("model.layers.2.self_attn.q_proj")
     g64 = _g(3, 64)
     gptq = gptq_quantize(w, h, g64)
     owq = owq_quantize(w, h, _g(3, 96), 8, act_order=True)

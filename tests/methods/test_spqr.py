@@ -154,35 +154,9 @@ def test_spqr_beats_gptq_and_rtn_on_structured_problem():
         assert 0.002 < res.n_outliers / w.numel() < 0.03
 
 
-def _real_layer(smollm, name: str):
-    from lowbit.data import get_calibration
-
-    model, tok = smollm
-    calib = get_calibration("wikitext2", tok, nsamples=4, seqlen=512, seed=0)
-    layer = dict(model.named_modules())[name]
-    xs = []
-
-    class Stop(Exception):
-        pass
-
-    def grab(m, a, o):
-        xs.append(a[0].reshape(-1, a[0].shape[-1]).float())
-        raise Stop  # nothing after this layer is needed
-
-    hook = layer.register_forward_hook(grab)
-    with torch.no_grad():
-        try:
-            model(calib)
-        except Stop:
-            pass
-    hook.remove()
-    x = torch.cat(xs)
-    return layer.weight.data.float(), x, 2 * x.T @ x / x.shape[0]
-
-
-def test_spqr_beats_gptq_and_rtn_on_real_layer(smollm, data_dir):
+def test_spqr_beats_gptq_and_rtn_on_real_layer(real_layer, data_dir):
     """smollm2 layer 3 o_proj: SpQR 3-bit base vs GPTQ 3-bit g64 and RTN 3-bit g64."""
-    w, x, h = _real_layer(smollm, "model.layers.3.self_attn.o_proj")
+    w, x, h = real_layer("model.layers.3.self_attn.o_proj")
     res = spqr_quantize(w, h, B3)
     e = _err(x, w, res.weight)
     e_gptq = _err(x, w, gptq_quantize(w, h, G64).weight)
