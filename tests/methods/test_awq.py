@@ -194,13 +194,13 @@ def test_fold_scales_norm_variants():
         assert diff < 1e-4, (type(prev).__name__, diff)  # measured: 3.6e-7, 2.4e-7, 8.3e-7
 
 
-def _block_errors(model, calib, spec, opts):
+def _block_errors(model, calib, spec, opts, n_blocks=None, batch_size=8):
     """Relative output error of each quantized block (fp inputs) for RTN and AWQ."""
     blocks = decoder_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], calib, 8)
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
     errs = {"rtn": [], "awq": []}
     with torch.no_grad():
-        for i in range(len(blocks)):
+        for i in range(n_blocks or len(blocks)):
             ref = _run_block(blocks[i], inputs)
             for name, o in (("rtn", {}), ("awq", opts)):
                 block = copy.deepcopy(blocks[i])
@@ -232,24 +232,7 @@ def test_awq_beats_rtn_on_real_blocks(smollm, data_dir):
 
     model, tok = smollm
     calib = get_calibration("wikitext2", tok, 4, 512, 0)
-    blocks = decoder_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], calib, 4)
-    errs = {"rtn": [], "awq": []}
-    with torch.no_grad():
-        for i in range(2):
-            ref = _run_block(blocks[i], inputs)
-            for name, o in (("rtn", {}), ("awq", {"grid": 10, "n_tokens": 1024})):
-                block = copy.deepcopy(blocks[i])
-                layers = _linears(block, f"model.layers.{i}.")
-                method = get_method(name, W4G64, o)
-                method.prepare_block(BlockContext(model, block, i, f"model.layers.{i}.", inputs, layers))
-                for n, m in layers.items():
-                    m.weight.data.copy_(method.quantize_layer(n, m, LayerStats()).weight)
-                out = _run_block(block, inputs)
-                num = sum((a - r).pow(2).sum().item() for a, r in zip(out.hidden, ref.hidden))
-                den = sum((r - h).pow(2).sum().item() for r, h in zip(ref.hidden, inputs.hidden))
-                errs[name].append(num / den)
-            inputs = ref
+    errs = _block_errors(model, calib, W4G64, {"grid": 10, "n_tokens": 1024}, n_blocks=2, batch_size=4)
     # measured (W4 g64, 4 x 512 calibration, 1024 search tokens, grid 10): rtn [1.07e-2, 1.66e-2],
     # awq [6.6e-3, 8.2e-3]; with 16 windows / 4096 tokens / grid 20: awq/rtn 0.61, 0.46, 0.46 on blocks 0-2
     for r, a in zip(errs["rtn"], errs["awq"]):

@@ -58,12 +58,22 @@ class WeightMethod:
     needs_hessian: ClassVar[bool] = False
     needs_act_stats: ClassVar[bool] = False
 
-    def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
-        """Raise a LowbitError before any work if this layer cannot take the spec."""
+    def linear_weight(self, name: str, layer: torch.nn.Module) -> torch.Tensor:
+        """The layer's 2-D weight, or a LowbitError saying this method quantizes linear layers only."""
         weight = getattr(layer, "weight", None)
         if weight is None or weight.dim() != 2:
             raise LowbitError(f"{name} has no 2-D weight; {self.name} quantizes linear layers only")
-        cols = weight.shape[1]
+        return weight
+
+    def require_hessian(self, name: str, stats: LayerStats) -> torch.Tensor:
+        """The layer's Hessian, or a LowbitError when no calibration input reached the layer."""
+        if stats.hessian is None:
+            raise LowbitError(f"{self.name} needs calibration inputs for {name}, but none reached it")
+        return stats.hessian
+
+    def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
+        """Raise a LowbitError before any work if this layer cannot take the spec."""
+        cols = self.linear_weight(name, layer).shape[1]
         gs = self.spec.group_size
         if self.spec.granularity == "group" and gs and cols % gs and self.spec.padding != "pad":
             divisors = [g for g in (32, 64, 128, 256) if cols % g == 0]

@@ -187,8 +187,7 @@ class GPTQ(WeightMethod):
     needs_hessian = True
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
-        if stats.hessian is None:
-            raise LowbitError(f"GPTQ needs calibration inputs for {name}, but none reached it")
+        self.require_hessian(name, stats)
         w = layer.weight.data
         res = gptq_quantize(w, stats.hessian, self.spec, self.damp, self.block_size, self.act_order,
                             self.static_groups)

@@ -168,15 +168,12 @@ class OWQ(WeightMethod):
 
     def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
         # groups run over the quantized columns only, so a partial last group is normal: no divisibility check
-        weight = getattr(layer, "weight", None)
-        if weight is None or weight.dim() != 2:
-            raise LowbitError(f"{name} has no 2-D weight; owq quantizes linear layers only")
+        weight = self.linear_weight(name, layer)
         if self.fp_columns(weight.shape[1]) >= weight.shape[1]:
             raise LowbitError(f"owq: {self.fp_columns(weight.shape[1])} fp16 columns leave nothing to quantize in {name}")
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
-        if stats.hessian is None:
-            raise LowbitError(f"OWQ needs calibration inputs for {name}, but none reached it")
+        self.require_hessian(name, stats)
         w = layer.weight.data
         rows, cols = w.shape
         k = self.fp_columns(cols)

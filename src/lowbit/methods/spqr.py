@@ -367,13 +367,10 @@ class SpQR(WeightMethod):
         return self.perm == "act_order" if self.perm is not None else bool(self.act_order)
 
     def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
-        weight = getattr(layer, "weight", None)
-        if weight is None or weight.dim() != 2:
-            raise LowbitError(f"{name} has no 2-D weight; spqr quantizes linear layers only")
+        self.linear_weight(name, layer)  # no divisibility check: SpQR sets its own group size
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
-        if stats.hessian is None:
-            raise LowbitError(f"SpQR needs calibration inputs for {name}, but none reached it")
+        self.require_hessian(name, stats)
         w = layer.weight.data
         rows, cols = w.shape
         act = self.uses_act_order
