@@ -478,19 +478,12 @@ def _effective_scales(scales: torch.Tensor, global_scale: torch.Tensor | None, s
 
 
 def _check_spec(spec: QuantSpec) -> FloatFormat:
-    """The element format of a float spec, or SpecError for what this module cannot honour."""
+    """The element format of a float spec, or SpecError for a non-float spec."""
     if spec.type != "float" or spec.fmt not in FORMATS:
         raise SpecError(
             f"quantize_float needs a spec with type='float' and a float fmt, got {spec.type!r}/{spec.fmt!r}"
         )
-    if not spec.symmetric or not spec.signed:
-        raise SpecError("float formats are sign-magnitude: use symmetric=True and signed=True")
-    if spec.double_quant is not None:
-        raise SpecError("double_quant is not supported for float specs; use scale_dtype='e8m0' or 'e4m3'")
-    if spec.global_scale and spec.scale_dtype != "e4m3":
-        raise SpecError("global_scale is the NVFP4 per-tensor scale: it needs scale_dtype='e4m3'")
-    if spec.pow2_scale and spec.scale_dtype == "e4m3":
-        raise SpecError("pow2_scale cannot be combined with e4m3 block scales; use scale_dtype='e8m0'")
+    # symmetry, double_quant, global/pow2 scale combinations are validated by QuantSpec itself
     return FORMATS[spec.fmt]
 
 
