@@ -12,8 +12,8 @@ from lowbit.methods import get_method
 from lowbit.methods.awq import AWQ, fold_scales, subsample_inputs
 from lowbit.methods.base import LayerStats
 from lowbit.models.arch import ScaleGroup, architecture_of, decoder_blocks
-from lowbit.pipeline.capture import capture_block_inputs
-from lowbit.pipeline.sequential import BlockContext, _run_block
+from lowbit.pipeline.capture import capture_block_inputs, run_block
+from lowbit.pipeline.sequential import BlockContext
 from lowbit.quantization import quantize
 from lowbit.recipe import load_recipe, shipped_recipes
 from lowbit.spec import QuantSpec
@@ -64,7 +64,7 @@ def _prepare_all(model, method, calib):
     for i, block in enumerate(blocks):
         prefix = f"{root}.{i}."
         method.prepare_block(BlockContext(model, block, i, prefix, inputs, _linears(block, prefix)))
-        inputs = _run_block(block, inputs)
+        inputs = run_block(block, inputs)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped-query (v->o skipped) and multi-head (v->o folded)
@@ -201,7 +201,7 @@ def _block_errors(model, calib, spec, opts, n_blocks=None, batch_size=8):
     errs = {"rtn": [], "awq": []}
     with torch.no_grad():
         for i in range(n_blocks or len(blocks)):
-            ref = _run_block(blocks[i], inputs)
+            ref = run_block(blocks[i], inputs)
             for name, o in (("rtn", {}), ("awq", opts)):
                 block = copy.deepcopy(blocks[i])
                 layers = _linears(block, f"model.layers.{i}.")
@@ -209,7 +209,7 @@ def _block_errors(model, calib, spec, opts, n_blocks=None, batch_size=8):
                 method.prepare_block(BlockContext(model, block, i, f"model.layers.{i}.", inputs, layers))
                 for n, m in layers.items():
                     m.weight.data.copy_(method.quantize_layer(n, m, LayerStats()).weight)
-                out = _run_block(block, inputs)
+                out = run_block(block, inputs)
                 num = sum((a - r).pow(2).sum().item() for a, r in zip(out.hidden, ref.hidden))
                 den = sum((r - h).pow(2).sum().item() for r, h in zip(ref.hidden, inputs.hidden))
                 errs[name].append(num / den)  # relative to the block's own update of the residual stream

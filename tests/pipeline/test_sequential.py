@@ -44,17 +44,17 @@ def test_gptq_has_lower_output_error_than_rtn_on_tiny_model(tiny_llama, tiny_cal
 def test_pipeline_propagates_quantized_outputs(tiny_llama, tiny_calib):
     """Block 1 is calibrated on block 0's quantized outputs: its input differs from the fp run."""
     from lowbit.pipeline.capture import capture_block_inputs
-    from lowbit.pipeline.sequential import _run_block
+    from lowbit.pipeline.capture import run_block
 
     blocks = tiny_llama.model.layers
     fp_in = capture_block_inputs(tiny_llama, blocks[0], tiny_calib, 8)
-    fp_out = _run_block(blocks[0], fp_in)
+    fp_out = run_block(blocks[0], fp_in)
     seen = []
     hook = blocks[1].register_forward_pre_hook(lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"]).clone()),
                                                with_kwargs=True)
     quantize(tiny_llama, _recipe("rtn"), tiny_calib, batch_size=8, progress=False)
     hook.remove()
-    q_out = _run_block(blocks[0], fp_in)
+    q_out = run_block(blocks[0], fp_in)
     assert any(torch.allclose(s, q_out.hidden[0]) for s in seen)
     assert not torch.allclose(q_out.hidden[0], fp_out.hidden[0])
 

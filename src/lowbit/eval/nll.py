@@ -6,11 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of ``-log softmax(logits[b, t])[targets[b, t]]``; ``(B, T, V)`` and ``(B, T)``."""
+    if targets.shape[1] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    pred = logits.float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.to(pred.device).reshape(-1), reduction="sum")
+
+
 def shifted_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Sum over positions of ``-log p(ids[t+1] | ids[:t+1])`` for ``logits (B, L, V)`` and ``ids (B, L)``."""
-    pred = logits[:, :-1, :].float()
-    target = ids[:, 1:].to(pred.device)
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+    return nll_sum(logits[:, :-1, :], ids[:, 1:])
 
 
 def kl_and_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ from lowbit.data.corpora import load_text
 from lowbit.data.windows import eval_windows, tokenize_text
 from lowbit.errors import LowbitError
 from lowbit.eval.memory import device_peak_mb, peak_rss_mb, reset_device_peak
-from lowbit.eval.nll import kl_and_top1, shifted_nll_sum
+from lowbit.eval.logits import has_plain_head, logit_chunks
+from lowbit.eval.nll import kl_and_top1, nll_sum
 
 
 @dataclass
@@ -61,9 +62,12 @@ def check_seqlen(model: Any, seqlen: int) -> None:
 
 @torch.no_grad()
 def window_metrics(
-    model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False
+    model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False, chunk: int = 512
 ) -> dict[str, float]:
-    """NLL sum, token count, model forward seconds and (with a reference) KL sum / top-1 count over windows."""
+    """NLL sum, token count, forward-and-score seconds and (with a reference) KL sum / top-1 count over windows.
+
+    Logits are formed ``chunk`` positions at a time where the model allows it (see ``logit_chunks``).
+    """
     device = next(model.parameters()).device
     ref_device = next(reference.parameters()).device if reference is not None else None
     nll = 0.0
@@ -72,22 +76,30 @@ def window_metrics(
     count = 0
     positions = 0
     seconds = 0.0
+    both_plain = has_plain_head(model) and (reference is None or has_plain_head(reference))
+    step = chunk if both_plain else 0  # the two models must cut their logits the same way
     for row in tqdm(windows, desc="eval", unit="win", disable=not progress, leave=False):
-        ids = row.unsqueeze(0)
+        ids = row.unsqueeze(0).to(device)
+        n = ids.shape[1]
         t0 = time.perf_counter()
-        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        chunks = logit_chunks(model, ids, step)
+        ref_chunks = logit_chunks(reference, ids.to(ref_device), step) if reference is not None else None
+        for start, logits in chunks:
+            stop = start + logits.shape[1]
+            # positions start..stop-1 predict ids[start+1 .. stop]; the last position predicts nothing
+            targets = ids[:, start + 1:stop + 1]
+            nll += nll_sum(logits[:, :targets.shape[1]], targets).item()
+            if ref_chunks is not None:
+                _, ref_logits = next(ref_chunks)
+                k, a = kl_and_top1(ref_logits.to(logits.device), logits)
+                kl += k.item()
+                agree += int(a.item())
+            del logits
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
-        nll += shifted_nll_sum(logits, ids).item()
-        count += ids.shape[1] - 1
-        if reference is not None:
-            ref_logits = reference(input_ids=ids.to(ref_device), use_cache=False).logits.to(logits.device)
-            k, a = kl_and_top1(ref_logits, logits)
-            kl += k.item()
-            agree += int(a.item())
-            positions += ids.numel()
-        del logits
+        count += n - 1
+        positions += n if reference is not None else 0
     return {"nll_sum": nll, "count": count, "seconds": seconds, "kl_sum": kl, "agree": agree, "positions": positions}
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from lowbit.core.affine import compute_qparams
+from lowbit.core.affine import code_dtype, compute_qparams
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import SCALE_BITS, QuantSpec
@@ -29,7 +29,7 @@ class GPTQResult:
     """Dequantized weight plus its integer form (codes in original column order)."""
 
     weight: torch.Tensor  # (out, in) float32
-    codes: torch.Tensor  # (out, in) int32
+    codes: torch.Tensor  # (out, in) uint8 / int8 (int32 beyond 8 bits)
     scale: torch.Tensor  # (out, n_groups)
     zero: torch.Tensor  # (out, n_groups)
     g_idx: torch.Tensor  # (in,) group of each original column
@@ -96,7 +96,7 @@ def gptq_quantize(
     h = h[perm][:, perm]
     hinv, damp_used = _inverse_cholesky(h, damp)
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
     scale = torch.zeros(rows, n_groups, device=w.device)
     zero = torch.zeros(rows, n_groups, device=w.device)
     g_idx = torch.zeros(cols, dtype=torch.int32, device=w.device)
@@ -113,7 +113,7 @@ def gptq_quantize(
                 params[:] = _qparams(peek(group), spec)
         s, z = params
         q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        codes[:, orig] = q.to(torch.int32)
+        codes[:, orig] = q.to(codes.dtype)
         scale[:, g], zero[:, g] = s, z
         g_idx[orig] = g
         return s * (q - z)

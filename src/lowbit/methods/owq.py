@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from lowbit.core.affine import code_dtype
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
@@ -40,7 +41,7 @@ class OWQResult:
     """Dequantized weight plus its parts, all in original column order."""
 
     weight: torch.Tensor  # (out, in) float32: quantized columns dequantized, weak columns fp16 values
-    codes: torch.Tensor  # (out, in) int32; 0 in the weak columns
+    codes: torch.Tensor  # (out, in) uint8 / int8 (int32 beyond 8 bits); 0 in the weak columns
     scale: torch.Tensor  # (out, n_groups)
     zero: torch.Tensor  # (out, n_groups)
     g_idx: torch.Tensor  # (in,) int32 group of each column, -1 for weak columns
@@ -101,7 +102,7 @@ def owq_quantize(
     static = [] if spec.granularity == "group" else [_qparams(w[:, :n_q], spec)]
     hinv, damp_used = _inverse_cholesky(h, damp)
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
     scale = torch.zeros(rows, n_groups, device=w.device)
     zero = torch.zeros(rows, n_groups, device=w.device)
     g_idx = torch.full((cols,), -1, dtype=torch.int32, device=w.device)
@@ -114,7 +115,7 @@ def owq_quantize(
         s, z = params
         q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
         orig = int(perm[col])
-        codes[:, orig] = q.to(torch.int32)
+        codes[:, orig] = q.to(codes.dtype)
         scale[:, g], zero[:, g] = s, z
         g_idx[orig] = g
         return s * (q - z)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowbit.core.affine import code_dtype
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.methods.gptq import _inverse_cholesky, gptq_sweep
@@ -158,7 +159,7 @@ class SpQRResult:
     """Dequantized weight and every stored part (original column order unless noted)."""
 
     weight: torch.Tensor  # (out, in) float32
-    codes: torch.Tensor  # (out, in) int32 dense codes (code of 0 at outliers)
+    codes: torch.Tensor  # (out, in) uint8 / int8 (int32 beyond 8 bits) dense codes (code of 0 at outliers)
     scale: torch.Tensor  # (out, n_groups) dequantized first-level scales (what the weights use)
     zero: torch.Tensor  # (out, n_groups) dequantized first-level zeros
     scale_codes: torch.Tensor  # (out, n_groups) uint8, stat_bits each
@@ -212,7 +213,7 @@ def spqr_quantize(
     tau = float(outlier_threshold) * (w.var(dim=0) / d.square()).mean().item()
     find_outliers = tau != float("inf")
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
     scale = torch.zeros(rows, n_groups, device=w.device)
     zero = torch.zeros(rows, n_groups, device=w.device)
     scale_codes = torch.zeros(rows, n_groups, dtype=torch.uint8, device=w.device)
@@ -265,7 +266,7 @@ def spqr_quantize(
                 deq = torch.where(is_out, xv, deq)
                 outlier[:, col] = is_out
                 kept[:, col] = torch.where(is_out, xv, 0.0)
-        codes[:, int(perm[col])] = q.to(torch.int32)
+        codes[:, int(perm[col])] = q.to(codes.dtype)
         return deq
 
     gptq_sweep(w, hinv, quantize_column, block_size)

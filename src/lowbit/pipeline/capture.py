@@ -66,3 +66,9 @@ def capture_block_inputs(
 def block_output(out: Any) -> torch.Tensor:
     """The hidden states returned by a decoder block (a tensor or the first item of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: torch.nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs for every batch of ``inputs``, as new ``BlockInputs`` (inputs untouched)."""
+    return BlockInputs([block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)], inputs.kwargs)

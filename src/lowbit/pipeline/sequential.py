@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lowbit.methods.base import LayerStats, WeightMethod
 from lowbit.models.arch import architecture_of, decoder_blocks
+from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
 
@@ -64,13 +65,21 @@ def _weight_error(w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _run_block(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector | None = None) -> BlockInputs:
-    outs = []
+def _collect_stats(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector) -> None:
+    """Run the block for its hooks only: outputs are dropped batch by batch."""
     for h, kw in zip(inputs.hidden, inputs.kwargs):
-        outs.append(block_output(block(h, **kw)))
+        block(h, **kw)
+        collector.end_batch()
+
+
+@torch.no_grad()
+def _propagate(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector | None = None) -> BlockInputs:
+    """Replace each batch of ``inputs`` by the block's output for it (in place: one copy held)."""
+    for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        inputs.hidden[j] = block_output(block(h, **kw))
         if collector is not None:
             collector.end_batch()
-    return BlockInputs(outs, inputs.kwargs)
+    return inputs
 
 
 def _quantize_layers(
@@ -117,7 +126,7 @@ def run_sequential(
         prefix = f"{prefix_root}.{i}."
         mine = {n: m for n, m in assignments.items() if n.startswith(prefix)}
         if not mine:
-            inputs = _run_block(block, inputs)
+            _propagate(block, inputs)
             continue
         for method in {id(m): m for m in mine.values()}.values():
             layers = {n: modules[n] for n, m in mine.items() if m is method}
@@ -128,15 +137,15 @@ def run_sequential(
         if hessian or act:
             collector = StatsCollector(layer_modules, hessian, act)
             with collector.attached():
-                _run_block(block, inputs, collector)
+                _collect_stats(block, inputs, collector)
             stats = collector.finalize()
             reports, _ = _quantize_layers(mine, modules, stats)
-            inputs = _run_block(block, inputs)
+            _propagate(block, inputs)
         else:  # data-free layers: quantize first, sample inputs while propagating
             reports, originals = _quantize_layers(mine, modules, {})
             collector = StatsCollector(layer_modules, set(), set())
             with collector.attached():
-                inputs = _run_block(block, inputs, collector)
+                _propagate(block, inputs, collector)
             stats = collector.finalize()
             for r in reports:
                 wq = modules[r.name].weight.data
@@ -145,5 +154,7 @@ def run_sequential(
         errs = [r.output_error for r in reports if r.output_error is not None]
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
+        del stats
+        release_freed_memory()
     result.seconds = time.perf_counter() - t_start
     return result
