@@ -23,8 +23,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # smollm2-135m's hidden size 576 is not a multiple of 128: "g128" configurations use g64 here.
-CONFIGS = [f"{m}-w{b}g64{a}" for b in (4, 3) for a in ("", "-asym") for m in ("rtn", "gptq", "awq", "hqq", "owq")]
-CONFIGS += ["spqr-3bit", "spqr-4bit"]
+_SYM = ("rtn", "gptq", "awq")  # HQQ and OWQ recipes are asymmetric (zero point per group) by design
+CONFIGS = [f"{m}-w{b}g64" for b in (4, 3) for m in _SYM]
+CONFIGS += [f"{m}-w{b}g64-asym" for b in (4, 3) for m in _SYM] + [f"{m}-w{b}g64" for b in (4, 3) for m in ("hqq", "owq")]
+CONFIGS += ["spqr-4bit", "spqr-3bit"]
 PEERS = ["llmcompressor-rtn-w4g64", "llmcompressor-gptq-w4g64"]
 # Measured on this machine by the issue author (10 windows x 2048, same calibration).
 REFERENCE = {"fp32": 19.92, "llmcompressor-rtn-w4g64": 27.83, "llmcompressor-gptq-w4g64": 25.40}

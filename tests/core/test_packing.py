@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from lowbit.core.packing import (
     SUPPORTED_BITS,
-    codes_per_word,
     pack,
     packed_cols,
     packed_nbytes,
@@ -31,12 +30,9 @@ def _ref_pack_uint8_row(row: list[int], bits: int) -> list[int]:
 
 
 def _ref_pack_int32_row(row: list[int], bits: int) -> list[int]:
-    k = 32 // bits
-    words = []
-    for start in range(0, len(row), k):
-        w = sum(c << (bits * j) for j, c in enumerate(row[start : start + k]))
-        words.append(w - 2**32 if w >= 2**31 else w)
-    return words
+    stream = sum(c << (bits * i) for i, c in enumerate(row))
+    words = [(stream >> (32 * k)) & 0xFFFFFFFF for k in range(math.ceil(bits * len(row) / 32))]
+    return [w - 2**32 if w >= 2**31 else w for w in words]
 
 
 def _ref_pack(codes: torch.Tensor, bits: int, container: str) -> list[list[int]]:
@@ -94,9 +90,7 @@ def test_packed_size(case):
     if container == "uint8":
         assert nbytes == rows * math.ceil(bits * cols / 8)
     else:
-        assert nbytes == rows * 4 * math.ceil(cols / (32 // bits))
-        if 32 % bits == 0:  # dense words: bits*numel/8 rounded up to whole words per row
-            assert nbytes == rows * 4 * math.ceil(bits * cols / 32)
+        assert nbytes == rows * 4 * math.ceil(bits * cols / 32)  # dense words, whole words per row
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="int32 byte view depends on host byte order")
@@ -164,11 +158,12 @@ def test_int32_8bit_matches_compressed_tensors_docstring():
     assert pack(to_unsigned(torch.tensor([[1, 2]], dtype=torch.int8), 8), 8, "int32").tolist() == [[33409]]
 
 
-def test_int32_3bit_ten_codes_per_word():
-    # 32 // 3 = 10 codes per word, top 2 bits zero: ten 1s -> 0o1111111111 = 0x09249249
-    assert codes_per_word(3) == 10
+def test_int32_3bit_dense_straddles_words():
+    # compressed-tensors 0.20 dense layout: 11 codes x 3 bits = 33 bits -> 2 words; the 11th code
+    # (7 = 0b111) starts at bit 30: its two low bits top word 0, its high bit is bit 0 of word 1
     packed = pack(torch.tensor([[1] * 10 + [7]]), 3, "int32")
-    assert packed.tolist() == [[0x09249249, 7]]
+    assert packed.tolist() == [[0x09249249 | (0b11 << 30) - 2**32, 1]]
+    assert unpack(packed, 3, 11).tolist() == [[1] * 10 + [7]]
 
 
 def test_int32_top_bit_all_ones():
@@ -248,3 +243,15 @@ def test_packed_nbytes_values():
     assert packed_nbytes(5, 2, 3, "uint8") == 2 * 2  # ceil(15 / 8)
     assert packed_nbytes(11, 2, 3, "int32") == 2 * 2 * 4  # ceil(11 / 10) words
     assert packed_nbytes(0, 7, 2, "uint8") == 0
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_int32_equals_compressed_tensors_pack_to_int32(bits):
+    """Bit-identical to the installed compressed-tensors (0.20 dense layout), both directions."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits)
+    for cols in (1, 7, 32, 33, 576):
+        q = torch.randint(-(1 << bits - 1), 1 << bits - 1, (5, cols), generator=g).to(torch.int8)
+        theirs = helpers.pack_to_int32(q, bits)
+        assert torch.equal(pack(to_unsigned(q, bits), bits, "int32"), theirs), cols
+        assert torch.equal(to_signed(unpack(theirs, bits, cols), bits), q), cols

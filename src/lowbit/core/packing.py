@@ -24,14 +24,15 @@ Bit order, ``container="uint8"`` (all bits; the densest layout):
     * 3-bit: 8 codes per 3 bytes; e.g. codes ``[0, 0, 7]`` -> bytes ``[0xC0, 0x01]``
       (the third code straddles the byte boundary).  5, 6 and 7 bits follow the same stream.
 
-Bit order, ``container="int32"`` (compressed-tensors ``pack_to_int32``, ``packed_dim=1``):
-    ``k = 32 // bits`` codes per word; element ``j`` of a row goes to word ``j // k`` at bits
-    ``bits * (j % k)`` (first element in the least significant bits).  The top ``32 - k*bits``
-    bits of every word are zero, so 3-bit packs 10 codes per word (30 of 32 bits used),
-    5-bit 6, 6-bit 5, 7-bit 4 and 8-bit 4.  Words are ``torch.int32``: a word whose bit 31 is
-    set reads as a negative number.  E.g. 4-bit codes ``[1, 2, ..., 8]`` -> word ``0x87654321``
-    (``-2023406815`` as int32).  For 1, 2, 4 and 8 bits the words' little-endian bytes equal
-    the ``uint8`` packing of the same row padded to a multiple of 4 bytes.
+Bit order, ``container="int32"`` (compressed-tensors >= 0.20 ``pack_to_int32``, ``packed_dim=1``):
+    the same little-endian bit stream cut into 32-bit words: element ``i`` of a row sits at
+    stream bits ``bits*i ..``, word ``w`` holds stream bits ``32w .. 32w + 31`` (stream bit
+    ``32w`` as its least significant bit), and a row of ``n`` codes takes ``ceil(bits*n/32)``
+    words with no wasted bits (a 3-bit code may straddle two words).  Words are
+    ``torch.int32``: a word whose bit 31 is set reads as a negative number.  E.g. 4-bit codes
+    ``[1, 2, ..., 8]`` -> word ``0x87654321`` (``-2023406815`` as int32).  On a little-endian
+    host the words' bytes equal the ``uint8`` packing of the row padded to a multiple of 4
+    bytes.  For 1, 2, 4 and 8 bits this is also the older per-word ``32 // bits`` layout.
 """
 
 from __future__ import annotations
@@ -79,21 +80,13 @@ def _check_range(x: torch.Tensor, lo: int, hi: int, bits: int, hint: str) -> Non
 
 
 # ------------------------------------------------------------------ sizes
-def codes_per_word(bits: int) -> int:
-    """Codes stored in one int32 word (compressed-tensors' ``pack_factor = 32 // bits``)."""
-    _check_bits(bits)
-    return 32 // bits
-
-
 def packed_cols(numel_per_row: int, bits: int, container: Container = "uint8") -> int:
     """Length of the packed last axis for rows of ``numel_per_row`` codes."""
     _check_bits(bits)
     _check_container(container)
     if numel_per_row < 0:
         raise ValueError(f"numel_per_row must be >= 0, got {numel_per_row}")
-    if container == "uint8":
-        return math.ceil(bits * numel_per_row / 8)
-    return math.ceil(numel_per_row / codes_per_word(bits))
+    return math.ceil(bits * numel_per_row / (8 if container == "uint8" else 32))
 
 
 def packed_nbytes(numel_per_row: int, rows: int, bits: int, container: Container = "uint8") -> int:
@@ -151,7 +144,10 @@ def _pack_uint8_stream(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _pack_int32(x: torch.Tensor, bits: int) -> torch.Tensor:
-    acc = _pack_fields(x, bits, codes_per_word(bits), torch.int64)  # < 2^32, exact in int64
+    """The uint8 bit stream, 4 bytes per little-endian word (endian-independent arithmetic)."""
+    n_words = packed_cols(x.shape[-1], bits, "int32")
+    stream = _pad_cols(pack(x, bits, "uint8"), 4)[..., : 4 * n_words]
+    acc = _pack_fields(stream, 8, 4, torch.int64)  # < 2^32, exact in int64
     acc = torch.where(acc >= 2**31, acc - 2**32, acc)  # reinterpret as two's complement
     return acc.to(torch.int32)
 
@@ -160,7 +156,7 @@ def pack(codes: torch.Tensor, bits: int, container: Container = "uint8") -> torc
     """Pack unsigned codes ``(..., n)`` in ``[0, 2^bits)`` along the last axis (layout: module docstring).
 
     Returns ``uint8`` of shape ``(..., ceil(bits*n/8))`` or ``int32`` of shape
-    ``(..., ceil(n / (32 // bits)))``.  Signed codes: pack ``to_unsigned(q, bits)``.
+    ``(..., ceil(bits*n/32))``.  Signed codes: pack ``to_unsigned(q, bits)``.
     """
     _check_bits(bits)
     _check_container(container)
@@ -239,8 +235,9 @@ def unpack(
             f"tensor's last axis has {packed.shape[-1]}"
         )
     if container == "int32":
-        codes = _unpack_fields(packed, bits, codes_per_word(bits))
-    elif bits == 8:
+        stream = _unpack_fields(packed.to(torch.int64), 8, 4).to(torch.uint8)  # little-endian bytes
+        return unpack(stream[..., : packed_cols(n, bits, "uint8")], bits, shape, "uint8")
+    if bits == 8:
         codes = packed.clone()
     elif 8 % bits == 0:
         codes = _unpack_fields(packed, bits, 8 // bits)

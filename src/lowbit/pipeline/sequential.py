@@ -102,6 +102,7 @@ def _quantize_layers(
         ))
         w.copy_(res.weight)
         layer.lowbit_artifacts = res.artifacts
+        layer.lowbit_spec = method.spec
     return reports, originals
 
 

@@ -1,0 +1,149 @@
+"""``QuantLinear``: a linear layer that really stores packed integer weights.
+
+Buffers use compressed-tensors' names and layout (``weight_packed`` int32 words,
+``weight_scale``, ``weight_zero_point``, ``weight_g_idx``, ``weight_shape``), so exporting and
+loading back are plain tensor copies.  ``forward`` runs the kernel picked by ``select_kernel``
+(measured on this machine, see ``lowbit.packed.kernels``); ``reference_forward`` is
+dequantize + matmul, the definition every kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.core.packing import pack, to_unsigned
+from lowbit.errors import LowbitError
+from lowbit.packed import kernels
+from lowbit.packed.intweight import IntWeight, int_weight_of
+
+DECODE_TOKENS = 4  # inputs with at most this many tokens use the decode kernel
+
+
+class QuantLinear(torch.nn.Module):
+    """``y = x @ dequant(W)^T + b`` with ``W`` held as packed ``bits``-bit codes."""
+
+    def __init__(self, w: IntWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        out_f, in_f = w.shape
+        self.in_features, self.out_features = in_f, out_f
+        self.bits, self.group_size, self.dtype = w.bits, w.group_size, dtype
+        self.register_buffer("weight_packed", pack(to_unsigned(w.codes, w.bits), w.bits, "int32"))
+        self.register_buffer("weight_scale", w.scale.clone())
+        self.register_buffer("weight_zero_point", None if w.zero is None else w.zero.clone())
+        self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32).clone())
+        self.register_buffer("_groups", w.column_groups(), persistent=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kernel = {"decode": "dequant", "prefill": "dequant"}
+        self.timings: dict[str, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------- views
+    @property
+    def symmetric(self) -> bool:
+        return self.weight_zero_point is None
+
+    def int_weight(self) -> IntWeight:
+        codes = kernels.unpack_codes(self.weight_packed, self.bits, (self.out_features, self.in_features))
+        return IntWeight(codes, self.weight_scale, self.weight_zero_point, self.bits, self.group_size,
+                         self.weight_g_idx)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return kernels.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point, self._groups,
+                                         self.bits, (self.out_features, self.in_features), self.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes the layer holds for its weight: packed codes, scales, zeros, g_idx and kernel copies."""
+        tensors = [self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx]
+        if self._int4 is not None:
+            tensors = [t for t in tensors if t is not self.weight_packed] + list(self._int4)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ---------------------------------------------------------------- compute
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def _kernels(self) -> dict[str, kernels.Kernel]:
+        out: dict[str, kernels.Kernel] = {"dequant": self.reference_forward}
+        w = self.int_weight()
+        if kernels.int4pack_applicable(w):
+            self._int4 = self._int4 or kernels.int4pack_tensors(w)
+            packed, sz = self._int4
+            gs = self.group_size
+
+            def int4(x: torch.Tensor) -> torch.Tensor:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).float(), packed, gs, sz)
+                y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+                return y if self.bias is None else y + self.bias
+            out["int4pack"] = int4
+        if kernels.int8pack_applicable(w):
+            q, s = w.codes.contiguous(), w.scale.reshape(-1).float()
+
+            def int8(x: torch.Tensor) -> torch.Tensor:
+                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).float(), q, s)
+                y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+                return y if self.bias is None else y + self.bias
+            out["int8pack"] = int8
+        return out
+
+    @torch.no_grad()
+    def select_kernel(self, prefill_tokens: int = 128) -> dict[str, str]:
+        """Time every applicable kernel on this layer's shape (1 token and ``prefill_tokens``) and keep the fastest."""
+        candidates = self._kernels()
+        for regime, n in (("decode", 1), ("prefill", prefill_tokens)):
+            x = torch.randn(n, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight_scale.device)
+            ref = self.reference_forward(x)
+            self.kernel[regime], self.timings[regime] = kernels.fastest(candidates, x, ref)
+        if "int4pack" not in self.kernel.values():
+            self._int4 = None  # don't hold a second copy for a kernel that is never used
+        self._fns = {k: candidates[v] for k, v in self.kernel.items()}
+        return dict(self.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fns = getattr(self, "_fns", None)
+        if fns is None:
+            return self.reference_forward(x)
+        tokens = x.numel() // x.shape[-1]
+        return fns["decode" if tokens <= DECODE_TOKENS else "prefill"](x)
+
+    def extra_repr(self) -> str:
+        g = f"group {self.group_size}" if self.group_size else "per channel"
+        kind = "sym" if self.symmetric else "asym"
+        return (f"in={self.in_features}, out={self.out_features}, {self.bits}-bit {kind} {g}, "
+                f"kernel decode={self.kernel['decode']} prefill={self.kernel['prefill']}")
+
+
+def pack_model(model: torch.nn.Module, select: bool = False) -> dict[str, QuantLinear]:
+    """Replace every lowbit-quantized ``nn.Linear`` of ``model`` by a ``QuantLinear`` (in place).
+
+    Layers whose weights have no integer form raise a ``LowbitError`` naming the layer.  With
+    ``select``, each packed layer measures its kernels (see ``QuantLinear.select_kernel``).
+    """
+    packed: dict[str, QuantLinear] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or getattr(module, "lowbit_artifacts", None) is None:
+            continue
+        try:
+            w = int_weight_of(module)
+        except LowbitError as e:
+            raise LowbitError(f"{name}: {e}") from None
+        q = QuantLinear(w, module.bias, module.weight.dtype)
+        if select:
+            q.select_kernel()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        packed[name] = q
+    return packed
+
+
+def int_weights(model: torch.nn.Module) -> dict[str, Any]:
+    """``IntWeight`` of every quantized layer (packed or still ``nn.Linear`` with lowbit artifacts)."""
+    out: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name] = m.int_weight()
+        elif isinstance(m, torch.nn.Linear) and getattr(m, "lowbit_artifacts", None) is not None:
+            out[name] = int_weight_of(m)
+    return out
