@@ -7,9 +7,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.export import FORMATS
 from lowbit.models.aliases import DEFAULT_MODEL
 
 
@@ -165,11 +167,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if after is not None and before is not None:
         report.extra["eval"] = {"before": before.to_dict(), "after": after.to_dict()}
     if args.out:
-        save_quantized(model, tok, report, args.out)
+        _, written = save_quantized(model, tok, report, args.out, args.format)
+        report.extra["format"] = written
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
     else:
         print_table(_quant_rows(report, before, after, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.export.codes import attach_codes
+    from lowbit.models.loading import load_model
+    from lowbit.quantization import SUMMARY_FILE, save_quantized
+
+    src = Path(args.input)
+    if not src.is_dir():
+        raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
+    model, tok = load_model(src, dtype=args.dtype, require_tokenizer=False)
+    attach_codes(model, src)
+    extra = {n: (src / n).read_text() for n in ("recipe.yaml", SUMMARY_FILE) if (src / n).is_file()}
+    out, written = save_quantized(model, tok, None, args.output, args.format, extra)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print_table([("format", written), ("written to", str(out)), ("size on disk", _fmt_bytes(size))])
     return 0
 
 
@@ -216,11 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--data-dir", default=None, help="local data directory (default $LOWBIT_DATA_DIR)")
     p.add_argument("--out", default=None, help="write the quantized model + summary here")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="checkpoint format for --out (auto: compressed-tensors when every layer fits, else fake-quant)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
+    p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")
+    p.add_argument("output", help="directory to write (replaced atomically)")
+    p.add_argument("--format", default="compressed-tensors", choices=list(FORMATS))
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

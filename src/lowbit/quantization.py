@@ -13,6 +13,7 @@ import yaml
 
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
+from lowbit.export import FORMATS
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
 from lowbit.recipe import Recipe, load_recipe, resolve_targets
@@ -94,17 +95,46 @@ def quantize(
     )
 
 
-def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport, out: str | Path) -> Path:
-    """Write the fake-quant model, tokenizer, recipe and summary to ``out`` atomically.
+def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport | None, out: str | Path,
+                   format: str = "auto", extra_files: dict[str, str] | None = None) -> tuple[Path, str]:
+    """Write the quantized model, tokenizer, recipe and summary to ``out`` atomically.
 
-    The directory appears only when everything is written; an interrupted run leaves nothing
-    that looks complete.
+    ``format``: ``compressed-tensors`` (packed int weights, loadable by transformers / vLLM and by
+    lowbit), ``fake-quant`` (dequantized fp weights any transformers loads, plus
+    ``lowbit_codes.safetensors`` when the layers have integer codes), or ``auto`` (the first when
+    every quantized layer fits it).  ``extra_files`` (name -> text) are written beside.
+    Returns ``(out, format written)``.  The directory appears
+    only when everything is written.
     """
+    from lowbit.export.codes import CODES_FILE, write_codes
+    from lowbit.export.compressed_tensors import check_exportable, export_compressed_tensors
+    from lowbit.packed.qlinear import int_weights
+
+    if format not in ("auto", *FORMATS):
+        raise LowbitError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
     out = Path(out)
+    extra = dict(extra_files or {})
+    if report is not None:
+        extra = {"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
+                 SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)}
+    try:
+        weights = int_weights(model)
+        problem = check_exportable(weights)
+    except LowbitError as e:
+        weights, problem = {}, str(e)
+    if format == "auto":
+        format = "compressed-tensors" if weights and problem is None else "fake-quant"
+    if format == "compressed-tensors":
+        if problem is not None:
+            raise LowbitError(f"cannot write compressed-tensors: {problem}; use --format fake-quant")
+        export_compressed_tensors(model, tokenizer, out, extra)
+        return out, format
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(report.recipe, sort_keys=False))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-    return out
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        if weights:
+            write_codes(weights, tmp / CODES_FILE)
+    return out, format

@@ -77,5 +77,5 @@ def test_interrupted_save_leaves_no_output(smollm, tiny_llama, tiny_calib, tmp_p
 
     monkeypatch.setattr(tiny_llama, "save_pretrained", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(tiny_llama, None, report, tmp_path / "out")
+        save_quantized(tiny_llama, None, report, tmp_path / "out", format="fake-quant")
     assert list(tmp_path.iterdir()) == []

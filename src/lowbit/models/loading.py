@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from lowbit.models.aliases import ALIASES
 from lowbit.models.cache import cache_dir
 from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, load_gguf_plain
@@ -208,14 +209,24 @@ def _load_error(source: ModelSource, exc: Exception) -> LowbitError:
     return LowbitError(f"could not load model from {source.path} ({type(exc).__name__}: {str(exc)[:200]})")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
+
+
 def load_model(
     ref: str | os.PathLike[str],
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     cache: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    require_tokenizer: bool = True,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from an alias, HF directory, ``.gguf`` file or hub id.
+
+    With ``require_tokenizer=False`` a local directory without tokenizer files gives ``None``.
 
     Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.  The resolved
     ``ModelSource`` is attached as ``model.lowbit_source``.
@@ -235,9 +246,18 @@ def load_model(
         _check_safetensors(source.files)
         target = str(source.path) if source.path is not None else source.ref
         kwargs = dict(trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+        packed = source.path is not None and is_compressed_tensors(source.path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+            if packed:  # lowbit's own packed modules: no compressed-tensors install needed
+                model = load_compressed_tensors(source.path, torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kwargs)
+            if require_tokenizer or source.path is None or _has_tokenizer_files(source.path):
+                tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+            else:
+                tokenizer = None
+        except LowbitError:
+            raise
         except Exception as exc:
             raise _load_error(source, exc) from None
     model.to(device)

@@ -97,8 +97,16 @@ def _from_int_quantized(qt: IntQuantized) -> IntWeight:
     return IntWeight(codes, scale.contiguous(), z, qt.bits, lay.group_size if lay.kind == "group" else None)
 
 
+def is_quantized(layer: torch.nn.Module) -> bool:
+    """Whether lowbit quantized this layer (in this process, or codes read back from disk)."""
+    return getattr(layer, "lowbit_int_weight", None) is not None or getattr(layer, "lowbit_artifacts", None) is not None
+
+
 def int_weight_of(layer: torch.nn.Module) -> IntWeight:
     """The ``IntWeight`` of a layer quantized by lowbit (``LowbitError`` if it has none)."""
+    known = getattr(layer, "lowbit_int_weight", None)
+    if known is not None:
+        return known
     art: dict[str, Any] | None = getattr(layer, "lowbit_artifacts", None)
     spec = getattr(layer, "lowbit_spec", None)
     if art is None or spec is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lowbit.core.packing import pack, to_unsigned
 from lowbit.errors import LowbitError
 from lowbit.packed import kernels
-from lowbit.packed.intweight import IntWeight, int_weight_of
+from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
 
 DECODE_TOKENS = 4  # inputs with at most this many tokens use the decode kernel
 
@@ -123,7 +123,7 @@ def pack_model(model: torch.nn.Module, select: bool = False) -> dict[str, QuantL
     """
     packed: dict[str, QuantLinear] = {}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or getattr(module, "lowbit_artifacts", None) is None:
+        if not isinstance(module, torch.nn.Linear) or not is_quantized(module):
             continue
         try:
             w = int_weight_of(module)
@@ -144,6 +144,9 @@ def int_weights(model: torch.nn.Module) -> dict[str, Any]:
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             out[name] = m.int_weight()
-        elif isinstance(m, torch.nn.Linear) and getattr(m, "lowbit_artifacts", None) is not None:
-            out[name] = int_weight_of(m)
+        elif isinstance(m, torch.nn.Linear) and is_quantized(m):
+            try:
+                out[name] = int_weight_of(m)
+            except LowbitError as e:
+                raise LowbitError(f"{name}: {e}") from None
     return out
