@@ -176,6 +176,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gguf(model: Any, tok: Any, args: argparse.Namespace) -> int:
+    from lowbit.export.gguf import export_gguf
+
+    report = export_gguf(model, tok, args.output, args.type, args.embed_type)
+    worst = max(report.tensors, key=lambda r: r.rel_error)
+    requant = [r for r in report.tensors if not r.exact and r.type == args.type]
+    rows = [("format", f"gguf {args.type} (embeddings {args.embed_type})"), ("written to", str(report.path)),
+            ("size on disk", _fmt_bytes(report.path.stat().st_size)),
+            ("tensors kept code for code", f"{report.exact_count} of {len(report.tensors)}"),
+            ("re-quantized by llama.cpp rules", str(len(requant))),
+            ("largest relative error", f"{worst.rel_error:.2e} ({worst.name}{': ' + worst.note if worst.note else ''})")]
+    print_table(rows)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.export.codes import attach_codes
     from lowbit.models.loading import load_model
@@ -186,6 +201,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
     model, tok = load_model(src, dtype=args.dtype, require_tokenizer=False)
     attach_codes(model, src)
+    if args.format == "gguf":
+        return _export_gguf(model, tok, args)
     extra = {n: (src / n).read_text() for n in ("recipe.yaml", SUMMARY_FILE) if (src / n).is_file()}
     out, written = save_quantized(model, tok, None, args.output, args.format, extra)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -247,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
     p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")
     p.add_argument("output", help="directory to write (replaced atomically)")
-    p.add_argument("--format", default="compressed-tensors", choices=list(FORMATS))
+    p.add_argument("--format", default="compressed-tensors", choices=[*FORMATS, "gguf"])
+    p.add_argument("--type", default="Q4_0", help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, F32)")
+    p.add_argument("--embed-type", default="Q8_0", help="GGUF type of the token embedding / untied output head")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_export)
     return parser

@@ -43,6 +43,14 @@ def check_gguf(path: Path) -> None:
         ) from None
 
 
+def gguf_string_field(path: Path, key: str) -> str | None:
+    """A string metadata field of a GGUF file, or None when absent."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    return None if field is None else str(field.contents())
+
+
 def load_gguf_plain(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a GGUF file dequantized, returning a *plain* transformers model and its tokenizer.
 
@@ -66,6 +74,9 @@ def load_gguf_plain(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = dtype
+    pre = gguf_string_field(path, "tokenizer.ggml.pre")
+    if pre:  # llama.cpp's pre-tokenizer name, needed to write this model back as GGUF
+        config.lowbit_gguf_pre = pre
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     result = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):

@@ -1,0 +1,159 @@
+"""GGUF export for llama.cpp: lowbit's integer codes written onto GGUF's block grids.
+
+Quantized linears whose codes fit the chosen type (see ``gguf_blocks.exact_fit``) are written
+code for code; the others, and every unquantized matrix, are rounded by llama.cpp's reference
+quantizer, and the export reports each tensor's relative error against lowbit's own weights.
+Norms stay F32; the token embedding (and an untied output head) use ``embed_type``.
+Llama's q/k projections are stored with llama.cpp's rotary row order, as its converter does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit.atomic import atomic_file
+from lowbit.errors import LowbitError
+from lowbit.export.gguf_blocks import BLOCK_TYPES, encode_exact, encode_requantized, exact_fit
+from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
+from lowbit.packed.intweight import IntWeight
+from lowbit.packed.qlinear import int_weights
+
+FLOAT_TYPES = ("F32", "F16")
+GGUF_TYPES = (*BLOCK_TYPES, *FLOAT_TYPES)
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    type: str
+    exact: bool
+    rel_error: float  # ||decoded - lowbit weight|| / ||lowbit weight||
+    note: str = ""
+
+
+@dataclass
+class GGUFReport:
+    path: Path
+    type: str
+    tensors: list[TensorRecord] = field(default_factory=list)
+
+    @property
+    def exact_count(self) -> int:
+        return sum(r.exact for r in self.tensors)
+
+
+def rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp's interleaved order (convert_hf_to_gguf's ``permute``)."""
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _permute_int_weight(w: IntWeight, n_head: int) -> IntWeight:
+    return IntWeight(rope_permute(w.codes, n_head), rope_permute(w.scale, n_head),
+                     None if w.zero is None else rope_permute(w.zero, n_head), w.bits, w.group_size, w.g_idx)
+
+
+def _encode_float(t: torch.Tensor, type_name: str) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    if type_name == "F16":
+        return t.detach().to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+    return t.detach().float().numpy(), gguf.GGMLQuantizationType.F32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = b.float().norm().item()
+    return (a.float() - b.float()).norm().item() / den if den > 0 else 0.0
+
+
+def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: str,
+                   ) -> tuple[np.ndarray, Any, TensorRecord]:
+    """Bytes of one 2-D matrix in ``type_name``, with how faithfully they hold lowbit's weight."""
+    import gguf
+
+    from lowbit.export.gguf_blocks import decode
+
+    if type_name in FLOAT_TYPES:
+        arr, raw = _encode_float(weight, type_name)
+        err = _rel(torch.from_numpy(arr.astype(np.float32)), weight)
+        return arr, raw, TensorRecord(name, type_name, err == 0.0, err)
+    bt = BLOCK_TYPES[type_name]
+    raw_type = gguf.GGMLQuantizationType[type_name]
+    reason = "not quantized by lowbit" if w is None else exact_fit(w, bt)
+    if reason is None:
+        data = encode_exact(w, bt)
+        err = _rel(decode(data, bt, w.shape), weight)
+        return data, raw_type, TensorRecord(name, type_name, True, err, "codes kept (fp16 block scales)")
+    if weight.shape[-1] % 32:
+        arr, raw = _encode_float(weight, "F16")
+        return arr, raw, TensorRecord(name, "F16", False, _rel(torch.from_numpy(arr.astype(np.float32)), weight),
+                                      f"width {weight.shape[-1]} is not a multiple of 32")
+    data = encode_requantized(weight, bt)
+    err = _rel(decode(data, bt, tuple(weight.shape)), weight)
+    return data, raw_type, TensorRecord(name, type_name, False, err, f"re-quantized: {reason}")
+
+
+def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_name: str = "Q4_0",
+                embed_type: str = "Q8_0") -> GGUFReport:
+    """Write ``model`` as a GGUF file at ``out`` (atomically) with linears in ``type_name``."""
+    import gguf
+
+    for t, what in ((type_name, "--type"), (embed_type, "--embed-type")):
+        if t not in GGUF_TYPES:
+            raise LowbitError(f"unsupported GGUF type {t!r} for {what}; choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer is None:
+        raise LowbitError("GGUF files carry the tokenizer; the checkpoint has none (save it with its tokenizer)")
+    config = model.config
+    arch = gguf_arch(config)
+    n_layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    weights = int_weights(model)
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    out = Path(out)
+    report = GGUFReport(out, type_name)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(getattr(config, "_name_or_path", "") or "lowbit export")
+        write_hparams(writer, config)
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{type_name}", gguf.LlamaFileType.ALL_F32))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, tokenizer, config)
+        seen: set[int] = set()
+        for key, tensor in model.state_dict().items():
+            layer, _, suffix = key.rpartition(".")
+            if suffix.startswith("weight_") and suffix != "weight_packed":
+                continue  # the other packed QuantLinear buffers travel with weight_packed
+            ptr = tensor.untyped_storage().data_ptr()
+            if ptr in seen:  # tied output head: llama.cpp falls back to token_embd
+                continue
+            seen.add(ptr)
+            if suffix == "weight_packed":
+                key, tensor = f"{layer}.weight", weights[layer].dequantize()
+            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise LowbitError(f"no GGUF name for tensor {key}; the model layout is not llama's")
+            w = weights.get(layer)
+            short = layer.rsplit(".", 1)[-1]
+            if short in heads:
+                tensor = rope_permute(tensor, heads[short])
+                w = _permute_int_weight(w, heads[short]) if w is not None else None
+            if tensor.dim() == 1:
+                arr, raw = _encode_float(tensor, "F32")
+                rec = TensorRecord(gname, "F32", True, 0.0)
+            else:
+                is_embedding = "embed" in key or "lm_head" in key
+                kind = embed_type if is_embedding and layer not in weights else type_name
+                arr, raw, rec = _encode_matrix(gname, tensor, w, kind)
+            writer.add_tensor(gname, arr, raw_dtype=raw)
+            report.tensors.append(rec)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return report

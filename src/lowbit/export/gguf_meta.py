@@ -1,0 +1,85 @@
+"""GGUF metadata for a transformers Llama-family model: hyper-parameters and a GPT-2 style BPE vocabulary.
+
+llama.cpp reads the tokenizer from the file itself, so it is rebuilt here from the HF fast
+tokenizer: tokens in id order, their types (control for special added tokens), BPE merges,
+special ids and the chat template.  ``tokenizer.ggml.pre`` names llama.cpp's pre-tokenizer;
+it is taken from the source GGUF when the model came from one (``config.lowbit_gguf_pre``),
+else ``default``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF architecture
+
+
+def gguf_arch(config: Any) -> str:
+    arch = GGUF_ARCH.get(getattr(config, "model_type", ""))
+    if arch is None:
+        raise LowbitError(f"GGUF export supports model types {', '.join(sorted(GGUF_ARCH))}, not "
+                          f"{getattr(config, 'model_type', '?')!r}; use --format compressed-tensors")
+    return arch
+
+
+def write_hparams(writer: Any, config: Any) -> None:
+    """Model hyper-parameters (llama architecture keys)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or
+                                    (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _merges(model: dict[str, Any]) -> list[str]:
+    merges = model.get("merges") or []
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def write_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
+    """The BPE vocabulary, merges, special ids and chat template."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LowbitError("GGUF export needs a fast (tokenizers) tokenizer to write the vocabulary")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise LowbitError(f"GGUF export writes BPE vocabularies; this tokenizer is {model.get('type')!r}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    vocab.update(added)
+    size = max(config.vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = (gguf.TokenType.CONTROL if text in special else
+                    gguf.TokenType.USER_DEFINED if text in added else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(getattr(config, "lowbit_gguf_pre", None) or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(_merges(model))
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
