@@ -176,6 +176,45 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.speed import generate_text
+
+    model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
+    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lowbit.data.windows import tokenize_text
+    from lowbit.models.info import model_info
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.speed import measure_speed
+
+    info = model_info(args.model, args.cache)
+    model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
+    text = "The quick brown fox jumps over the lazy dog. " * (1 + args.prompt_tokens // 8)
+    ids = tokenize_text(tok, text)[: args.prompt_tokens].unsqueeze(0)
+    res = measure_speed(model, ids, args.new_tokens, args.repeats)
+    row = res.to_dict() | {"model": args.model, "size_on_disk": info.size_on_disk,
+                           "bits_per_weight": info.bits_per_weight}
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    print_table([
+        ("model", args.model),
+        ("prefill", f"{res.prefill_tokens_per_s:.1f} tokens/s ({res.prompt_tokens}-token prompt)"),
+        ("decode", f"{res.decode_tokens_per_s:.1f} tokens/s ({res.new_tokens} greedy steps, KV cache)"),
+        ("weights in memory", _fmt_bytes(res.weight_bytes)),
+        ("peak RSS", f"{res.peak_rss_mb:.0f} MiB"),
+        ("size on disk", _fmt_bytes(info.size_on_disk)),
+        ("bits per weight", f"{info.bits_per_weight:.3f}" if info.bits_per_weight else "n/a"),
+        ("packed kernels (decode)", ", ".join(f"{k}: {v}" for k, v in res.kernels.items()) or "none"),
+        ("threads", res.threads),
+    ])
+    return 0
+
+
 def _export_gguf(model: Any, tok: Any, args: argparse.Namespace) -> int:
     from lowbit.export.gguf import export_gguf
 
@@ -260,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="greedy text continuation (also for exported checkpoints)")
+    _add_model_options(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="prefill / decode tokens/s, memory, size on disk, bits per weight")
+    _add_model_options(p)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
     p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")

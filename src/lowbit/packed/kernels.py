@@ -39,13 +39,23 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
     return to_signed(unpack(packed, bits, cols, "int32"), bits)
 
 
+def expand_groups(p: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None, cols: int) -> torch.Tensor:
+    """Per-group parameters (out, n_groups) -> per-column (out, cols)."""
+    if g_idx is not None:
+        return p[:, g_idx.long()]
+    if group_size is None:
+        return p.expand(-1, cols)
+    return p.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                      g_idx: torch.Tensor, bits: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+                      group_size: int | None, g_idx: torch.Tensor | None, bits: int, shape: tuple[int, int],
+                      dtype: torch.dtype) -> torch.Tensor:
     """``scale[:, g] * (q - zero[:, g])`` straight from the packed words."""
     q = unpack_codes(packed, bits, shape).to(dtype)
     if zero is not None:
-        q = q - zero.to(dtype)[:, g_idx]
-    return q * scale.to(dtype)[:, g_idx]
+        q = q - expand_groups(zero.to(dtype), group_size, g_idx, shape[1])
+    return q * expand_groups(scale.to(dtype), group_size, g_idx, shape[1])
 
 
 def int4pack_applicable(w: IntWeight) -> bool:

@@ -34,7 +34,6 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("weight_scale", w.scale.clone())
         self.register_buffer("weight_zero_point", None if w.zero is None else w.zero.clone())
         self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32).clone())
-        self.register_buffer("_groups", w.column_groups(), persistent=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kernel = {"decode": "dequant", "prefill": "dequant"}
@@ -51,8 +50,9 @@ class QuantLinear(torch.nn.Module):
                          self.weight_g_idx)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return kernels.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point, self._groups,
-                                         self.bits, (self.out_features, self.in_features), self.dtype)
+        return kernels.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                         self.group_size, self.weight_g_idx, self.bits,
+                                         (self.out_features, self.in_features), self.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes the layer holds for its weight: packed codes, scales, zeros, g_idx and kernel copies."""
@@ -89,8 +89,11 @@ class QuantLinear(torch.nn.Module):
         return out
 
     @torch.no_grad()
-    def select_kernel(self, prefill_tokens: int = 128) -> dict[str, str]:
-        """Time every applicable kernel on this layer's shape (1 token and ``prefill_tokens``) and keep the fastest."""
+    def select_kernel(self, prefill_tokens: int = 128, force: bool = False) -> dict[str, str]:
+        """Time every applicable kernel on this layer's shape (1 token and ``prefill_tokens``) and keep the
+        fastest; done once per layer unless ``force``."""
+        if getattr(self, "_fns", None) is not None and not force:
+            return dict(self.kernel)
         candidates = self._kernels()
         for regime, n in (("decode", 1), ("prefill", prefill_tokens)):
             x = torch.randn(n, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight_scale.device)

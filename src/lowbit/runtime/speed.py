@@ -1,0 +1,99 @@
+"""Inference measurements for a transformers-style model: prefill and decode speed, memory, weight bytes.
+
+Prefill: one forward over a ``prompt_tokens`` prompt (tokens / second).  Decode: greedy steps
+with the KV cache after that prompt, ``new_tokens`` of them (tokens / second, mean over steps).
+Each figure is the best of ``repeats`` runs after a warm-up.  Packed ``QuantLinear`` layers
+pick their kernels first (``select_kernels``), so the numbers are those of the fastest path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from lowbit.eval.memory import peak_rss_mb
+from lowbit.packed.qlinear import QuantLinear
+
+
+@dataclass
+class SpeedResult:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prompt_tokens: int
+    new_tokens: int
+    weight_bytes: int  # bytes the model holds for its parameters and packed buffers
+    peak_rss_mb: float
+    kernels: dict[str, int]  # kernel name -> number of packed layers using it for decode
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_kernels(model: torch.nn.Module) -> dict[str, int]:
+    """Let every packed layer time its kernels; returns how many layers chose each decode kernel."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            k = m.select_kernel()["decode"]
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (packed layers count their packed bytes)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.numel() == 0:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.no_grad()
+def _prefill_seconds(model: Any, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for ``new_tokens`` greedy steps with the KV cache after prefilling ``ids``."""
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def measure_speed(model: Any, prompt_ids: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> SpeedResult:
+    """Prefill and decode speed of ``model`` on ``prompt_ids`` (1, n)."""
+    kernels = select_kernels(model)
+    ids = prompt_ids.to(next(model.parameters()).device)
+    _prefill_seconds(model, ids[:, :8])  # warm-up
+    prefill = min(_prefill_seconds(model, ids) for _ in range(repeats))
+    decode = min(_decode_seconds(model, ids, new_tokens) for _ in range(repeats))
+    return SpeedResult(
+        prefill_tokens_per_s=ids.shape[1] / prefill, decode_tokens_per_s=new_tokens / decode,
+        prompt_tokens=ids.shape[1], new_tokens=new_tokens, weight_bytes=weight_bytes(model),
+        peak_rss_mb=peak_rss_mb(), kernels=kernels, threads=torch.get_num_threads(),
+    )
+
+
+@torch.no_grad()
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy continuation of ``prompt`` (packed layers use their measured kernels)."""
+    select_kernels(model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
