@@ -10,14 +10,14 @@ Writes benchmarks/results/export_roundtrip.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -58,8 +58,6 @@ def main() -> None:
             row[f"{name}_max_abs_diff"] = (got - ref).abs().max().item()
             row[f"{name}_rel_diff"] = ((got - ref).norm() / ref.norm()).item()
             del m
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export_roundtrip.json").write_text(json.dumps(row, indent=2))
     lines = ["# compressed-tensors round trip, smollm2-135m GPTQ W4 g64 sym",
              "",
              f"Calibration {args.nsamples} x 512 WikiText-2 validation windows (seed 0); logits compared on the first "
@@ -72,7 +70,7 @@ def main() -> None:
              f"model.safetensors: {row['file_bytes']:,} bytes; bits-per-weight arithmetic "
              f"({report.bits_per_weight:.3f} bpw x {report.quantized_params:,} quantized weights + fp32 rest): "
              f"{row['expected_bytes']:,.0f} bytes (difference: safetensors header + weight_shape tensors)."]
-    (RESULTS / "export_roundtrip.md").write_text("\n".join(lines) + "\n")
+    write_results("export_roundtrip", row, lines)
     print("\n".join(lines))
 
 

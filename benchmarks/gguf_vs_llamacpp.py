@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import write_results
+
 Q4_0_GRID = {"type": "int", "bits": 4, "granularity": "group", "group_size": 32, "symmetric": True,
              "scale_dtype": "float16"}
 METHODS = {"rtn": {}, "gptq": {}, "awq": {"grid": 20, "clip": True}}
@@ -74,9 +75,7 @@ def main() -> None:
                 "tensors_kept": f"{rep.exact_count}/{len(rep.tensors)}"}
             print(method, rows[f"lowbit {method.upper()} -> Q4_0"], flush=True)
             del m
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gguf_vs_llamacpp.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"# GGUF Q4_0 in llama.cpp: lowbit's methods vs llama.cpp's own rounding (smollm2-135m)", "",
+    lines = ["# GGUF Q4_0 in llama.cpp: lowbit's methods vs llama.cpp's own rounding (smollm2-135m)", "",
              f"Perplexity on the first {args.windows} WikiText-2 test windows of 2048, computed from llama.cpp's "
              "logits (llama-cpp-python) and from lowbit's own forward of the same weights. Token embedding Q8_0 "
              f"in every file; calibration {args.nsamples} x 512 WikiText-2 validation windows, seed 0.", "",
@@ -87,7 +86,7 @@ def main() -> None:
         diff = f"{100 * (r['llamacpp_ppl'] / lb - 1):+.2f}%" if lb else ""
         lines.append(f"| {name} | {r['llamacpp_ppl']:.3f} | {f'{lb:.3f}' if lb else ''} | {diff} | "
                      f"{r['file_bytes'] / 2**20:.1f} | {r.get('tensors_kept', '')} |")
-    (RESULTS / "gguf_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
+    write_results("gguf_vs_llamacpp", rows, lines)
     print("\n".join(lines))
 
 
