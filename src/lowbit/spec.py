@@ -58,6 +58,9 @@ class QuantSpec:
         observer: how the clipping range is chosen (see ``lowbit.core.observers``).
         scale_dtype: storage dtype of scales (``e8m0`` for MX, ``e4m3`` for NVFP4 blocks).
         pow2_scale: round scales to powers of two (ZeroQuant-FP).
+        full_range: symmetric signed int only: scale ``absmax / (2^(b-1) - 0.5)`` so the grid uses
+            all ``2^b`` codes (the most negative one too, as llm-compressor and llama.cpp's Q4_0
+            do) instead of ``absmax / (2^(b-1) - 1)``; one extreme may round half a step in.
         global_scale: an extra per-tensor fp32 scale above the block scales (NVFP4).
         double_quant: quantize the block scales themselves (QLoRA double quantization):
             ``(bits, group_size)`` of the second level, e.g. ``(8, 256)``.
@@ -76,6 +79,7 @@ class QuantSpec:
     observer: str = "minmax"
     scale_dtype: str = "float32"
     pow2_scale: bool = False
+    full_range: bool = False
     global_scale: bool = False
     double_quant: tuple[int, int] | None = None
 
@@ -103,6 +107,8 @@ class QuantSpec:
                 raise bad("symmetric 1-bit int has no positive level; use symmetric=False or the 'binary' codebook")
             if self.double_quant is not None or self.global_scale:
                 raise bad("double_quant and global_scale are for NF4 / NVFP4 style formats, not int")
+            if self.full_range and not (self.symmetric and self.signed):
+                raise bad("full_range applies to symmetric signed int grids; asymmetric grids already use every code")
         elif self.type == "float":
             if self.fmt not in FLOAT_FORMATS:
                 raise bad(f"float type needs fmt in {', '.join(FLOAT_FORMATS)}, got {self.fmt!r}")

@@ -388,3 +388,22 @@ def test_float_rounding_cannot_push_max_below_qmax() -> None:
     assert torch.equal(quantize_affine(lo, s, z, 0, 255), torch.zeros(len(lo), dtype=torch.uint8))
     assert torch.equal(quantize_affine(hi, s, z, 0, 255), torch.full((len(lo),), 255, dtype=torch.uint8))
     assert bool(((plain[short] - s) / s <= 1e-6).all())  # a few ulps at most; measured 1.1e-7
+
+
+def test_full_range_symmetric_grid_uses_every_code():
+    """absmax / (2^(b-1) - 0.5): a finer step than absmax / 7, +absmax clipped to code 7 (half a step)."""
+    from lowbit.core.affine import dequantize_int, quantize_int
+    from lowbit.spec import QuantSpec
+
+    x = torch.linspace(-1.0, 1.0, 64).reshape(2, 32)
+    full = QuantSpec(bits=4, granularity="group", group_size=32, full_range=True)
+    qt = quantize_int(x, full)
+    assert qt.q.min().item() >= -8 and qt.q.max().item() == 7
+    assert torch.allclose(qt.scale, torch.full_like(qt.scale, 1.0 / 7.5))
+    back = dequantize_int(qt)
+    assert back[1, -1].item() == pytest.approx(7 / 7.5)  # +absmax clipped half a step in
+    pair = QuantSpec(bits=4, granularity="group", group_size=2, full_range=True)
+    assert quantize_int(torch.tensor([[-1.2, 1.0]]), pair).q.tolist() == [[-8, 6]]  # s = 0.16: -7.5 -> -8, 6.25 -> 6
+    assert (back - x).abs().max().item() <= 0.5 / 7.5 + 1e-6  # never worse than half a step, both extremes
+    with pytest.raises(ValueError, match="full_range applies to symmetric signed"):
+        QuantSpec(bits=4, symmetric=False, signed=False, full_range=True)

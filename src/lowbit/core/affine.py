@@ -136,8 +136,12 @@ def compute_qparams(
     pow2_scale: bool = False,
     eps: float = EPS,
     scale_dtype: str | torch.dtype | None = None,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float32, broadcast shape of the ranges) for per-group ranges."""
+    """Scale and zero point (float32, broadcast shape of the ranges) for per-group ranges.
+
+    Symmetric: ``s = absmax / (2^(b-1) - 1)``, or ``absmax / (2^(b-1) - 0.5)`` with ``full_range``.
+    """
     xmin = torch.as_tensor(xmin).detach().float()
     xmax = torch.as_tensor(xmax).detach().float()
     xmin, xmax = torch.broadcast_tensors(xmin, xmax)
@@ -154,7 +158,7 @@ def compute_qparams(
     if symmetric:
         if bits < 2:
             raise ValueError("1-bit symmetric int quantization has no positive level; use asymmetric or 'binary'")
-        levels = (1 << (bits - 1)) - 1
+        levels = (1 << (bits - 1)) - (0.5 if full_range else 1)
         lo = torch.maximum(xmin.neg(), xmax)  # absmax
         hi = lo
         s = lo / levels
@@ -175,6 +179,12 @@ def compute_qparams(
     else:
         zero = qmin - torch.round(lo / s)
     return s, zero
+
+
+def spec_qparams(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute_qparams`` with every grid option taken from an int ``spec``."""
+    return compute_qparams(xmin, xmax, spec.bits, spec.symmetric, spec.signed, pow2_scale=spec.pow2_scale,
+                           scale_dtype=spec.scale_dtype, full_range=spec.full_range)
 
 
 # --------------------------------------------------------------------------- chunked kernels
@@ -377,9 +387,7 @@ def _params(
         xmin = lo if xmin is None else xmin
         xmax = hi if xmax is None else xmax
     lo, hi = _as_groups(xmin, g, "xmin", xg.device), _as_groups(xmax, g, "xmax", xg.device)
-    s, z = compute_qparams(
-        lo, hi, spec.bits, spec.symmetric, spec.signed, pow2_scale=spec.pow2_scale, scale_dtype=spec.scale_dtype
-    )
+    s, z = spec_qparams(lo, hi, spec)
     return s.reshape(g, 1), z.reshape(g, 1)
 
 

@@ -1,7 +1,7 @@
 """Observers: streaming calibration of clipping ranges.
 
 Feed batches with ``update(x)``; then ``range()`` gives per-group ``(xmin, xmax)`` and, for int
-specs, ``qparams()`` gives ``(scale, zero)`` from ``lowbit.core.affine.compute_qparams``.  Both
+specs, ``qparams()`` gives ``(scale, zero)`` from ``lowbit.core.affine.spec_qparams``.  Both
 come back in ``param_shape(layout)`` (``(1,)`` per tensor, ``(rows, 1)`` per channel, ...), ready
 for ``quantize_int(x, spec, xmin, xmax)``.  Groups follow the spec's granularity via
 ``group_view``; with ``padding='pad'`` the repeated fill elements are observed like real ones.
@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbit.core.affine import compute_qparams, group_ranges, int_range
+from lowbit.core.affine import group_ranges, int_range, spec_qparams
 from lowbit.core.granularity import GroupLayout, group_view, param_shape
 from lowbit.spec import OBSERVERS, QuantSpec
 
@@ -116,7 +116,7 @@ class Observer:
         if sp.type != "int":
             raise ValueError(f"qparams() needs an int spec; for {sp.type} specs use range() (e.g. its absmax)")
         lo, hi = self.range()
-        return compute_qparams(lo, hi, sp.bits, sp.symmetric, sp.signed, sp.pow2_scale, scale_dtype=sp.scale_dtype)
+        return spec_qparams(lo, hi, sp)
 
 
 # ---------------------------------------------------------------------------------- min / max
@@ -313,7 +313,7 @@ class MSEObserver(_SampleObserver):
 
     def _errors(self, data: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         sp = self.spec
-        s, z = compute_qparams(lo, hi, sp.bits, sp.symmetric, sp.signed, sp.pow2_scale, scale_dtype=sp.scale_dtype)
+        s, z = spec_qparams(lo, hi, sp)
         qmin, qmax = int_range(sp.bits, sp.signed)
         out = torch.empty(data.shape[0], device=data.device)
         step = max(1, _ERR_CHUNK // max(1, data.shape[1]))

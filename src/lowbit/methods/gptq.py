@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from lowbit.core.affine import code_dtype, compute_qparams
+from lowbit.core.affine import code_dtype, spec_qparams
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import SCALE_BITS, QuantSpec
@@ -41,8 +41,7 @@ def _qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     lo, hi = w.amin(dim=1), w.amax(dim=1)
     if spec.granularity == "tensor":
         lo, hi = lo.amin().expand_as(lo), hi.amax().expand_as(hi)
-    return compute_qparams(lo, hi, spec.bits, spec.symmetric, spec.signed, pow2_scale=spec.pow2_scale,
-                           scale_dtype=spec.scale_dtype)
+    return spec_qparams(lo, hi, spec)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:

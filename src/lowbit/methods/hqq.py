@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from lowbit.core.affine import EPS, IntQuantized, code_dtype, compute_qparams, dequantize_affine
+from lowbit.core.affine import EPS, IntQuantized, code_dtype, dequantize_affine, spec_qparams
 from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup, valid_mask
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
@@ -264,8 +264,7 @@ def hqq_quantize(
     mask = _padding_mask(w, spec, layout)
     qmin, qmax = spec.qmin, spec.qmax
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)  # fill repeats a real element: ranges are unchanged
-    s, z_int = compute_qparams(lo, hi, spec.bits, spec.symmetric, spec.signed, pow2_scale=spec.pow2_scale,
-                               scale_dtype=spec.scale_dtype)
+    s, z_int = spec_qparams(lo, hi, spec)
     if spec.symmetric:
         res = hqq_rows(xg, s[:, None], z_int[:, None], qmin, qmax, optimize="scale", lp_norm=lp_norm, beta=beta,
                        kappa=kappa, iters=iters, early_stop=early_stop, mask=mask,
