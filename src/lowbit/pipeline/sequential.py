@@ -10,13 +10,14 @@ whose layers need no statistics skip step (2): their sample inputs are taken dur
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.methods.base import LayerStats, WeightMethod
+from lowbit.methods.base import LayerStats, WeightMethod, get_method
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
@@ -35,6 +36,7 @@ class LayerReport:
     weight_error: float  # ||W-Wq||^2 / ||W||^2
     extra_params: int = 0
     seconds: float = 0.0
+    note: str | None = None  # e.g. the RTN fallback of a layer no calibration token reached
 
 
 @dataclass
@@ -82,15 +84,27 @@ def _propagate(block: torch.nn.Module, inputs: BlockInputs, collector: StatsColl
     return inputs
 
 
+def _with_fallback(name: str, method: WeightMethod, stats: dict[str, LayerStats]) -> tuple[WeightMethod, str | None]:
+    """RTN with the same spec for a data-driven method's layer that no calibration token reached
+    (an expert the router never chose): reported, never a NaN or a crash."""
+    if not (method.needs_hessian or method.needs_act_stats):
+        return method, None
+    if name in stats and stats[name].nsamples > 0:
+        return method, None
+    warnings.warn(f"{name}: no calibration tokens reached this layer; {method.name} falls back to RTN", stacklevel=4)
+    return get_method("rtn", method.spec), f"no calibration tokens: RTN instead of {method.name}"
+
+
 def _quantize_layers(
     assignments: dict[str, WeightMethod],
     modules: dict[str, torch.nn.Module],
     stats: dict[str, LayerStats],
 ) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
     reports, originals = [], {}
-    for name, method in assignments.items():
+    for name, assigned in assignments.items():
         layer = modules[name]
         t0 = time.perf_counter()
+        method, note = _with_fallback(name, assigned, stats)
         res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
         w = layer.weight.data
         originals[name] = w.clone()
@@ -98,7 +112,7 @@ def _quantize_layers(
             name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
             output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
             weight_error=_weight_error(w, res.weight), extra_params=res.extra_params,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, note=note,
         ))
         w.copy_(res.weight)
         layer.lowbit_artifacts = res.artifacts
