@@ -3,7 +3,7 @@
 Buffers use compressed-tensors' names and layout (``weight_packed`` int32 words,
 ``weight_scale``, ``weight_zero_point``, ``weight_g_idx``, ``weight_shape``), so exporting and
 loading back are plain tensor copies.  ``forward`` runs the kernel picked by ``select_kernel``
-(measured on this machine, see ``lowbit.packed.kernels``); ``reference_forward`` is
+(measured on this machine at the first call, see ``lowbit.packed.kernels``); ``reference_forward`` is
 dequantize + matmul, the definition every kernel is tested against.
 """
 
@@ -106,8 +106,11 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fns = getattr(self, "_fns", None)
-        if fns is None:
-            return self.reference_forward(x)
+        if fns is None:  # first call: measure the kernels on this machine once
+            if torch.is_grad_enabled() and x.requires_grad:
+                return self.reference_forward(x)
+            self.select_kernel()
+            fns = self._fns
         tokens = x.numel() // x.shape[-1]
         return fns["decode" if tokens <= DECODE_TOKENS else "prefill"](x)
 
