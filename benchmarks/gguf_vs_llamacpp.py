@@ -3,8 +3,8 @@
 For smollm2-135m (needs the optional extra ``llamacpp``):
 1. the fp32 model written as an F32 GGUF; llama.cpp quantizes it to Q4_0 itself (token embedding Q8_0,
    the same as lowbit's exports, so only the linear layers differ);
-2. lowbit quantizes the linears with GPTQ / AWQ / RTN on Q4_0's grid (4-bit symmetric, group 32, fp16
-   scales) and exports Q4_0 code for code;
+2. lowbit quantizes the linears with GPTQ / AWQ / RTN on Q4_0's grid (4-bit symmetric over all 16
+   codes, group 32, fp16 scales) and exports Q4_0 code for code;
 3. llama.cpp's perplexity of every file on the first 10 WikiText-2 test windows of 2048, next to lowbit's
    own evaluation of the same weights.
 
@@ -24,8 +24,9 @@ from pathlib import Path
 
 from _results import write_results
 
+# Q4_0's grid: 4-bit signed codes (all 16, full_range), one fp16 scale per 32 weights
 Q4_0_GRID = {"type": "int", "bits": 4, "granularity": "group", "group_size": 32, "symmetric": True,
-             "scale_dtype": "float16"}
+             "full_range": True, "scale_dtype": "float16"}
 METHODS = {"rtn": {}, "gptq": {}, "awq": {"grid": 20, "clip": True}}
 
 
