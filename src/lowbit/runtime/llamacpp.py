@@ -7,6 +7,8 @@ one; llama.cpp's own quantizer (``llama_model_quantize``) provides the baseline 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,17 +37,48 @@ def available() -> bool:
 
 
 def open_model(path: str | Path, n_ctx: int, threads: int | None = None, logits_all: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` on ``path`` with llama.cpp's plain CPU buffers.
+
+    The repacked / AMX "extra" CPU buffer types segfaulted in decode for Q4_0 files on this
+    machine (llama-cpp-python 0.3.36 built natively on an AVX-512 + AMX CPU), so they are turned
+    off (``use_extra_bufts = False``); llama.cpp then runs its generic quantized kernels.
+    """
     llama_cpp = _llama_cpp()
     if not Path(path).is_file():
         raise LowbitError(f"no GGUF file at {path}")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                           logits_all=logits_all, n_threads=threads or torch.get_num_threads(), verbose=False)
+    import llama_cpp.llama as llama_module
+
+    default = llama_cpp.llama_model_default_params
+
+    def plain_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                               logits_all=logits_all, n_threads=threads or torch.get_num_threads(), verbose=False)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
 
 
 def perplexity(path: str | Path, windows: torch.Tensor, threads: int | None = None) -> float:
-    """exp(mean next-token NLL) of llama.cpp's logits over ``windows`` (n, seqlen), GPTQ convention."""
+    """exp(mean next-token NLL) of llama.cpp's logits over ``windows`` (n, seqlen), GPTQ convention
+    (in a child process, see ``_in_child``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "windows.npy"
+        np.save(ids, windows.numpy().astype(np.int64))
+        return float(_in_child("perplexity_here", str(path), str(ids), str(threads or torch.get_num_threads())))
+
+
+def perplexity_here(path: str, ids_file: str, threads: str) -> float:
+    """``perplexity`` in this process (one model per process)."""
+    windows = np.load(ids_file)
     seqlen = windows.shape[1]
-    llm = open_model(path, seqlen, threads, logits_all=True)
+    llm = open_model(path, seqlen, int(threads), logits_all=True)
     nll, count = 0.0, 0
     for row in windows.tolist():
         llm.reset()
@@ -55,6 +88,17 @@ def perplexity(path: str | Path, windows: torch.Tensor, threads: int | None = No
         nll -= lp.gather(1, torch.tensor(row[1:]).unsqueeze(1)).sum().item()
         count += seqlen - 1
     return math.exp(nll / count)
+
+
+def _in_child(function: str, *args: str) -> str:
+    """Run ``function(*args)`` of this module in a fresh Python and return what it printed.
+
+    A llama.cpp crash cannot take the caller down, and each job's memory is its own."""
+    code = f"import sys; from lowbit.runtime import llamacpp as m; print(m.{function}(*sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LowbitError(f"llama.cpp {function} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return proc.stdout.strip().splitlines()[-1]
 
 
 _FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
@@ -67,19 +111,26 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, embed_type: str |
              threads: int | None = None) -> Path:
     """llama.cpp's own quantization of ``src`` (an F32/F16 GGUF) to ``type_name``; the token
     embedding / output head use ``embed_type`` (None: llama.cpp's default choice)."""
-    llama_cpp = _llama_cpp()
+    _llama_cpp()
     if type_name not in _FTYPES:
         raise LowbitError(f"llama.cpp quantization types here: {', '.join(_FTYPES)}; not {type_name!r}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, _FTYPES[type_name])
-    params.nthread = threads or torch.get_num_threads()
-    if embed_type is not None:
-        params.token_embedding_type = _GGML_TYPES[embed_type]
-        params.output_tensor_type = _GGML_TYPES[embed_type]
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
+    embed = str(_GGML_TYPES[embed_type]) if embed_type else "-1"
+    rc = _in_child("quantize_here", str(src), str(dst), _FTYPES[type_name], embed, str(threads or torch.get_num_threads()))
+    if rc != "0" or not Path(dst).is_file():
         raise LowbitError(f"llama.cpp failed to quantize {src} to {type_name} (code {rc})")
     return Path(dst)
+
+
+def quantize_here(src: str, dst: str, ftype: str, embed: str, threads: str) -> int:
+    """``quantize`` in this process."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = int(threads)
+    if int(embed) >= 0:
+        params.token_embedding_type = int(embed)
+        params.output_tensor_type = int(embed)
+    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
 
 
 @dataclass
@@ -96,18 +147,26 @@ class LlamaCppSpeed:
 
 def speed(path: str | Path, prompt: list[int], new_tokens: int = 64, repeats: int = 3,
           threads: int | None = None) -> LlamaCppSpeed:
-    """Prefill (one batch) and greedy decode speed of llama.cpp, best of ``repeats``."""
+    """Prefill (one batch) and greedy decode speed of llama.cpp, best of ``repeats`` (own process)."""
     threads = threads or torch.get_num_threads()
-    llm = open_model(path, len(prompt) + new_tokens + 8, threads)
+    out = _in_child("speed_here", str(path), ",".join(map(str, prompt)), str(new_tokens), str(repeats), str(threads))
+    prefill, decode = (float(v) for v in out.split(","))
+    return LlamaCppSpeed(prefill, decode, len(prompt), new_tokens, threads)
+
+
+def speed_here(path: str, prompt: str, new_tokens: str, repeats: str, threads: str) -> str:
+    """``speed`` in this process: ``"prefill_tok_s,decode_tok_s"``."""
+    ids = [int(t) for t in prompt.split(",")]
+    n_new = int(new_tokens)
+    llm = open_model(path, len(ids) + n_new + 8, int(threads))
     best_p, best_d = math.inf, math.inf
-    for _ in range(repeats + 1):  # the first run warms up
+    for _ in range(int(repeats) + 1):  # the first run warms up
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval(prompt)
+        llm.eval(ids)
         t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([nxt])
+        for _ in range(n_new):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         t2 = time.perf_counter()
         best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
-    return LlamaCppSpeed(len(prompt) / best_p, new_tokens / best_d, len(prompt), new_tokens, threads)
+    return f"{len(ids) / best_p},{n_new / best_d}"
