@@ -96,7 +96,7 @@ def main() -> None:
                 continue
             results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(row, results[row], flush=True)
-    lines = ["# Inference on smollm2-135m (this 2-core AVX2 CPU)", "",
+    lines = ["# Inference on smollm2-135m (this 2-core CPU)", "",
              f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
              "a fresh process per row.", "",
              "| runtime / weights | decode tok/s | prefill tok/s | peak RSS MiB | size on disk MiB |",

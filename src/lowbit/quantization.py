@@ -126,7 +126,8 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
         format = "compressed-tensors" if weights and problem is None else "fake-quant"
     if format == "compressed-tensors":
         if problem is not None:
-            raise LowbitError(f"cannot write compressed-tensors: {problem}; use --format fake-quant")
+            raise LowbitError(f"cannot write compressed-tensors: {problem}; formats that can hold these weights: "
+                              "fake-quant (any transformers), or 'lowbit export --format gguf' (re-rounded to a GGUF type)")
         export_compressed_tensors(model, tokenizer, out, extra)
         return out, format
     with atomic_dir(out) as tmp:

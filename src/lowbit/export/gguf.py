@@ -112,7 +112,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
     arch = gguf_arch(config)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    weights = int_weights(model)
+    weights = int_weights(model, strict=False)  # layers without integer codes are re-rounded below
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     out = Path(out)

@@ -144,8 +144,11 @@ def pack_model(model: torch.nn.Module, select: bool = False) -> dict[str, QuantL
     return packed
 
 
-def int_weights(model: torch.nn.Module) -> dict[str, Any]:
-    """``IntWeight`` of every quantized layer (packed or still ``nn.Linear`` with lowbit artifacts)."""
+def int_weights(model: torch.nn.Module, strict: bool = True) -> dict[str, Any]:
+    """``IntWeight`` of every quantized layer (packed or still ``nn.Linear`` with lowbit artifacts).
+
+    A quantized layer without an integer form raises a ``LowbitError`` naming it, or with
+    ``strict=False`` is left out."""
     out: dict[str, Any] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
@@ -154,5 +157,6 @@ def int_weights(model: torch.nn.Module) -> dict[str, Any]:
             try:
                 out[name] = int_weight_of(m)
             except LowbitError as e:
-                raise LowbitError(f"{name}: {e}") from None
+                if strict:
+                    raise LowbitError(f"{name}: {e}") from None
     return out
