@@ -83,6 +83,20 @@ def _alias_dir(name: str, cache: Path) -> Path:
     return cache / "models" / name
 
 
+# Bumped when the converted checkpoint gains something older caches lack (2: config.lowbit_gguf_pre).
+CONVERSION_VERSION = 2
+
+
+def _conversion_current(out: Path) -> bool:
+    meta = out / "lowbit_source.json"
+    if not (out / "config.json").is_file() or not _weight_files(out) or not meta.is_file():
+        return False
+    try:
+        return int(json.loads(meta.read_text()).get("conversion_version", 1)) >= CONVERSION_VERSION
+    except (ValueError, json.JSONDecodeError):
+        return False
+
+
 def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> ModelSource:
     """Turn a model reference into a ``ModelSource`` without loading weights.
 
@@ -93,9 +107,10 @@ def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | N
     if ref_s in ALIASES:
         alias = ALIASES[ref_s]
         out = _alias_dir(alias.name, root)
-        if not (out / "config.json").is_file() or not _weight_files(out):
+        if not _conversion_current(out):
             gguf = fetch_alias_gguf(alias, root)
-            source = {"alias": alias.name, "package": f"{alias.package}=={alias.version}", "gguf": alias.gguf_name}
+            source = {"alias": alias.name, "package": f"{alias.package}=={alias.version}", "gguf": alias.gguf_name,
+                      "conversion_version": CONVERSION_VERSION}
             convert_gguf_to_hf(gguf, out, source)
         return ModelSource(ref_s, "alias", out, _weight_files(out))
     path = Path(ref_s).expanduser()
