@@ -57,8 +57,8 @@ class QuantLinear(torch.nn.Module):
     def weight_bytes(self) -> int:
         """Bytes the layer holds for its weight: packed codes, scales, zeros, g_idx and kernel copies."""
         tensors = [self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx]
-        if self._int4 is not None:
-            tensors = [t for t in tensors if t is not self.weight_packed] + list(self._int4)
+        if self._int4 is not None:  # tinygemm's layout, kept beside the codes the exporters read
+            tensors += list(self._int4)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---------------------------------------------------------------- compute

@@ -44,9 +44,14 @@ def select_kernels(model: torch.nn.Module) -> dict[str, int]:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer (packed layers count their packed bytes)."""
+    """Bytes of every distinct parameter and buffer; packed layers count what they hold
+    (``QuantLinear.weight_bytes``: packed codes, scales, zeros and any kernel-specific copy)."""
     seen: set[int] = set()
     total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.weight_bytes() + (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
+            seen.update(t.untyped_storage().data_ptr() for t in [*m.parameters(), *m.buffers()])
     for t in [*model.parameters(), *model.buffers()]:
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or t.numel() == 0:
