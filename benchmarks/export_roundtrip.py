@@ -71,7 +71,6 @@ def main() -> None:
              f"({report.bits_per_weight:.3f} bpw x {report.quantized_params:,} quantized weights + fp32 rest): "
              f"{row['expected_bytes']:,.0f} bytes (difference: safetensors header + weight_shape tensors)."]
     write_results("export_roundtrip", row, lines)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,6 @@ def main() -> None:
         lines.append(f"| {name} | {r['llamacpp_ppl']:.3f} | {f'{lb:.3f}' if lb else ''} | {diff} | "
                      f"{r['file_bytes'] / 2**20:.1f} | {r.get('tensors_kept', '')} |")
     write_results("gguf_vs_llamacpp", rows, lines)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,6 @@ def main() -> None:
         lines.append(f"| {row} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} |")
     write_results("inference", results, lines)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
