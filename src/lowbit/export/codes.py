@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
-from lowbit.export.compressed_tensors import _SUFFIXES, _weights_args, packed_tensors, read_int_weight
+from lowbit.export.compressed_tensors import _weights_args, packed_tensors, read_int_weight, split_packed
 from lowbit.packed.intweight import IntWeight
 
 CODES_FILE = "lowbit_codes.safetensors"
@@ -38,11 +38,7 @@ def read_codes(path: Path) -> dict[str, IntWeight]:
         if "lowbit_schemes" not in meta:
             raise LowbitError(f"{path} has no lowbit scheme metadata; it was not written by lowbit")
         schemes = json.loads(meta["lowbit_schemes"])
-        per_layer: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            layer, _, suffix = key.rpartition(".")
-            if suffix in _SUFFIXES:
-                per_layer.setdefault(layer, {})[suffix] = f.get_tensor(key)
+        per_layer, _ = split_packed(f)
     return {name: read_int_weight(name, per_layer.get(name, {}), args) for name, args in schemes.items()}
 
 

@@ -135,6 +135,19 @@ def is_compressed_tensors(path: str | Path) -> bool:
     return qc.get("quant_method") == "compressed-tensors"
 
 
+def split_packed(f: Any) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Tensors of an open safetensors file: packed buffers by layer (``{layer: {suffix: t}}``), and the rest."""
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for key in f.keys():
+        layer, _, suffix = key.rpartition(".")
+        if suffix in _SUFFIXES:
+            per_layer.setdefault(layer, {})[suffix] = f.get_tensor(key)
+        else:
+            dense[key] = f.get_tensor(key)
+    return per_layer, dense
+
+
 def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any]:
     for group in qc["config_groups"].values():
         targets = group.get("targets", [])
@@ -184,15 +197,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # real buffers (rotary tables) included
-    per_layer: dict[str, dict[str, torch.Tensor]] = {}
-    dense: dict[str, torch.Tensor] = {}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():
-            layer, _, suffix = key.rpartition(".")
-            if suffix in _SUFFIXES:
-                per_layer.setdefault(layer, {})[suffix] = f.get_tensor(key)
-            else:
-                dense[key] = f.get_tensor(key)
+        per_layer, dense = split_packed(f)
     for name, t in per_layer.items():
         if "weight_packed" not in t or "weight_shape" not in t:
             raise LowbitError(f"{name}: has {', '.join(sorted(t))} but not weight_packed + weight_shape")

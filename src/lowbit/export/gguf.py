@@ -18,7 +18,7 @@ import torch
 
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
-from lowbit.export.gguf_blocks import BLOCK_TYPES, encode_exact, encode_requantized, exact_fit
+from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_requantized, exact_fit
 from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
 from lowbit.packed.intweight import IntWeight
 from lowbit.packed.qlinear import int_weights
@@ -75,8 +75,6 @@ def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_na
                    ) -> tuple[np.ndarray, Any, TensorRecord]:
     """Bytes of one 2-D matrix in ``type_name``, with how faithfully they hold lowbit's weight."""
     import gguf
-
-    from lowbit.export.gguf_blocks import decode
 
     if type_name in FLOAT_TYPES:
         arr, raw = _encode_float(weight, type_name)

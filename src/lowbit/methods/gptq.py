@@ -60,6 +60,24 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, max_tries: int = 6) -> tuple
     )
 
 
+def working_copies(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, method: str,
+                   granularities: tuple[str, ...] | None = ("channel", "group", "tensor"),
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of ``(W, H)`` for a Hessian-based sweep, after checking ``spec`` suits ``method``."""
+    if spec.type != "int":
+        raise LowbitError(f"{method} quantizes to int grids; got a {spec.type} spec")
+    if granularities is not None and spec.granularity not in granularities:
+        raise LowbitError(f"{method} supports {', '.join(granularities)} granularity, not {spec.granularity}")
+    return weight.detach().float().clone(), hessian.detach().float().clone()
+
+
+def zero_dead_columns(w: torch.Tensor, h: torch.Tensor) -> None:
+    """Inputs that never fired (``H_jj = 0``): weight column zeroed, unit diagonal, in place."""
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -70,20 +88,13 @@ def gptq_quantize(
     static_groups: bool = False,
 ) -> GPTQResult:
     """Run GPTQ on one weight matrix ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
-    if spec.type != "int":
-        raise LowbitError(f"GPTQ here quantizes to int grids; got a {spec.type} spec")
-    if spec.granularity not in ("channel", "group", "tensor"):
-        raise LowbitError(f"GPTQ supports channel, group or tensor granularity, not {spec.granularity}")
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    w, h = working_copies(weight, hessian, spec, "GPTQ")
     rows, cols = w.shape
     group = spec.group_size if spec.granularity == "group" else cols
     n_groups = (cols + group - 1) // group
     qmin, qmax = spec.qmin, spec.qmax
 
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    zero_dead_columns(w, h)
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups or spec.granularity != "group":

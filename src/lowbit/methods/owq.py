@@ -29,7 +29,7 @@ from lowbit.core.affine import code_dtype
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep
+from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep, working_copies, zero_dead_columns
 from lowbit.spec import SCALE_BITS, QuantSpec
 
 FP_BITS = 16  # storage of a weak-column weight
@@ -69,12 +69,7 @@ def owq_quantize(
     act_order: bool = False,
 ) -> OWQResult:
     """Run OWQ on one weight ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
-    if spec.type != "int":
-        raise LowbitError(f"OWQ here quantizes to int grids; got a {spec.type} spec")
-    if spec.granularity not in ("channel", "group", "tensor"):
-        raise LowbitError(f"OWQ supports channel, group or tensor granularity, not {spec.granularity}")
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    w, h = working_copies(weight, hessian, spec, "OWQ")
     rows, cols = w.shape
     k = int(n_fp_cols)
     if not 0 <= k < cols:
@@ -94,9 +89,7 @@ def owq_quantize(
         keep[fp_idx] = False
         perm = torch.cat([torch.arange(cols, device=w.device)[keep], fp_idx])
 
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    zero_dead_columns(w, h)
     w = w[:, perm]
     h = h[perm][:, perm]
     static = [] if spec.granularity == "group" else [_qparams(w[:, :n_q], spec)]

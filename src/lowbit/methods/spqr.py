@@ -39,7 +39,7 @@ import torch
 from lowbit.core.affine import code_dtype
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import _inverse_cholesky, gptq_sweep
+from lowbit.methods.gptq import _inverse_cholesky, gptq_sweep, working_copies, zero_dead_columns
 from lowbit.spec import QuantSpec
 
 FP_BITS = 16  # outlier values and second-level statistics are fp16
@@ -192,10 +192,7 @@ def spqr_quantize(
     simplified_outliers: bool = False,
 ) -> SpQRResult:
     """Run SpQR on one weight ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
-    if spec.type != "int":
-        raise LowbitError(f"SpQR quantizes to int grids; got a {spec.type} spec")
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    w, h = working_copies(weight, hessian, spec, "SpQR", granularities=None)  # groups come from group_size
     rows, cols = w.shape
     qmin, qmax, sym = spec.qmin, spec.qmax, spec.symmetric
     group = group_size
@@ -203,9 +200,7 @@ def spqr_quantize(
     n_chunks = (rows + stat_group - 1) // stat_group
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    zero_dead_columns(w, h)
     w = w[:, perm]
     h = h[perm][:, perm]
     hinv, damp_used = _inverse_cholesky(h, damp)

@@ -20,6 +20,15 @@ from lowbit.core.affine import IntQuantized
 from lowbit.errors import LowbitError
 
 
+def expand_groups(p: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None, cols: int) -> torch.Tensor:
+    """Per-group parameters (out, n_groups) -> per-column (out, cols)."""
+    if g_idx is not None:
+        return p[:, g_idx.long()]
+    if group_size is None:
+        return p.expand(-1, cols)
+    return p.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
 @dataclass
 class IntWeight:
     """A linear weight as signed integer codes with per-group scales (and zero points)."""
@@ -39,22 +48,13 @@ class IntWeight:
     def symmetric(self) -> bool:
         return self.zero is None
 
-    def column_groups(self) -> torch.Tensor:
-        """Group index of every input column, (in,) int64."""
-        cols = self.codes.shape[1]
-        if self.g_idx is not None:
-            return self.g_idx.long()
-        if self.group_size is None:
-            return torch.zeros(cols, dtype=torch.long, device=self.codes.device)
-        return torch.arange(cols, device=self.codes.device) // self.group_size
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``scale * (q - zero)`` per column group, as ``dtype``."""
-        g = self.column_groups()
+        cols = self.codes.shape[1]
         q = self.codes.float()
         if self.zero is not None:
-            q = q - self.zero.float()[:, g]
-        return (q * self.scale.float()[:, g]).to(dtype)
+            q = q - expand_groups(self.zero.float(), self.group_size, self.g_idx, cols)
+        return (q * expand_groups(self.scale.float(), self.group_size, self.g_idx, cols)).to(dtype)
 
     def storage_bits(self) -> int:
         """Bits of the packed form: codes, scales at their dtype, zero points at ``bits``, g_idx int32."""

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from lowbit.core.packing import to_signed, unpack
-from lowbit.packed.intweight import IntWeight
+from lowbit.packed.intweight import IntWeight, expand_groups
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,15 +37,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
             raw = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(rows, -1)
         return (raw[:, :cols].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
     return to_signed(unpack(packed, bits, cols, "int32"), bits)
-
-
-def expand_groups(p: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None, cols: int) -> torch.Tensor:
-    """Per-group parameters (out, n_groups) -> per-column (out, cols)."""
-    if g_idx is not None:
-        return p[:, g_idx.long()]
-    if group_size is None:
-        return p.expand(-1, cols)
-    return p.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

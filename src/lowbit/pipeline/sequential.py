@@ -99,7 +99,9 @@ def _quantize_layers(
     assignments: dict[str, WeightMethod],
     modules: dict[str, torch.nn.Module],
     stats: dict[str, LayerStats],
+    keep_originals: bool = False,
 ) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+    """Quantize each assigned layer in place; with ``keep_originals``, also return fp copies of the weights."""
     reports, originals = [], {}
     for name, assigned in assignments.items():
         layer = modules[name]
@@ -107,7 +109,8 @@ def _quantize_layers(
         method, note = _with_fallback(name, assigned, stats)
         res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
         w = layer.weight.data
-        originals[name] = w.clone()
+        if keep_originals:
+            originals[name] = w.clone()
         reports.append(LayerReport(
             name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
             output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
@@ -157,7 +160,7 @@ def run_sequential(
             reports, _ = _quantize_layers(mine, modules, stats)
             _propagate(block, inputs)
         else:  # data-free layers: quantize first, sample inputs while propagating
-            reports, originals = _quantize_layers(mine, modules, {})
+            reports, originals = _quantize_layers(mine, modules, {}, keep_originals=True)
             collector = StatsCollector(layer_modules, set(), set())
             with collector.attached():
                 _propagate(block, inputs, collector)
