@@ -101,11 +101,13 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
 
     ``format``: ``compressed-tensors`` (packed int weights, loadable by transformers / vLLM and by
     lowbit), ``fake-quant`` (dequantized fp weights any transformers loads, plus
-    ``lowbit_codes.safetensors`` when the layers have integer codes), or ``auto`` (the first when
+    ``lowbit_codes.safetensors`` when the layers have integer codes and ``lowbit_activations.json``
+    when their inputs are quantized), or ``auto`` (the first when
     every quantized layer fits it).  ``extra_files`` (name -> text) are written beside.
     Returns ``(out, format written)``.  The directory appears
     only when everything is written.
     """
+    from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
     from lowbit.export.codes import CODES_FILE, write_codes
     from lowbit.export.compressed_tensors import check_exportable, export_compressed_tensors
     from lowbit.packed.qlinear import int_weights
@@ -115,15 +117,12 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     out = Path(out)
     extra = dict(extra_files or {})
     if report is not None:
-        extra = {"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
-                 SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)}
-    try:
-        weights = int_weights(model)
-        problem = check_exportable(weights)
-    except LowbitError as e:
-        weights, problem = {}, str(e)
+        extra.update({"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
+                      SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)})
+    problem = check_exportable(model)
+    weights = int_weights(model, strict=False)
     if format == "auto":
-        format = "compressed-tensors" if weights and problem is None else "fake-quant"
+        format = "compressed-tensors" if problem is None else "fake-quant"
     if format == "compressed-tensors":
         if problem is not None:
             raise LowbitError(f"cannot write compressed-tensors: {problem}; formats that can hold these weights: "
@@ -138,4 +137,7 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
             (tmp / name).write_text(text)
         if weights:
             write_codes(weights, tmp / CODES_FILE)
+        acts = activations_json(model)
+        if acts is not None:
+            (tmp / ACTIVATIONS_FILE).write_text(acts)
     return out, format

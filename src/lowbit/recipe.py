@@ -9,6 +9,7 @@ A recipe is a list of entries::
         targets: [Linear]       # module class names, exact or suffix names, or "re:<regex>"
         ignore: [lm_head]
         options: {damp: 0.01, act_order: true}
+        activations: A8_TOKEN   # optional: quantize the layers' inputs too (W8A8, W4A8 ...)
 
 Shipped recipes live in ``lowbit/recipes/*.yaml`` and are found by name.
 """
@@ -40,10 +41,14 @@ class MethodEntry:
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     options: dict[str, Any] = field(default_factory=dict)
+    activations: QuantSpec | None = None  # input activation spec (W8A8, W4A8 ...); None: weight-only
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "spec": self.spec.to_dict(), "targets": list(self.targets),
-                "ignore": list(self.ignore), "options": dict(self.options)}
+        d = {"method": self.method, "spec": self.spec.to_dict(), "targets": list(self.targets),
+             "ignore": list(self.ignore), "options": dict(self.options)}
+        if self.activations is not None:
+            d["activations"] = self.activations.to_dict()
+        return d
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Recipe:
 
     def build(self) -> list[WeightMethod]:
         """Instantiate every entry's method (raises on unknown methods/options)."""
-        return [get_method(e.method, e.spec, e.options) for e in self.entries]
+        return [get_method(e.method, e.spec, e.options, e.activations) for e in self.entries]
 
 
 def _parse_spec(value: Any, where: str) -> QuantSpec:
@@ -94,7 +99,7 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         where = f"recipe {name!r} entry {i}"
         if not isinstance(raw, dict) or "method" not in raw:
             raise LowbitError(f"{where} must be a mapping with a 'method' field")
-        unknown = set(raw) - {"method", "spec", "targets", "ignore", "options"}
+        unknown = set(raw) - {"method", "spec", "targets", "ignore", "options", "activations"}
         if unknown:
             raise LowbitError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}")
         entry = MethodEntry(
@@ -103,8 +108,9 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
             targets=_as_list(raw.get("targets", ["Linear"]), f"{where} targets"),
             ignore=_as_list(raw.get("ignore", ["lm_head"]), f"{where} ignore"),
             options=dict(raw.get("options") or {}),
+            activations=None if raw.get("activations") is None else _parse_spec(raw["activations"], f"{where} activations"),
         )
-        get_method(entry.method, entry.spec, entry.options)  # unknown method / option -> clear error now
+        get_method(entry.method, entry.spec, entry.options, entry.activations)  # unknown method / option -> clear error now
         entries.append(entry)
     return Recipe(str(data.get("name", name)), entries)
 

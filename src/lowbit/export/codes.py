@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
-from lowbit.export.compressed_tensors import _weights_args, packed_tensors, read_int_weight, split_packed
+from lowbit.export.ct_schemes import weight_args
+from lowbit.export.ct_tensors import packed_tensors, read_int_weight, split_packed
 from lowbit.packed.intweight import IntWeight
 
 CODES_FILE = "lowbit_codes.safetensors"
@@ -27,7 +28,7 @@ def write_codes(weights: dict[str, IntWeight], path: Path) -> None:
     schemes = {}
     for name, w in weights.items():
         tensors.update(packed_tensors(name, w, torch.float32))
-        schemes[name] = _weights_args(w)
+        schemes[name] = weight_args(w)
     save_file(tensors, str(path), metadata={"lowbit_schemes": json.dumps(schemes)})
 
 

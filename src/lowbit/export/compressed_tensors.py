@@ -1,11 +1,10 @@
-"""compressed-tensors checkpoints: ``pack-quantized`` int weights, as transformers and vLLM load them.
+"""compressed-tensors checkpoints, as transformers and vLLM load them, written and read by lowbit.
 
-Per quantized linear ``NAME`` the safetensors file holds ``NAME.weight_packed`` (int32, the dense
-layout of ``lowbit.core.packing``), ``NAME.weight_scale`` (out, groups), ``NAME.weight_shape``
-(int64 ``[out, in]``), for asymmetric schemes ``NAME.weight_zero_point`` (int32, packed along
-the output dimension) and, for activation-ordered groups, ``NAME.weight_g_idx``.  Signed codes
-follow compressed-tensors: ``W = scale * (q - zero)`` with ``q, zero`` in ``[-2^(b-1), 2^(b-1))``.
-``config.json`` carries the ``quantization_config`` (one config group per distinct scheme).
+``export_compressed_tensors`` writes each quantized linear in the format its scheme needs
+(``lowbit.export.ct_schemes``: packed int, int8 W8A8, FP8, NVFP4, with input-activation
+quantization where the layer has it) and ``config.json``'s ``quantization_config`` (one config
+group per distinct scheme); the tensors per format are in ``lowbit.export.ct_tensors``.
+``load_compressed_tensors`` reads such a checkpoint back without the compressed-tensors package.
 """
 
 from __future__ import annotations
@@ -18,55 +17,37 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowbit.activations.attach import attach_input_quantizer, input_quantizers
+from lowbit.activations.quantizer import ActQuantizer
 from lowbit.atomic import atomic_dir
-from lowbit.core.packing import pack, to_signed, to_unsigned, unpack
 from lowbit.errors import LowbitError
-from lowbit.packed.intweight import IntWeight
-from lowbit.packed.qlinear import QuantLinear, int_weights
+from lowbit.export.ct_schemes import LayerWeight, check_schemes, layer_format, quantization_config
+from lowbit.export.ct_tensors import DENSE_WEIGHT_FORMATS, SUFFIXES, layer_tensors, read_layer_weight, split_packed
+from lowbit.packed.floatweight import float_weight_of
+from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
+from lowbit.packed.qlinear import QuantLinear
+from lowbit.spec import QuantSpec, SpecError
 
 WEIGHTS_FILE = "model.safetensors"
-_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 
 
-def _scheme_key(w: IntWeight) -> tuple:
-    return (w.bits, w.symmetric, w.group_size, w.g_idx is not None)
+def _layer_weight(name: str, layer: torch.nn.Module) -> LayerWeight:
+    if isinstance(layer, QuantLinear):
+        return layer.int_weight()
+    spec = getattr(layer, "lowbit_spec", None)
+    try:
+        if getattr(layer, "lowbit_float_weight", None) is not None or (spec is not None and spec.type == "float"):
+            return float_weight_of(layer)
+        return int_weight_of(layer)
+    except LowbitError as e:
+        raise LowbitError(f"{name}: {e}") from None
 
 
-def _weights_args(w: IntWeight) -> dict[str, Any]:
-    return {"num_bits": w.bits, "type": "int", "symmetric": w.symmetric,
-            "strategy": "group" if w.group_size else "channel", "group_size": w.group_size,
-            "block_structure": None, "dynamic": False, "actorder": None,
-            "observer": "minmax", "observer_kwargs": {}}
-
-
-def quantization_config(weights: dict[str, IntWeight], linear_names: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` for ``weights`` (layer name -> IntWeight) among ``linear_names``."""
-    groups: dict[tuple, list[str]] = {}
-    for name, w in weights.items():
-        groups.setdefault(_scheme_key(w), []).append(name)
-    config_groups = {}
-    for i, (key, names) in enumerate(groups.items()):
-        targets = ["Linear"] if len(groups) == 1 else sorted(names)
-        config_groups[f"group_{i}"] = {"targets": targets, "weights": _weights_args(weights[names[0]]),
-                                       "input_activations": None, "output_activations": None, "format": None}
-    ignore = sorted(n for n in linear_names if n not in weights) if len(groups) == 1 else []
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
-            "global_compression_ratio": None}
-
-
-def packed_tensors(name: str, w: IntWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors compressed-tensors stores for one layer."""
-    out = {
-        f"{name}.weight_packed": pack(to_unsigned(w.codes, w.bits), w.bits, "int32"),
-        f"{name}.weight_scale": w.scale.to(scale_dtype).contiguous(),
-        f"{name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
-    }
-    if w.zero is not None:  # packed along the output dimension
-        out[f"{name}.weight_zero_point"] = pack(to_unsigned(w.zero.t().contiguous(), w.bits), w.bits, "int32").t().contiguous()
-    if w.g_idx is not None:
-        out[f"{name}.weight_g_idx"] = w.g_idx.to(torch.int32).contiguous()
-    return out
+def export_weights(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], dict[str, ActQuantizer]]:
+    """Every quantized layer's weight (int or float form) and every input quantizer, by layer name."""
+    weights = {n: _layer_weight(n, m) for n, m in model.named_modules()
+               if isinstance(m, QuantLinear) or (isinstance(m, torch.nn.Linear) and is_quantized(m))}
+    return weights, input_quantizers(model)
 
 
 def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
@@ -75,7 +56,7 @@ def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tens
     seen: set[int] = set()
     for key, t in model.state_dict().items():
         layer = key.rsplit(".", 1)[0]
-        if layer in skip and (key.endswith(".weight") or key.rsplit(".", 1)[-1] in _SUFFIXES):
+        if layer in skip and (key.endswith(".weight") or key.rsplit(".", 1)[-1] in SUFFIXES):
             continue
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen and t.numel() > 0:
@@ -85,33 +66,34 @@ def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tens
     return out
 
 
-def check_exportable(weights: dict[str, IntWeight]) -> str | None:
-    """Why these layers cannot be written as compressed-tensors, or None when they can."""
-    if not weights:
-        return "the model has no quantized layers to export; quantize it first (lowbit quantize)"
-    reordered = [n for n, w in weights.items() if w.g_idx is not None]
-    if reordered:
-        return (f"{reordered[0]} (and {len(reordered) - 1} more) has activation-ordered groups (g_idx), which "
-                "compressed-tensors >= 0.20 no longer accepts; re-quantize with GPTQ's static_groups=true "
-                "(the default), which keeps act-order without g_idx")
-    return None
+def check_exportable(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot be written as compressed-tensors, or None when it can."""
+    try:
+        weights, inputs = export_weights(model)
+    except LowbitError as e:
+        return str(e)
+    return check_schemes(weights, inputs)
 
 
 def export_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | Path,
                               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (quantized by lowbit, packed or not) as a compressed-tensors checkpoint."""
-    weights = int_weights(model)
-    problem = check_exportable(weights)
+    weights, inputs = export_weights(model)
+    problem = check_schemes(weights, inputs)
     if problem is not None:
         raise LowbitError(problem)
     linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    qc = quantization_config(weights, inputs, linears)
+    formats = {n: layer_format(w, inputs.get(n)) for n, w in weights.items()}
     tensors = _dense_state(model, set(weights))
     for name, w in weights.items():
-        tensors.update(packed_tensors(name, w, dtype))
+        tensors.update(layer_tensors(name, w, inputs.get(name), formats[name], dtype))
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config(weights, linears)
+    cfg["quantization_config"] = qc
     cfg["dtype"] = str(dtype).replace("torch.", "")
+    if "nvfp4-pack-quantized" in formats.values():
+        cfg["dtype"] = "bfloat16"  # compressed-tensors 0.20 decompresses NVFP4 to bf16 only (fp32 models fail)
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -135,85 +117,102 @@ def is_compressed_tensors(path: str | Path) -> bool:
     return qc.get("quant_method") == "compressed-tensors"
 
 
-def split_packed(f: Any) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Tensors of an open safetensors file: packed buffers by layer (``{layer: {suffix: t}}``), and the rest."""
-    per_layer: dict[str, dict[str, torch.Tensor]] = {}
-    dense: dict[str, torch.Tensor] = {}
-    for key in f.keys():
-        layer, _, suffix = key.rpartition(".")
-        if suffix in _SUFFIXES:
-            per_layer.setdefault(layer, {})[suffix] = f.get_tensor(key)
-        else:
-            dense[key] = f.get_tensor(key)
-    return per_layer, dense
-
-
 def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any]:
     for group in qc["config_groups"].values():
         targets = group.get("targets", [])
         if name in targets or "Linear" in targets:
-            return group["weights"]
-    raise LowbitError(f"{name} has packed weights but no config group of quantization_config targets it")
+            return group
+    raise LowbitError(f"{name} has quantized tensors but no config group of quantization_config targets it")
 
 
-def read_int_weight(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:
-    """Rebuild one layer's ``IntWeight``, checking the tensors against the config's scheme."""
-    bits, gs = int(args["num_bits"]), args.get("group_size")
-    if args.get("type", "int") != "int" or args.get("strategy") not in ("group", "channel"):
-        raise LowbitError(f"{name}: lowbit reads int group/channel pack-quantized weights, not {args}")
-    rows, cols = (int(v) for v in t["weight_shape"].tolist())
-    packed = t["weight_packed"]
-    want = (rows, -(-cols * bits // 32))
-    if tuple(packed.shape) != want or packed.dtype != torch.int32:
-        raise LowbitError(f"{name}: weight_packed is {tuple(packed.shape)} {packed.dtype} but a {bits}-bit "
-                          f"{rows}x{cols} weight packs to {want} int32: the config and the tensors disagree")
-    ng = 1 if args["strategy"] == "channel" else -(-cols // int(gs))
-    scale = t["weight_scale"]
-    if tuple(scale.shape) != (rows, ng):
-        raise LowbitError(f"{name}: weight_scale is {tuple(scale.shape)} but group size {gs} on a {rows}x{cols} "
-                          f"weight needs ({rows}, {ng}): the config and the tensors disagree")
-    codes = to_signed(unpack(packed, bits, cols, "int32"), bits)
-    zero = None
-    if not args.get("symmetric", True):
-        if "weight_zero_point" not in t:
-            raise LowbitError(f"{name}: the scheme is asymmetric but weight_zero_point is missing")
-        zp = t["weight_zero_point"].t().contiguous()
-        zero = to_signed(unpack(zp, bits, rows, "int32"), bits).t().contiguous()
-    g_idx = t.get("weight_g_idx")
-    return IntWeight(codes, scale.float(), zero, bits, int(gs) if args["strategy"] == "group" else None,
-                     None if g_idx is None else g_idx.to(torch.int32))
+def _input_quantizer(name: str, args: dict[str, Any] | None, t: dict[str, torch.Tensor]) -> ActQuantizer | None:
+    """The input quantizer a scheme's ``input_activations`` describe (static ranges from its tensors)."""
+    if args is None:
+        return None
+    float_ = args.get("type") == "float"
+    sym = bool(args.get("symmetric", True))
+    dynamic = args.get("dynamic") in (True, "local")
+    try:
+        spec = QuantSpec(type="float" if float_ else "int", bits=int(args["num_bits"]), fmt="e4m3" if float_ else None,
+                         symmetric=sym, signed=True, granularity=args.get("strategy") or "tensor",
+                         group_size=args.get("group_size"), dynamic=dynamic, full_range=sym and not float_)
+    except SpecError as e:
+        raise LowbitError(f"{name}: input_activations {args} is not a scheme lowbit runs: {e}") from None
+    q = ActQuantizer(spec)
+    if not dynamic:
+        if "input_scale" not in t:
+            raise LowbitError(f"{name}: static input quantization but no input_scale tensor: the config and the "
+                              "tensors disagree")
+        s = t["input_scale"].float().reshape(-1)[0]
+        if float_:
+            q.load_range(-s * 448.0, s * 448.0)
+        elif sym:
+            top = (1 << (spec.bits - 1)) - 0.5
+            q.load_range(-s * top, s * top)
+        else:
+            z = t.get("input_zero_point", torch.zeros(1)).float().reshape(-1)[0]
+            q.load_range((spec.qmin - z) * s, (spec.qmax - z) * s)
+    return q
 
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Build the model of a compressed-tensors checkpoint with lowbit ``QuantLinear`` layers."""
+    """Build the model of a compressed-tensors checkpoint with lowbit modules: ``QuantLinear`` for int
+    weights, ``nn.Linear`` holding the dequantized values for FP8 / NVFP4 (no packed float kernel on CPU),
+    and input quantizers where the scheme quantizes activations."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     qc = raw.get("quantization_config") or {}
-    if qc.get("format") not in ("pack-quantized",):
-        raise LowbitError(f"{path}: lowbit reads compressed-tensors 'pack-quantized' checkpoints, not {qc.get('format')!r}")
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # real buffers (rotary tables) included
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    schemes = {}
+    for n in linears:
+        try:
+            schemes[n] = _scheme_for(n, qc)
+        except LowbitError:
+            continue
+    schemes = {n: g for n, g in schemes.items() if n not in set(qc.get("ignore") or [])}
+    default = qc.get("format")
+    dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        per_layer, dense = split_packed(f)
+        per_layer, dense = split_packed(f, dense_weight)
     for name, t in per_layer.items():
-        if "weight_packed" not in t or "weight_shape" not in t:
-            raise LowbitError(f"{name}: has {', '.join(sorted(t))} but not weight_packed + weight_shape")
-        w = read_int_weight(name, t, _scheme_for(name, qc))
-        parent, _, child = name.rpartition(".")
+        if name not in schemes:
+            raise LowbitError(f"{name} has quantized tensors but no config group of quantization_config targets it")
+        group = schemes[name]
+        w = read_layer_weight(name, t, group.get("format") or default, group["weights"])
         old = model.get_submodule(name)
-        q = QuantLinear(w, None, dtype)
-        if getattr(old, "bias", None) is not None:
-            q.bias = torch.nn.Parameter(dense.pop(f"{name}.bias").to(dtype), requires_grad=False)
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        bias = dense.pop(f"{name}.bias", None)
+        if isinstance(w, IntWeight):
+            new: torch.nn.Module = QuantLinear(w, None, dtype)
+            if bias is not None:
+                new.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+        else:
+            new = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+            new.weight.data.copy_(w.dequantize(dtype))
+            if bias is not None:
+                new.bias.data.copy_(bias)
+            new.lowbit_float_weight = w
+        q = _input_quantizer(name, group.get("input_activations"), t)
+        if q is not None:
+            attach_input_quantizer(new, q)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        del old
+    missing_layers = sorted(set(schemes) - set(per_layer))
+    if missing_layers:
+        raise LowbitError(f"{path}: the config quantizes {missing_layers[0]} (and {len(missing_layers) - 1} more) but "
+                          "the file has no quantized tensors for it: the config and the tensors disagree")
     result = model.load_state_dict(dense, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    bad = [k for k in result.missing_keys if not k.endswith(_SUFFIXES) and "rotary" not in k
-           and not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")]
+    bad = [k for k in result.missing_keys if not k.endswith(SUFFIXES) and "rotary" not in k
+           and not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")
+           and not (k.endswith(".weight") and k.rsplit(".", 1)[0] in per_layer)]
     if bad or result.unexpected_keys:
         raise LowbitError(f"{path}: tensors do not match the config (missing {bad[:5]}, unexpected "
                           f"{result.unexpected_keys[:5]})")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbit.activations.quantizer import check_activation_spec
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
 
@@ -53,10 +54,12 @@ class WeightMethod:
     """Base class of weight-quantization methods (see module docstring)."""
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="int", bits=4, granularity="group", group_size=128))
+    activations: QuantSpec | None = None  # input activation spec of the layers (W8A8 ...), None: weight-only
 
     name: ClassVar[str] = ""
     needs_hessian: ClassVar[bool] = False
     needs_act_stats: ClassVar[bool] = False
+    accepts_activations: ClassVar[bool] = True  # False where the method quantizes its inputs its own way
 
     def linear_weight(self, name: str, layer: torch.nn.Module) -> torch.Tensor:
         """The layer's 2-D weight, or a LowbitError saying this method quantizes linear layers only."""
@@ -90,7 +93,7 @@ class WeightMethod:
 
     @classmethod
     def options(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "spec"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("spec", "activations")]
 
 
 METHODS: dict[str, type[WeightMethod]] = {}
@@ -104,8 +107,10 @@ def register_method(cls: type[WeightMethod]) -> type[WeightMethod]:
     return cls
 
 
-def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None) -> WeightMethod:
-    """Instantiate a registered method with its spec and options; clear errors for bad input."""
+def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None,
+               activations: QuantSpec | None = None) -> WeightMethod:
+    """Instantiate a registered method with its spec, options and input activation spec; clear errors
+    for bad input."""
     if name not in METHODS:
         raise LowbitError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
@@ -115,7 +120,12 @@ def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None
         raise LowbitError(
             f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are {', '.join(cls.options()) or 'none'}"
         )
+    if activations is not None:
+        if not cls.accepts_activations:
+            raise LowbitError(f"method {name!r} quantizes its layer inputs its own way and takes no activation spec; "
+                              "drop 'activations' from this entry")
+        check_activation_spec(activations, f"method {name!r} activations")
     try:
-        return cls(spec=spec, **options)
+        return cls(spec=spec, activations=activations, **options)
     except (TypeError, ValueError) as exc:
         raise LowbitError(f"invalid options for method {name!r}: {exc}") from None

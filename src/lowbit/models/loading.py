@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.activations.io import attach_activations
 from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from lowbit.models.aliases import ALIASES
 from lowbit.models.cache import cache_dir
@@ -267,6 +268,8 @@ def load_model(
                 model = load_compressed_tensors(source.path, torch_dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kwargs)
+                if source.path is not None:
+                    attach_activations(model, source.path)  # a lowbit fake-quant W8A8 ... checkpoint
             if require_tokenizer or source.path is None or _has_tokenizer_files(source.path):
                 tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
             else:

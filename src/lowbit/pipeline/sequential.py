@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.activations.attach import attach_input_quantizer
 from lowbit.methods.base import LayerStats, WeightMethod, get_method
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
@@ -92,7 +93,7 @@ def _with_fallback(name: str, method: WeightMethod, stats: dict[str, LayerStats]
     if name in stats and stats[name].nsamples > 0:
         return method, None
     warnings.warn(f"{name}: no calibration tokens reached this layer; {method.name} falls back to RTN", stacklevel=4)
-    return get_method("rtn", method.spec), f"no calibration tokens: RTN instead of {method.name}"
+    return get_method("rtn", method.spec, activations=method.activations), f"no calibration tokens: RTN instead of {method.name}"
 
 
 def _quantize_layers(
@@ -121,6 +122,27 @@ def _quantize_layers(
         layer.lowbit_artifacts = res.artifacts
         layer.lowbit_spec = method.spec
     return reports, originals
+
+
+@torch.no_grad()
+def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str, WeightMethod],
+                     modules: dict[str, torch.nn.Module]) -> None:
+    """Attach input quantizers to the block's layers that have an activation spec; static ones are
+    calibrated on the block's (already quantized upstream) calibration inputs first."""
+    quantizers = {n: attach_input_quantizer(modules[n], m.activations) for n, m in mine.items()
+                  if m.activations is not None}
+    static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
+    if not static:
+        return
+    handles = [modules[n].register_forward_pre_hook(lambda mod, args, q=q: q.observe(args[0])) for n, q in static.items()]
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            block(h, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    for q in static.values():
+        q.freeze()
 
 
 @torch.no_grad()
@@ -158,9 +180,11 @@ def run_sequential(
                 _collect_stats(block, inputs, collector)
             stats = collector.finalize()
             reports, _ = _quantize_layers(mine, modules, stats)
+            _quantize_inputs(block, inputs, mine, modules)
             _propagate(block, inputs)
         else:  # data-free layers: quantize first, sample inputs while propagating
             reports, originals = _quantize_layers(mine, modules, {}, keep_originals=True)
+            _quantize_inputs(block, inputs, mine, modules)
             collector = StatsCollector(layer_modules, set(), set())
             with collector.attached():
                 _propagate(block, inputs, collector)

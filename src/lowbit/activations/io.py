@@ -1,0 +1,52 @@
+"""``lowbit_activations.json``: input quantizers saved beside a fake-quant checkpoint and put back on load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lowbit.activations.attach import attach_input_quantizer, input_quantizers
+from lowbit.activations.quantizer import ActQuantizer
+from lowbit.errors import LowbitError
+from lowbit.spec import QuantSpec, SpecError
+
+ACTIVATIONS_FILE = "lowbit_activations.json"
+
+
+def activations_json(model: torch.nn.Module) -> str | None:
+    """Every input quantizer of ``model`` (spec and static range) as JSON text; None when there are none."""
+    qs = input_quantizers(model)
+    if not qs:
+        return None
+    out = {}
+    for name, q in qs.items():
+        entry = {"spec": q.spec.to_dict()}
+        if q.xmax is not None:
+            entry["range"] = [float(q.xmin), float(q.xmax)]
+        out[name] = entry
+    return json.dumps(out, indent=1)
+
+
+def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
+    """Put back the input quantizers listed in ``directory/lowbit_activations.json``; returns the count."""
+    path = Path(directory) / ACTIVATIONS_FILE
+    if not path.is_file():
+        return 0
+    try:
+        data = json.loads(path.read_text())
+        for name, entry in data.items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise LowbitError(f"{path}: layer {name} is not in the model") from None
+            q = ActQuantizer(QuantSpec.from_dict(entry["spec"]))
+            if "range" in entry:
+                q.load_range(torch.tensor(entry["range"][0]), torch.tensor(entry["range"][1]))
+            elif not q.spec.dynamic:
+                raise LowbitError(f"{path}: {name} has a static activation spec but no range")
+            attach_input_quantizer(layer, q)
+    except (ValueError, KeyError, TypeError, SpecError) as e:
+        raise LowbitError(f"{path} is not a valid lowbit activations file: {e}") from None
+    return len(data)

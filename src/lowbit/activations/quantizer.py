@@ -1,0 +1,102 @@
+"""``ActQuantizer``: fake-quantize a linear layer's input, dynamically per token or with static ranges.
+
+Dynamic specs compute their range from each token (``granularity='token'``), each group of a
+token's features (``'group'``) or the whole tensor at run time.  Static specs (``dynamic=False``,
+per-tensor) take one range from calibration: feed inputs to ``observe`` with the spec's observer
+(min-max, percentile, MSE, KL ...), then ``freeze``.  Int and float (FP8/FP4/MX) specs both work;
+the quantizer is an identity until it is calibrated or when ``enabled`` is False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.affine import fake_quant_int, spec_qparams
+from lowbit.core.floats import fake_quant_float
+from lowbit.core.observers import Observer, make_observer
+from lowbit.errors import LowbitError
+from lowbit.spec import QuantSpec
+
+
+def check_activation_spec(spec: QuantSpec, where: str = "activation spec") -> None:
+    """Raise a LowbitError unless ``spec`` can quantize activations."""
+    if spec.type == "codebook":
+        raise LowbitError(f"{where}: codebook formats ({spec.fmt}) quantize weights only; use an int or float spec")
+    if spec.dynamic:
+        if spec.granularity not in ("token", "group", "tensor"):
+            raise LowbitError(f"{where}: dynamic activations are quantized per token, per group or per tensor, "
+                              f"not per {spec.granularity}")
+    elif spec.granularity != "tensor":
+        raise LowbitError(f"{where}: static activation ranges are per tensor (granularity 'tensor'); for per-token "
+                          f"ranges set dynamic: true")
+    if spec.type == "float" and spec.global_scale and not spec.dynamic:
+        raise LowbitError(f"{where}: NVFP4 activations take their global scale per tensor at run time; set dynamic: true")
+
+
+class ActQuantizer(torch.nn.Module):
+    """Quantize-dequantize the tensors passing through it according to an activation ``spec``."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        check_activation_spec(spec)
+        self.spec = spec
+        self.enabled = True
+        self.observer: Observer | None = None
+        # static range (per tensor): filled by freeze() or load_range()
+        self.register_buffer("xmin", None)
+        self.register_buffer("xmax", None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.spec.dynamic or self.xmax is not None
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed one batch of calibration inputs (static specs)."""
+        if self.spec.dynamic:
+            return
+        if self.observer is None:
+            self.observer = make_observer(self.spec)
+        self.observer.update(x.detach().reshape(-1, x.shape[-1]).float())
+
+    def freeze(self) -> None:
+        """Fix the static range from what ``observe`` saw; the observer's memory is released."""
+        if self.spec.dynamic:
+            return
+        if self.observer is None:
+            raise LowbitError("a static activation quantizer saw no calibration inputs: the layer was never reached "
+                              "by the calibration windows; use a dynamic spec or more calibration data")
+        lo, hi = self.observer.range()
+        self.load_range(lo, hi)
+        self.observer = None
+
+    def load_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+        self.xmin = torch.as_tensor(xmin, dtype=torch.float32).reshape(1).clone()
+        self.xmax = torch.as_tensor(xmax, dtype=torch.float32).reshape(1).clone()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static int ``(scale, zero)`` (per tensor)."""
+        if self.spec.type != "int" or self.xmax is None:
+            raise LowbitError("qparams exist for calibrated static int activation quantizers only")
+        return spec_qparams(self.xmin, self.xmax, self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or not self.calibrated or x.numel() == 0:
+            return x
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        sp = self.spec
+        if sp.type == "int":
+            if sp.dynamic:
+                out = fake_quant_int(x2, sp)
+            else:
+                out = fake_quant_int(x2, sp, self.xmin.to(x.device), self.xmax.to(x.device))
+        elif sp.dynamic:
+            out = fake_quant_float(x2, sp)
+        else:
+            absmax = torch.maximum(self.xmin.abs(), self.xmax.abs()).to(x.device)
+            out = fake_quant_float(x2, sp, absmax)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        kind = "dynamic" if self.spec.dynamic else "static"
+        return f"{self.spec.type}{self.spec.bits} {self.spec.fmt or ''} {kind} per-{self.spec.granularity}"
