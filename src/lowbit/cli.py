@@ -114,9 +114,11 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     if args.recipe and args.method:
         raise LowbitError("pass either --recipe or --method/--bits/--group-size, not both")
     if args.recipe:
+        if args.activations:
+            raise LowbitError("--activations goes with --method; a recipe names its activation spec per entry")
         return load_recipe(args.recipe)
     return recipe_from_flags(args.method or "rtn", args.bits, args.group_size, not args.asym,
-                             _parse_options(args.option))
+                             _parse_options(args.option), args.activations)
 
 
 def _quant_rows(report: Any, before: Any, after: Any, out: str | None) -> list[tuple[str, Any]]:
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="group size (default: per channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric (zero point) instead of symmetric")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--activations", default=None, metavar="PRESET",
+                   help="also quantize the layers' inputs (A8_TOKEN, A4_TOKEN, A8_TENSOR, FP8_E4M3_TOKEN ...)")
     p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, selfgen or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")

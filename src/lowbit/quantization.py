@@ -62,6 +62,16 @@ def _model_bits(model: torch.nn.Module, quantized: dict[str, float]) -> tuple[in
     return total, total_bits / max(total, 1)
 
 
+MIN_STATIC_TOKENS = 256  # fewer calibration tokens than this cannot fix a per-tensor activation range
+
+
+def _check_static_calibration(rec: Recipe, calib: torch.Tensor) -> None:
+    static = [e.method for e in rec.entries if e.activations is not None and not e.activations.dynamic]
+    if static and calib.numel() < MIN_STATIC_TOKENS:
+        raise LowbitError(f"static activation ranges ({static[0]} entry) need at least {MIN_STATIC_TOKENS} calibration "
+                          f"tokens, got {calib.numel()}; pass more windows (--nsamples) or a dynamic spec (A8_TOKEN)")
+
+
 def quantize(
     model: torch.nn.Module,
     recipe: str | Path | dict[str, Any] | Recipe,
@@ -80,8 +90,10 @@ def quantize(
                           "data-free methods: they are used to measure each layer's output error")
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
         raise LowbitError("calibration must be a 2-D tensor of token ids (nsamples, seqlen)")
+    _check_static_calibration(rec, calib)
     t0 = time.perf_counter()
-    result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress)
+    transforms = rec.build_transforms()
+    result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
     seconds = time.perf_counter() - t0
     layers = result.to_dict()["layers"]
     per_layer_bits = {l["name"]: l["bits_per_weight"] for l in layers}
@@ -92,6 +104,7 @@ def quantize(
         recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
         model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
         calib_tokens=result.calib_tokens, peak_rss_mb=peak_rss_mb(),
+        extra={"transforms": {t.name: t.records for t in transforms}} if transforms else {},
     )
 
 

@@ -1,8 +1,11 @@
 """Recipes: which method quantizes which layers with which spec, loaded from YAML or built in code.
 
-A recipe is a list of entries::
+A recipe is a list of entries, optionally after block transforms::
 
     name: gptq-w4g64
+    transforms:                 # optional: equivalence rewrites before quantization
+      - transform: smoothquant
+        options: {alpha: 0.5}
     methods:
       - method: gptq
         spec: W4_G64            # a preset name, or a dict of QuantSpec fields
@@ -30,6 +33,7 @@ from lowbit.methods import get_method
 from lowbit.methods.base import WeightMethod
 from lowbit.models.arch import architecture_of
 from lowbit.spec import PRESETS, QuantSpec, SpecError, preset
+from lowbit.transforms import BlockTransform, get_transform
 
 
 @dataclass
@@ -52,12 +56,32 @@ class MethodEntry:
 
 
 @dataclass
+class TransformEntry:
+    """A block transform run before the methods (``transforms: [{transform: smoothquant, options: ...}]``)."""
+
+    transform: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transform": self.transform, "options": dict(self.options)}
+
+
+@dataclass
 class Recipe:
     name: str
     entries: list[MethodEntry]
+    transforms: list[TransformEntry] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "methods": [e.to_dict() for e in self.entries]}
+        d: dict[str, Any] = {"name": self.name}
+        if self.transforms:
+            d["transforms"] = [t.to_dict() for t in self.transforms]
+        d["methods"] = [e.to_dict() for e in self.entries]
+        return d
+
+    def build_transforms(self) -> list[BlockTransform]:
+        """Fresh instances of the recipe's transforms (each records what it did)."""
+        return [get_transform(t.transform, t.options) for t in self.transforms]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -112,7 +136,21 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         )
         get_method(entry.method, entry.spec, entry.options, entry.activations)  # unknown method / option -> clear error now
         entries.append(entry)
-    return Recipe(str(data.get("name", name)), entries)
+    transforms = []
+    raw_t = data.get("transforms") or []
+    if not isinstance(raw_t, list):
+        raise LowbitError(f"recipe {name!r} 'transforms' must be a list of mappings")
+    for i, raw in enumerate(raw_t):
+        where = f"recipe {name!r} transform {i}"
+        if not isinstance(raw, dict) or "transform" not in raw or set(raw) - {"transform", "options"}:
+            raise LowbitError(f"{where} must be a mapping with 'transform' and optional 'options'")
+        t = TransformEntry(str(raw["transform"]), dict(raw.get("options") or {}))
+        get_transform(t.transform, t.options)  # unknown transform / option -> clear error now
+        transforms.append(t)
+    unknown = set(data) - {"name", "methods", "transforms"}
+    if unknown:
+        raise LowbitError(f"recipe {name!r} has unknown field(s) {', '.join(sorted(unknown))}")
+    return Recipe(str(data.get("name", name)), entries, transforms)
 
 
 def shipped_recipes() -> dict[str, str]:
@@ -178,8 +216,9 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, WeightM
 
 
 def recipe_from_flags(method: str, bits: int, group_size: int | None, symmetric: bool,
-                      options: dict[str, Any] | None = None) -> Recipe:
-    """The common case as a one-entry recipe (``--method gptq --bits 4 --group-size 128``)."""
+                      options: dict[str, Any] | None = None, activations: str | None = None) -> Recipe:
+    """The common case as a one-entry recipe (``--method gptq --bits 4 --group-size 128
+    [--activations A8_TOKEN]``)."""
     try:
         if group_size:
             spec = QuantSpec(type="int", bits=bits, granularity="group", group_size=group_size,
@@ -189,7 +228,9 @@ def recipe_from_flags(method: str, bits: int, group_size: int | None, symmetric:
     except SpecError as exc:
         raise LowbitError(str(exc)) from None
     g = f"g{group_size}" if group_size else ""
-    return recipe_from_dict(
-        {"name": f"{method}-w{bits}{g}{'' if symmetric else '-asym'}",
-         "methods": [{"method": method, "spec": spec.to_dict(), "options": options or {}}]}
-    )
+    entry: dict[str, Any] = {"method": method, "spec": spec.to_dict(), "options": options or {}}
+    act = ""
+    if activations:
+        entry["activations"] = activations
+        act = "-" + activations.lower()
+    return recipe_from_dict({"name": f"{method}-w{bits}{g}{'' if symmetric else '-asym'}{act}", "methods": [entry]})

@@ -9,7 +9,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
-from lowbit.methods.awq import AWQ, fold_scales, subsample_inputs
+from lowbit.methods.awq import AWQ, subsample_inputs
+from lowbit.models.folding import fold_scales
 from lowbit.methods.base import LayerStats
 from lowbit.models.arch import ScaleGroup, architecture_of, decoder_blocks
 from lowbit.pipeline.capture import capture_block_inputs, run_block

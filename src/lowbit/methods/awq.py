@@ -50,6 +50,7 @@ from lowbit.core.quant import dequantize, fake_quant, quantize, storage_bits
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.models.arch import ScaleGroup, scale_groups
+from lowbit.models.folding import fold_problem, fold_scales
 from lowbit.pipeline.capture import BlockInputs, block_output
 
 CLIP_TOKENS = 512  # input tokens sampled per linear for the clipping search (AutoAWQ's n_sample_token)
@@ -153,42 +154,6 @@ class _Capture:
         self._inputs = {}
 
 
-def _prev_width(prev: torch.nn.Module) -> int | None:
-    """Output channels of a foldable ``prev`` op (a linear, or a norm with a 1-D weight)."""
-    if isinstance(prev, torch.nn.Linear):
-        return prev.out_features
-    w = getattr(prev, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dim() == 1:
-        return w.numel()
-    return None
-
-
-def _offset_norm(prev: torch.nn.Module) -> bool:
-    """Norms that multiply by ``1 + weight`` (Gemma's RMSNorm) rather than ``weight``."""
-    return type(prev).__name__.startswith("Gemma") and "RMSNorm" in type(prev).__name__
-
-
-@torch.no_grad()
-def fold_scales(prev: torch.nn.Module, linears: list[torch.nn.Module], s: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``s`` and multiply the linears' input columns by ``s``."""
-    s = s.float()
-    if isinstance(prev, torch.nn.Linear):
-        w = prev.weight
-        w.copy_((w.float() / s.view(-1, 1).to(w.device)).to(w.dtype))
-    else:
-        w = prev.weight
-        if _offset_norm(prev):
-            w.copy_(((1.0 + w.float()) / s.to(w.device) - 1.0).to(w.dtype))
-        else:
-            w.copy_((w.float() / s.to(w.device)).to(w.dtype))
-    bias = getattr(prev, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias.copy_((bias.float() / s.to(bias.device)).to(bias.dtype))
-    for lin in linears:
-        lw = lin.weight
-        lw.copy_((lw.float() * s.view(1, -1).to(lw.device)).to(lw.dtype))
-
-
 @dataclass
 class GroupRecord:
     """What AWQ did with one scale group of one block."""
@@ -252,27 +217,6 @@ class AWQ(WeightMethod):
         s = s / (s.max() * s.min()).sqrt()
         s[~torch.isfinite(s)] = 1.0
         return s
-
-    def _check_group(self, block: torch.nn.Module, g: ScaleGroup, targets: dict[str, torch.nn.Module]) -> str | None:
-        """Why ``g`` cannot be scaled in this block (None: it can)."""
-        missing = [n for n in g.linears if n not in targets]
-        if missing:
-            return f"{', '.join(missing)} not quantized by awq"
-        lins = [targets[n] for n in g.linears]
-        if not all(isinstance(m, torch.nn.Linear) for m in lins):
-            return "not all linears are torch.nn.Linear"
-        widths = {m.in_features for m in lins}
-        if len(widths) != 1:
-            return f"linears have different input widths {sorted(widths)}"
-        prev = block.get_submodule(g.prev)
-        pw = _prev_width(prev)
-        if pw is None:
-            return f"{g.prev} ({type(prev).__name__}) has no per-channel weight to fold scales into"
-        width = widths.pop()
-        if pw != width:
-            return (f"{g.prev} outputs {pw} channels but {', '.join(g.linears)} take {width} "
-                    "(grouped-query attention?)")
-        return None
 
     def _search(self, block: torch.nn.Module, g: ScaleGroup, cap: _Capture) -> tuple[torch.Tensor, float, float, float]:
         """Best scales of group ``g``: (s, alpha, loss, loss at alpha = 0)."""
@@ -367,7 +311,7 @@ class AWQ(WeightMethod):
         groups = scale_groups(ctx.model)  # a clear LowbitError for model types without groups
         block = ctx.block
         targets = {n[len(ctx.prefix):]: m for n, m in ctx.layers.items() if n.startswith(ctx.prefix)}
-        skipped = {g: self._check_group(block, g, targets) for g in groups}
+        skipped = {g: fold_problem(block, g, targets, "awq") for g in groups}
         plans = [g for g in groups if skipped[g] is None]
         sample = subsample_inputs(ctx.inputs, self.n_tokens)
         if not len(sample):

@@ -50,6 +50,7 @@ class BlockContext:
     prefix: str  # full name of the block, with a trailing dot
     inputs: BlockInputs
     layers: dict[str, torch.nn.Module]  # this method's targets in the block, by full name
+    methods: dict[str, WeightMethod] = field(default_factory=dict)  # method of each layer (for transforms)
 
 
 @dataclass
@@ -152,8 +153,10 @@ def run_sequential(
     calib: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
+    transforms: list[Any] | None = None,
 ) -> PipelineResult:
-    """Quantize ``assignments`` (full layer name -> method) block by block on ``calib`` (n, seqlen)."""
+    """Quantize ``assignments`` (full layer name -> method) block by block on ``calib`` (n, seqlen);
+    ``transforms`` (``lowbit.transforms``) rewrite each block first."""
     t_start = time.perf_counter()
     modules = dict(model.named_modules())
     blocks = decoder_blocks(model)
@@ -168,6 +171,8 @@ def run_sequential(
         if not mine:
             _propagate(block, inputs)
             continue
+        for t in transforms or ():
+            t.apply_block(BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n in mine}, mine))
         for method in {id(m): m for m in mine.values()}.values():
             layers = {n: modules[n] for n, m in mine.items() if m is method}
             method.prepare_block(BlockContext(model, block, i, prefix, inputs, layers))

@@ -1,0 +1,6 @@
+"""Equivalence transforms applied before quantization (SmoothQuant, ...): registry and base class."""
+
+from lowbit.transforms.base import TRANSFORMS, BlockTransform, get_transform, register_transform
+from lowbit.transforms import smoothquant  # noqa: F401  (registers)
+
+__all__ = ["TRANSFORMS", "BlockTransform", "get_transform", "register_transform"]

@@ -1,0 +1,56 @@
+"""The contract of block transforms: rewrite a decoder block so that it computes the same function
+but quantizes better (scales migrated between ops, channels reordered, ...).
+
+A transform is a dataclass config plus ``apply_block(ctx)``, called by the sequential pipeline
+for every block before the weight methods see it, with the block's calibration inputs and the
+methods assigned to its layers (so it can score candidates with the formats they will use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from lowbit.errors import LowbitError
+
+
+@dataclass
+class BlockTransform:
+    """Base class of block transforms (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def apply_block(self, ctx: Any) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+TRANSFORMS: dict[str, type[BlockTransform]] = {}
+
+
+def register_transform(cls: type[BlockTransform]) -> type[BlockTransform]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty name")
+    TRANSFORMS[cls.name] = cls
+    return cls
+
+
+def get_transform(name: str, options: dict[str, Any] | None = None) -> BlockTransform:
+    """Instantiate a registered transform; clear errors for unknown names and options."""
+    if name not in TRANSFORMS:
+        raise LowbitError(f"unknown transform {name!r}; available: {', '.join(sorted(TRANSFORMS))}")
+    cls = TRANSFORMS[name]
+    options = dict(options or {})
+    unknown = set(options) - set(cls.options())
+    if unknown:
+        raise LowbitError(f"transform {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are "
+                          f"{', '.join(cls.options()) or 'none'}")
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise LowbitError(f"invalid options for transform {name!r}: {exc}") from None

@@ -1,0 +1,150 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights before W8A8 quantization.
+
+For the linears fed by one op (q/k/v by the attention norm, gate/up by the MLP norm), each input
+channel ``j`` is divided by ``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)`` inside the feeding op
+and multiplied back into the weight columns: ``(X / s)(W * s)^T = X W^T`` exactly, but the
+activations lose their outlier channels.  ``alpha`` is the migration strength (0.5 in the paper);
+``alpha: search`` picks it per layer group from a grid by the output error of the group's linears
+with the weight and activation formats they will be quantized with, on sampled calibration rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from lowbit.activations.quantizer import ActQuantizer
+from lowbit.core.quant import fake_quant
+from lowbit.errors import LowbitError
+from lowbit.models.arch import ScaleGroup, scale_groups
+from lowbit.models.folding import fold_problem, fold_scales
+from lowbit.spec import QuantSpec
+from lowbit.transforms.base import BlockTransform, register_transform
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 .. 0.90
+
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, floor: float = 1e-5) -> torch.Tensor:
+    """Per-channel ``s = x_max^alpha / w_max^(1 - alpha)``; channels with no activation or weight keep 1."""
+    x = x_absmax.float().clamp(min=floor)
+    w = w_absmax.float().clamp(min=floor)
+    s = x.pow(alpha) / w.pow(1.0 - alpha)
+    dead = (x_absmax <= 0) | (w_absmax <= 0)
+    return torch.where(dead, torch.ones_like(s), s.clamp(min=floor))
+
+
+def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, wspec: QuantSpec,
+                   aspec: QuantSpec | None) -> float:
+    """Relative output error, summed over the linears, of quantizing ``x / s`` and ``W * s``."""
+    xs = x / s
+    if aspec is not None:
+        q = ActQuantizer(aspec)
+        q.observe(xs)
+        q.freeze()
+        xs = q(xs)
+    total = 0.0
+    for w in weights:
+        ref = x @ w.float().T
+        out = xs @ fake_quant(w.float() * s, wspec).T
+        total += (out - ref).pow(2).sum().item() / max(ref.pow(2).sum().item(), 1e-30)
+    return total
+
+
+class _GroupInputs:
+    """Pre-hooks on each group's first linear: per-channel max |x| over every token, and sampled rows."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], rows: int):
+        self.layers, self.rows = layers, rows
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+    def hook(self, name: str):
+        def fn(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            m = x.abs().amax(0)
+            self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
+            kept = sum(t.shape[0] for t in self.samples[name])
+            if kept < self.rows:
+                step = max(1, x.shape[0] // 128)
+                self.samples[name].append(x[::step][: self.rows - kept].clone())
+        return fn
+
+    def run(self, block: torch.nn.Module, inputs: Any) -> None:
+        handles = [m.register_forward_pre_hook(self.hook(n)) for n, m in self.layers.items()]
+        try:
+            with torch.no_grad():
+                for h, kw in zip(inputs.hidden, inputs.kwargs):
+                    block(h, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@register_transform
+@dataclass
+class SmoothQuant(BlockTransform):
+    """Options: ``alpha`` (float in [0, 1], or ``"search"``), ``groups`` (``norms``: the norm-fed
+    groups, as in the paper and llm-compressor; ``all``: also linear-fed ones such as up -> down),
+    ``sample_rows`` (calibration rows kept per group for the search)."""
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float | str = 0.5
+    groups: str = "norms"
+    sample_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, str):
+            if self.alpha != "search":
+                raise ValueError(f"alpha must be a number in [0, 1] or 'search', got {self.alpha!r}")
+        elif not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.groups not in ("norms", "all"):
+            raise ValueError(f"groups must be 'norms' or 'all', got {self.groups!r}")
+
+    def _usable(self, ctx: Any) -> dict[ScaleGroup, str | None]:
+        targets = {n[len(ctx.prefix):]: m for n, m in ctx.layers.items()}
+        out = {}
+        for g in scale_groups(ctx.model):
+            prev = ctx.block.get_submodule(g.prev)
+            if self.groups == "norms" and isinstance(prev, torch.nn.Linear):
+                continue
+            out[g] = fold_problem(ctx.block, g, targets, "this recipe")
+        return out
+
+    @torch.no_grad()
+    def apply_block(self, ctx: Any) -> None:
+        usable = self._usable(ctx)
+        groups = [g for g, why in usable.items() if why is None]
+        for g, why in usable.items():
+            if why is not None:
+                self.records.append({"block": ctx.index, "prev": g.prev, "skipped": why})
+        if not groups:
+            return
+        first = {ctx.prefix + g.linears[0]: ctx.block.get_submodule(g.linears[0]) for g in groups}
+        cap = _GroupInputs(first, self.sample_rows)
+        cap.run(ctx.block, ctx.inputs)
+        for g in groups:
+            key = ctx.prefix + g.linears[0]
+            if key not in cap.absmax:
+                raise LowbitError(f"smoothquant: no calibration input reached {key}")
+            lins = [ctx.block.get_submodule(n) for n in g.linears]
+            w_max = torch.stack([m.weight.detach().abs().amax(0).float() for m in lins]).amax(0)
+            x_max = cap.absmax[key]
+            alpha, err = self._choose(x_max, w_max, torch.cat(cap.samples[key]), lins, ctx.methods[key])
+            s = smoothing_scales(x_max, w_max, alpha)
+            fold_scales(ctx.block.get_submodule(g.prev), lins, s)
+            self.records.append({"block": ctx.index, "prev": g.prev, "linears": list(g.linears), "alpha": alpha,
+                                 "error": err, "max_x_before": float(x_max.max()),
+                                 "max_x_after": float((x_max / s).max())})
+
+    def _choose(self, x_max: torch.Tensor, w_max: torch.Tensor, x: torch.Tensor, lins: list[torch.nn.Module],
+                method: Any) -> tuple[float, float | None]:
+        if self.alpha != "search":
+            return float(self.alpha), None
+        weights = [m.weight.detach() for m in lins]
+        scored = [(smoothed_error(x, weights, smoothing_scales(x_max, w_max, a), method.spec, method.activations), a)
+                  for a in ALPHA_GRID]
+        err, alpha = min(scored)
+        return alpha, err
