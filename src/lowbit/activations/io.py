@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
-from lowbit.activations.quantizer import ActQuantizer
+from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec, SpecError
 
@@ -22,7 +22,9 @@ def activations_json(model: torch.nn.Module) -> str | None:
         return None
     out = {}
     for name, q in qs.items():
-        entry = {"spec": q.spec.to_dict()}
+        entry: dict = {"spec": q.spec.to_dict()}
+        if isinstance(q, OutlierActQuantizer):
+            entry["outlier_threshold"] = q.threshold
         if q.xmax is not None:
             entry["range"] = [float(q.xmin), float(q.xmax)]
         out[name] = entry
@@ -41,7 +43,11 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
                 layer = model.get_submodule(name)
             except AttributeError:
                 raise LowbitError(f"{path}: layer {name} is not in the model") from None
-            q = ActQuantizer(QuantSpec.from_dict(entry["spec"]))
+            spec = QuantSpec.from_dict(entry["spec"])
+            if "outlier_threshold" in entry:
+                q: ActQuantizer = OutlierActQuantizer(spec, float(entry["outlier_threshold"]))
+            else:
+                q = ActQuantizer(spec)
             if "range" in entry:
                 q.load_range(torch.tensor(entry["range"][0]), torch.tensor(entry["range"][1]))
             elif not q.spec.dynamic:

@@ -100,3 +100,37 @@ class ActQuantizer(torch.nn.Module):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.spec.dynamic else "static"
         return f"{self.spec.type}{self.spec.bits} {self.spec.fmt or ''} {kind} per-{self.spec.granularity}"
+
+
+class OutlierActQuantizer(ActQuantizer):
+    """LLM.int8()'s mixed-precision decomposition on the input side.
+
+    Feature columns where any value of the current input reaches ``threshold`` in magnitude stay in
+    full precision; the other columns are quantized per token (int8 absmax over those columns only).
+    With int8 row-wise weights this equals ``X_O W_O^T + Q(X_~O) Q(W_~O)^T`` where ``W_O`` are the
+    dequantized int8 columns, as bitsandbytes computes it.
+    """
+
+    def __init__(self, spec: QuantSpec, threshold: float = 6.0) -> None:
+        if not (spec.type == "int" and spec.dynamic and spec.granularity == "token"):
+            raise LowbitError("the outlier decomposition quantizes the regular columns per token (dynamic int spec)")
+        super().__init__(spec)
+        self.threshold = float(threshold)
+        self.outlier_columns = 0  # total over forwards, for reporting
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or x.numel() == 0:
+            return x
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        outliers = (x2.abs() >= self.threshold).any(dim=0)
+        self.outlier_columns += int(outliers.sum())
+        self.forwards += 1
+        regular = x2.masked_fill(outliers, 0.0)
+        out = fake_quant_int(regular, self.spec)
+        out = torch.where(outliers, x2, out)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp outlier columns >= {self.threshold}"

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbit.activations.quantizer import check_activation_spec
+from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec
 
@@ -84,6 +84,10 @@ class WeightMethod:
                 f"group size {gs} does not divide {name}'s {cols} input features; use a group size that "
                 f"does ({', '.join(map(str, divisors)) or 'none of 32/64/128/256'}) or padding: pad"
             )
+
+    def input_quantizer(self) -> "ActQuantizer | None":
+        """The quantizer put on the inputs of this method's layers (None: inputs stay in full precision)."""
+        return None if self.activations is None else ActQuantizer(self.activations)
 
     def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
         """Whole-block work before layers are quantized (default: nothing)."""

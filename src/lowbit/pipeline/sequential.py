@@ -130,8 +130,11 @@ def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str
                      modules: dict[str, torch.nn.Module]) -> None:
     """Attach input quantizers to the block's layers that have an activation spec; static ones are
     calibrated on the block's (already quantized upstream) calibration inputs first."""
-    quantizers = {n: attach_input_quantizer(modules[n], m.activations) for n, m in mine.items()
-                  if m.activations is not None}
+    quantizers = {}
+    for n, m in mine.items():
+        q = m.input_quantizer()
+        if q is not None:
+            quantizers[n] = attach_input_quantizer(modules[n], q)
     static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
     if not static:
         return
