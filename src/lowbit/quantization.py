@@ -91,8 +91,12 @@ def quantize(
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
         raise LowbitError("calibration must be a 2-D tensor of token ids (nsamples, seqlen)")
     _check_static_calibration(rec, calib)
-    t0 = time.perf_counter()
     transforms = rec.build_transforms()
+    for t in transforms:
+        t.check_model(model)
+    t0 = time.perf_counter()
+    for t in transforms:
+        t.apply_model(model)
     result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
     seconds = time.perf_counter() - t0
     layers = result.to_dict()["layers"]

@@ -2,5 +2,6 @@
 
 from lowbit.transforms.base import TRANSFORMS, BlockTransform, get_transform, register_transform
 from lowbit.transforms import smoothquant  # noqa: F401  (registers)
+from lowbit.rotation import quarot  # noqa: F401,E402  (registers)
 
 __all__ = ["TRANSFORMS", "BlockTransform", "get_transform", "register_transform"]

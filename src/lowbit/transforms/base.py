@@ -22,8 +22,14 @@ class BlockTransform:
     name: ClassVar[str] = ""
     records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
+    def check_model(self, model: Any) -> None:
+        """Raise a LowbitError before any work if this transform cannot rewrite ``model``."""
+
+    def apply_model(self, model: Any) -> None:
+        """Whole-model rewrite before the blocks are visited (default: nothing)."""
+
     def apply_block(self, ctx: Any) -> None:
-        raise NotImplementedError
+        """Rewrite one block, given its calibration inputs and the methods of its layers (default: nothing)."""
 
     @classmethod
     def options(cls) -> list[str]:

@@ -1,0 +1,1 @@
+"""Orthogonal rotations for outlier-free quantization (QuaRot): Hadamard matrices and their folding."""
