@@ -1,4 +1,5 @@
-"""``lowbit_activations.json``: input quantizers saved beside a fake-quant checkpoint and put back on load."""
+"""``lowbit_activations.json``: input quantizers and online input rotations saved beside a fake-quant
+checkpoint and put back on load."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
 from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer
 from lowbit.errors import LowbitError
+from lowbit.rotation.online import attach_input_rotation, input_rotations
 from lowbit.spec import QuantSpec, SpecError
 
 ACTIVATIONS_FILE = "lowbit_activations.json"
@@ -18,16 +20,17 @@ ACTIVATIONS_FILE = "lowbit_activations.json"
 def activations_json(model: torch.nn.Module) -> str | None:
     """Every input quantizer of ``model`` (spec and static range) as JSON text; None when there are none."""
     qs = input_quantizers(model)
-    if not qs:
+    rotations = input_rotations(model)
+    if not qs and not rotations:
         return None
-    out = {}
+    out: dict[str, dict] = {name: {"rotation": r} for name, r in rotations.items()}
     for name, q in qs.items():
-        entry: dict = {"spec": q.spec.to_dict()}
+        entry = out.setdefault(name, {})
+        entry["spec"] = q.spec.to_dict()
         if isinstance(q, OutlierActQuantizer):
             entry["outlier_threshold"] = q.threshold
         if q.xmax is not None:
             entry["range"] = [float(q.xmin), float(q.xmax)]
-        out[name] = entry
     return json.dumps(out, indent=1)
 
 
@@ -43,6 +46,10 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
                 layer = model.get_submodule(name)
             except AttributeError:
                 raise LowbitError(f"{path}: layer {name} is not in the model") from None
+            if "rotation" in entry:  # the saved weights are already rotated: only the run-time half
+                attach_input_rotation(layer, int(entry["rotation"]["seed"]), fold=False)
+            if "spec" not in entry:
+                continue
             spec = QuantSpec.from_dict(entry["spec"])
             if "outlier_threshold" in entry:
                 q: ActQuantizer = OutlierActQuantizer(spec, float(entry["outlier_threshold"]))

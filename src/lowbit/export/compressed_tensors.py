@@ -26,6 +26,7 @@ from lowbit.export.ct_tensors import DENSE_WEIGHT_FORMATS, SUFFIXES, layer_tenso
 from lowbit.packed.floatweight import float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
 from lowbit.packed.qlinear import QuantLinear
+from lowbit.rotation.online import input_rotations
 from lowbit.spec import QuantSpec, SpecError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -68,6 +69,10 @@ def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tens
 
 def check_exportable(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot be written as compressed-tensors, or None when it can."""
+    rotated = input_rotations(model)
+    if rotated:
+        return (f"{next(iter(rotated))} rotates its input at run time (QuaRot's online Hadamard), which lowbit does not "
+                "write as a compressed-tensors transform; write fake-quant (the rotation is kept in lowbit_activations.json)")
     try:
         weights, inputs = export_weights(model)
     except LowbitError as e:
@@ -78,10 +83,10 @@ def check_exportable(model: torch.nn.Module) -> str | None:
 def export_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | Path,
                               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (quantized by lowbit, packed or not) as a compressed-tensors checkpoint."""
-    weights, inputs = export_weights(model)
-    problem = check_schemes(weights, inputs)
+    problem = check_exportable(model)
     if problem is not None:
         raise LowbitError(problem)
+    weights, inputs = export_weights(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     qc = quantization_config(weights, inputs, linears)
