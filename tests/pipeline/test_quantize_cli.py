@@ -40,6 +40,10 @@ def test_quantize_gptq_end_to_end(run_cli, smollm, data_dir, tmp_path):
         (("--method", "gptq", "--option", "dampp=0.1"), ("no option(s) dampp",)),
         (("--recipe", "no-such-recipe"), ("unknown recipe 'no-such-recipe'",)),
         (("--method", "gptq", "--seqlen", "100000"), ("exceeds the model's context",)),
+        (("--method", "rtn", "--bits", "8", "--activations", "NF4"), ("codebook formats", "weights only")),
+        (("--method", "llmint8", "--bits", "8", "--activations", "A8_TOKEN"), ("takes no activation spec",)),
+        (("--method", "rtn", "--bits", "8", "--activations", "A8_TENSOR", "--nsamples", "1", "--seqlen", "128"),
+         ("static activation ranges", "at least 256 calibration tokens", "A8_TOKEN")),
     ],
 )
 def test_bad_quantize_input(run_cli, clean_error, smollm, args, needles, tmp_path):

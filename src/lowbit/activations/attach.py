@@ -20,8 +20,8 @@ _HANDLE = "_lowbit_input_quantizer_hook"
 
 def _pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     q: ActQuantizer | None = module.__dict__.get(_ATTR)
-    if q is None or not args:
-        return None
+    if q is None or not args or getattr(module, "applies_input_quantizer", False):
+        return None  # modules with integer kernels (QuantLinear) quantize their input themselves
     return (q(args[0]), *args[1:])
 
 

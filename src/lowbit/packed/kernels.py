@@ -8,6 +8,8 @@ keep in memory and how fast they are on a given machine:
 * ``int4pack``: torch's tinygemm CPU kernel (``_weight_int4pack_mm_for_cpu``) on its own packed
   layout: 4-bit, group size 32/64/128/256, integer zero points folded into a float offset.
 * ``int8pack``: torch's ``_weight_int8pack_mm``: 8-bit symmetric, one scale per output row.
+* ``int8x8``: W8A8, inputs quantized per token to int8 and multiplied by the int8 weights with
+  ``torch._int_mm`` (int32 accumulation): only for layers with such an input quantizer.
 
 ``measure_kernels`` times each applicable kernel on the layer's real shape and keeps the
 fastest, separately for decode (one token) and prefill (many tokens): on an AVX2-only CPU the
@@ -24,6 +26,7 @@ import torch
 
 from lowbit.core.packing import to_signed, unpack
 from lowbit.packed.intweight import IntWeight, expand_groups
+from lowbit.spec import QuantSpec
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,6 +72,26 @@ def int4pack_tensors(w: IntWeight) -> tuple[torch.Tensor, torch.Tensor]:
 def int8pack_applicable(w: IntWeight) -> bool:
     return w.bits == 8 and w.zero is None and w.group_size is None and w.g_idx is None \
         and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8x8_applicable(w: IntWeight, spec: "QuantSpec | None") -> bool:
+    """W8A8: int8 per-row symmetric weights and dynamic per-token symmetric int8 inputs."""
+    return (spec is not None and spec.type == "int" and spec.bits == 8 and spec.dynamic and spec.symmetric
+            and spec.signed and spec.granularity == "token" and not spec.pow2_scale
+            and spec.scale_dtype == "float32" and w.bits == 8 and w.zero is None and w.group_size is None
+            and w.g_idx is None and hasattr(torch, "_int_mm"))
+
+
+def int8x8_matmul(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor, full_range: bool) -> torch.Tensor:
+    """``Q(x) @ W^T`` in integers: per-token int8 codes of ``x`` (the grid of ``lowbit.core.affine``) times
+    int8 ``w_t`` (in, out) with ``torch._int_mm`` (int32 accumulation), rescaled by both scales."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    amax = x2.abs().amax(dim=1, keepdim=True)
+    s = amax / (127.5 if full_range else 127.0)
+    s = torch.where(amax == 0, torch.ones_like(s), s.clamp(min=1e-8))
+    q = torch.clamp(torch.round(x2 / s), -128, 127).to(torch.int8)
+    y = torch._int_mm(q, w_t).float() * s * w_scale.view(1, -1)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def time_call(fn: Kernel, x: torch.Tensor, repeats: int = 5) -> float:

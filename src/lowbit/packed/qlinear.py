@@ -14,16 +14,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit.activations.attach import act_quantizer_of, attach_input_quantizer
+from lowbit.activations.quantizer import ActQuantizer
 from lowbit.core.packing import pack, to_unsigned
 from lowbit.errors import LowbitError
 from lowbit.packed import kernels
 from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
+from lowbit.rotation.online import copy_input_rotation
 
 DECODE_TOKENS = 4  # inputs with at most this many tokens use the decode kernel
 
 
 class QuantLinear(torch.nn.Module):
-    """``y = x @ dequant(W)^T + b`` with ``W`` held as packed ``bits``-bit codes."""
+    """``y = x @ dequant(W)^T + b`` with ``W`` held as packed ``bits``-bit codes.
+
+    An input quantizer attached to it (``lowbit.activations``) is applied here rather than by the
+    hook, so integer kernels (W8A8 ``int8x8``) can take the raw input and quantize it themselves.
+    """
+
+    applies_input_quantizer = True
 
     def __init__(self, w: IntWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -36,6 +45,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32).clone())
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._w8t: torch.Tensor | None = None  # int8 (in, out) codes for torch._int_mm
         self.kernel = {"decode": "dequant", "prefill": "dequant"}
         self.timings: dict[str, dict[str, float]] = {}
 
@@ -59,21 +69,37 @@ class QuantLinear(torch.nn.Module):
         tensors = [self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx]
         if self._int4 is not None:  # tinygemm's layout, kept beside the codes the exporters read
             tensors += list(self._int4)
+        if self._w8t is not None:
+            tensors.append(self._w8t)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---------------------------------------------------------------- compute
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        aq = act_quantizer_of(self)
+        return x if aq is None else aq(x)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        return F.linear(self._quantize_input(x), self.dequantized_weight().to(x.dtype), self.bias)
 
     def _kernels(self) -> dict[str, kernels.Kernel]:
         out: dict[str, kernels.Kernel] = {"dequant": self.reference_forward}
         w = self.int_weight()
+        aq = act_quantizer_of(self)
+        if kernels.int8x8_applicable(w, None if aq is None or type(aq) is not ActQuantizer else aq.spec):
+            self._w8t = self._w8t if self._w8t is not None else w.codes.t().contiguous()
+            w_t, sw, full = self._w8t, w.scale.reshape(-1).float(), aq.spec.full_range
+
+            def int8x8(x: torch.Tensor) -> torch.Tensor:
+                y = kernels.int8x8_matmul(x, w_t, sw, full).to(x.dtype)
+                return y if self.bias is None else y + self.bias
+            out["int8x8"] = int8x8
         if kernels.int4pack_applicable(w):
             self._int4 = self._int4 or kernels.int4pack_tensors(w)
             packed, sz = self._int4
             gs = self.group_size
 
             def int4(x: torch.Tensor) -> torch.Tensor:
+                x = self._quantize_input(x)
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).float(), packed, gs, sz)
                 y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
                 return y if self.bias is None else y + self.bias
@@ -82,6 +108,7 @@ class QuantLinear(torch.nn.Module):
             q, s = w.codes.contiguous(), w.scale.reshape(-1).float()
 
             def int8(x: torch.Tensor) -> torch.Tensor:
+                x = self._quantize_input(x)
                 y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).float(), q, s)
                 y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
                 return y if self.bias is None else y + self.bias
@@ -101,6 +128,8 @@ class QuantLinear(torch.nn.Module):
             self.kernel[regime], self.timings[regime] = kernels.fastest(candidates, x, ref)
         if "int4pack" not in self.kernel.values():
             self._int4 = None  # don't hold a second copy for a kernel that is never used
+        if "int8x8" not in self.kernel.values():
+            self._w8t = None
         self._fns = {k: candidates[v] for k, v in self.kernel.items()}
         return dict(self.kernel)
 
@@ -136,6 +165,10 @@ def pack_model(model: torch.nn.Module, select: bool = False) -> dict[str, QuantL
         except LowbitError as e:
             raise LowbitError(f"{name}: {e}") from None
         q = QuantLinear(w, module.bias, module.weight.dtype)
+        copy_input_rotation(module, q)
+        aq = act_quantizer_of(module)
+        if aq is not None:
+            attach_input_quantizer(q, aq)
         if select:
             q.select_kernel()
         parent_name, _, child = name.rpartition(".")

@@ -44,3 +44,11 @@ def input_rotations(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     """``{layer name: {"seed", "size"}}`` of every online rotation in ``model``."""
     return {n: {"seed": m.__dict__[_ATTR]["seed"], "size": m.__dict__[_ATTR]["size"]}
             for n, m in model.named_modules() if _ATTR in m.__dict__}
+
+
+def copy_input_rotation(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give ``dst`` (a replacement of ``src``, e.g. its packed form) the same run-time input rotation."""
+    rot = src.__dict__.get(_ATTR)
+    if rot is not None:
+        dst.__dict__[_ATTR] = rot
+        dst.register_forward_pre_hook(_hook)
