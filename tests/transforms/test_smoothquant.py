@@ -68,4 +68,5 @@ def test_bad_options_are_refused_before_work():
 def test_recipe_runs_end_to_end(tiny_llama, tiny_calib):
     report = quantize(tiny_llama, "w8a8-smoothquant", tiny_calib, progress=False)
     recs = report.extra["transforms"]["smoothquant"]
-    assert len([r for r in recs if "alpha" in r]) == 4  # two norm-fed groups in each of two blocks
+    assert len([r for r in recs if "alpha" in r]) == 6  # q/k/v, gate/up and up->down in each of two blocks
+    assert any("grouped-query" in r.get("skipped", "") for r in recs)  # v->o: 32 value channels, 64 o_proj inputs
