@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
-from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer
+from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer, SplitActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.rotation.online import attach_input_rotation, input_rotations
 from lowbit.spec import QuantSpec, SpecError
@@ -29,6 +29,10 @@ def activations_json(model: torch.nn.Module) -> str | None:
         entry["spec"] = q.spec.to_dict()
         if isinstance(q, OutlierActQuantizer):
             entry["outlier_threshold"] = q.threshold
+        if isinstance(q, SplitActQuantizer):
+            entry["outlier_spec"] = q.outlier_spec.to_dict()
+            entry["outlier_columns"] = torch.nonzero(q.outlier_mask).flatten().tolist()
+            entry["width"] = q.outlier_mask.numel()
         if q.xmax is not None:
             entry["range"] = [float(q.xmin), float(q.xmax)]
     return json.dumps(out, indent=1)
@@ -53,6 +57,9 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
             spec = QuantSpec.from_dict(entry["spec"])
             if "outlier_threshold" in entry:
                 q: ActQuantizer = OutlierActQuantizer(spec, float(entry["outlier_threshold"]))
+            elif "outlier_spec" in entry:
+                q = SplitActQuantizer(spec, QuantSpec.from_dict(entry["outlier_spec"]),
+                                      torch.tensor(entry["outlier_columns"]), int(entry["width"]))
             else:
                 q = ActQuantizer(spec)
             if "range" in entry:

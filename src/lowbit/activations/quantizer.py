@@ -134,3 +134,34 @@ class OutlierActQuantizer(ActQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp outlier columns >= {self.threshold}"
+
+
+class SplitActQuantizer(ActQuantizer):
+    """Atom's activation layout: a fixed set of outlier feature columns (chosen from calibration) is
+    quantized with ``outlier_spec`` (int8 per token), the other columns, taken in their original order
+    as if reordered to the front, with ``spec`` (e.g. int4 per token in groups of 64)."""
+
+    def __init__(self, spec: QuantSpec, outlier_spec: QuantSpec, outliers: torch.Tensor, width: int) -> None:
+        for sp in (spec, outlier_spec):
+            if not sp.dynamic:
+                raise LowbitError("the split quantizer computes both parts' ranges at run time (dynamic specs)")
+        super().__init__(spec)
+        check_activation_spec(outlier_spec)
+        self.outlier_spec = outlier_spec
+        mask = torch.zeros(width, dtype=torch.bool)
+        mask[outliers.long()] = True
+        self.outlier_mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or x.numel() == 0:
+            return x
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        mask = self.outlier_mask.to(x.device)
+        out = torch.empty_like(x2)
+        out[:, ~mask] = fake_quant_int(x2[:, ~mask], self.spec)
+        out[:, mask] = fake_quant_int(x2[:, mask], self.outlier_spec)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {int(self.outlier_mask.sum())} outlier columns at {self.outlier_spec.bits} bits"

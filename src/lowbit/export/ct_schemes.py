@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Union
 
-from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer
+from lowbit.activations.quantizer import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.packed.floatweight import FloatWeight
 from lowbit.packed.intweight import IntWeight
@@ -48,9 +48,9 @@ def activation_args(q: ActQuantizer | None) -> dict[str, Any] | None:
     """The ``input_activations`` QuantizationArgs of one layer (None: inputs not quantized)."""
     if q is None:
         return None
-    if isinstance(q, OutlierActQuantizer):
-        raise LowbitError("LLM.int8()'s full-precision outlier columns have no compressed-tensors form; write "
-                          "fake-quant (lowbit keeps the decomposition in lowbit_activations.json)")
+    if type(q) is not ActQuantizer:
+        raise LowbitError(f"inputs quantized with per-column outlier handling ({q.extra_repr()}) have no "
+                          "compressed-tensors form; write fake-quant (lowbit keeps it in lowbit_activations.json)")
     sp = q.spec
     if sp.type == "float" and sp.fmt != "e4m3":
         raise LowbitError(f"{sp.fmt} activations have no compressed-tensors form; FP8 E4M3 and int activations do")

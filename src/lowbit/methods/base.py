@@ -85,8 +85,9 @@ class WeightMethod:
                 f"does ({', '.join(map(str, divisors)) or 'none of 32/64/128/256'}) or padding: pad"
             )
 
-    def input_quantizer(self) -> "ActQuantizer | None":
-        """The quantizer put on the inputs of this method's layers (None: inputs stay in full precision)."""
+    def input_quantizer(self, name: str) -> "ActQuantizer | None":
+        """The quantizer put on the inputs of layer ``name`` (None: its inputs stay in full precision);
+        called after the layer was quantized."""
         return None if self.activations is None else ActQuantizer(self.activations)
 
     def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook

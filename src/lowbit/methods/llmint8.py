@@ -39,7 +39,7 @@ class LLMInt8(WeightMethod):
         if not self.threshold > 0:
             raise ValueError(f"threshold must be positive, got {self.threshold}")
 
-    def input_quantizer(self) -> ActQuantizer | None:
+    def input_quantizer(self, name: str) -> ActQuantizer | None:
         return OutlierActQuantizer(TOKEN_INT8, self.threshold)
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:

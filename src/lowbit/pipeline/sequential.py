@@ -132,7 +132,7 @@ def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str
     calibrated on the block's (already quantized upstream) calibration inputs first."""
     quantizers = {}
     for n, m in mine.items():
-        q = m.input_quantizer()
+        q = m.input_quantizer(n)
         if q is not None:
             quantizers[n] = attach_input_quantizer(modules[n], q)
     static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
