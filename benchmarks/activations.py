@@ -21,7 +21,7 @@ import time
 
 from _results import RESULTS, write_results
 
-CONFIGS = ["w8a8-static", "w8a8-rtn", "w8a8-smoothquant-a05", "w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-fp8",
+CONFIGS = ["w8a8-static", "w8a8-rtn", "w8a8-smoothquant-a05", "w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-os-plus", "w8a8-fp8",
            "w8a8-llmint8", "w4a4-rtn", "w4a4-quarot-rtn", "w4a4-quarot", "w4a4-atom", "w4a8-qoq", "w4a8-zeroquant-fp", "w4a16-nvfp4"]
 PEERS = ["llmcompressor-smoothquant-w8a8"]
 # The paper claims the issue asks to see, as (row, comparison, target) read off the measured rows.

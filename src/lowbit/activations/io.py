@@ -35,6 +35,8 @@ def activations_json(model: torch.nn.Module) -> str | None:
             entry["width"] = q.outlier_mask.numel()
         if q.xmax is not None:
             entry["range"] = [float(q.xmin), float(q.xmax)]
+        if q.shift is not None:
+            entry["shift"] = q.shift.tolist()
     return json.dumps(out, indent=1)
 
 
@@ -62,6 +64,8 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
                                       torch.tensor(entry["outlier_columns"]), int(entry["width"]))
             else:
                 q = ActQuantizer(spec)
+            if "shift" in entry:
+                q.shift = torch.tensor(entry["shift"], dtype=torch.float32)
             if "range" in entry:
                 q.load_range(torch.tensor(entry["range"][0]), torch.tensor(entry["range"][1]))
             elif not q.spec.dynamic:

@@ -45,6 +45,9 @@ class ActQuantizer(torch.nn.Module):
         # static range (per tensor): filled by freeze() or load_range()
         self.register_buffer("xmin", None)
         self.register_buffer("xmax", None)
+        # Outlier Suppression+: a per-channel shift taken off before quantizing and added back after
+        # (deployed as the next layer's bias, ``W @ shift``)
+        self.register_buffer("shift", None)
 
     @property
     def calibrated(self) -> bool:
@@ -56,7 +59,10 @@ class ActQuantizer(torch.nn.Module):
             return
         if self.observer is None:
             self.observer = make_observer(self.spec)
-        self.observer.update(x.detach().reshape(-1, x.shape[-1]).float())
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.shift is not None:
+            x2 = x2 - self.shift.to(x2.device)
+        self.observer.update(x2)
 
     def freeze(self) -> None:
         """Fix the static range from what ``observe`` saw; the observer's memory is released."""
@@ -84,6 +90,9 @@ class ActQuantizer(torch.nn.Module):
             return x
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        shift = None if self.shift is None else self.shift.to(device=x.device, dtype=x.dtype)
+        if shift is not None:
+            x2 = x2 - shift
         sp = self.spec
         if sp.type == "int":
             if sp.dynamic:
@@ -95,6 +104,8 @@ class ActQuantizer(torch.nn.Module):
         else:
             absmax = torch.maximum(self.xmin.abs(), self.xmax.abs()).to(x.device)
             out = fake_quant_float(x2, sp, absmax)
+        if shift is not None:
+            out = out + shift
         return out.reshape(shape)
 
     def extra_repr(self) -> str:

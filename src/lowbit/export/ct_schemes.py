@@ -51,6 +51,9 @@ def activation_args(q: ActQuantizer | None) -> dict[str, Any] | None:
     if type(q) is not ActQuantizer:
         raise LowbitError(f"inputs quantized with per-column outlier handling ({q.extra_repr()}) have no "
                           "compressed-tensors form; write fake-quant (lowbit keeps it in lowbit_activations.json)")
+    if q.shift is not None:
+        raise LowbitError("inputs with an Outlier Suppression+ channel shift have no compressed-tensors form (the shift "
+                          "would be a bias the checkpoint's layers lack); write fake-quant")
     sp = q.spec
     if sp.type == "float" and sp.fmt != "e4m3":
         raise LowbitError(f"{sp.fmt} activations have no compressed-tensors form; FP8 E4M3 and int activations do")

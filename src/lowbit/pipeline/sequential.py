@@ -134,6 +134,7 @@ def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str
     for n, m in mine.items():
         q = m.input_quantizer(n)
         if q is not None:
+            q.shift = getattr(modules[n], "lowbit_input_shift", None)  # set by the os_plus transform
             quantizers[n] = attach_input_quantizer(modules[n], q)
     static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
     if not static:

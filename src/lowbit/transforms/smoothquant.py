@@ -36,11 +36,13 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 
 def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, wspec: QuantSpec,
-                   aspec: QuantSpec | None) -> float:
-    """Relative output error, summed over the linears, of quantizing ``x / s`` and ``W * s``."""
+                   aspec: QuantSpec | None, shift: torch.Tensor | None = None) -> float:
+    """Relative output error, summed over the linears, of quantizing ``x / s`` (less ``shift`` before the
+    input quantizer, added back after) and ``W * s``."""
     xs = x / s
     if aspec is not None:
         q = ActQuantizer(aspec)
+        q.shift = shift
         q.observe(xs)
         q.freeze()
         xs = q(xs)
@@ -52,19 +54,25 @@ def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor
     return total
 
 
-class _GroupInputs:
-    """Pre-hooks on each group's first linear: per-channel max |x| over every token, and sampled rows."""
+class GroupInputs:
+    """Pre-hooks on each group's first linear: per-channel min and max over every token, and sampled rows."""
 
     def __init__(self, layers: dict[str, torch.nn.Module], rows: int):
         self.layers, self.rows = layers, rows
-        self.absmax: dict[str, torch.Tensor] = {}
+        self.cmin: dict[str, torch.Tensor] = {}
+        self.cmax: dict[str, torch.Tensor] = {}
         self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+    @property
+    def absmax(self) -> dict[str, torch.Tensor]:
+        return {n: torch.maximum(self.cmin[n].abs(), self.cmax[n].abs()) for n in self.cmin}
 
     def hook(self, name: str):
         def fn(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            m = x.abs().amax(0)
-            self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
+            lo, hi = x.amin(0), x.amax(0)
+            self.cmin[name] = lo if name not in self.cmin else torch.minimum(self.cmin[name], lo)
+            self.cmax[name] = hi if name not in self.cmax else torch.maximum(self.cmax[name], hi)
             kept = sum(t.shape[0] for t in self.samples[name])
             if kept < self.rows:
                 step = max(1, x.shape[0] // 128)
@@ -80,6 +88,29 @@ class _GroupInputs:
         finally:
             for h in handles:
                 h.remove()
+
+
+def foldable_groups(transform: BlockTransform, ctx: Any, which: str, rows: int) -> tuple[list[ScaleGroup], GroupInputs]:
+    """The block's scale groups that ``transform`` can fold into (``which``: ``norms`` or ``all``), the
+    others recorded as skipped with the reason, and their calibration inputs (one pass over the block)."""
+    targets = {n[len(ctx.prefix):]: m for n, m in ctx.layers.items()}
+    groups = []
+    for g in scale_groups(ctx.model):
+        if which == "norms" and isinstance(ctx.block.get_submodule(g.prev), torch.nn.Linear):
+            continue
+        why = fold_problem(ctx.block, g, targets, "this recipe")
+        if why is None:
+            groups.append(g)
+        else:
+            transform.records.append({"block": ctx.index, "prev": g.prev, "skipped": why})
+    first = {ctx.prefix + g.linears[0]: ctx.block.get_submodule(g.linears[0]) for g in groups}
+    cap = GroupInputs(first, rows)
+    if groups:
+        cap.run(ctx.block, ctx.inputs)
+    missing = sorted(set(first) - set(cap.cmin))
+    if missing:
+        raise LowbitError(f"{transform.name}: no calibration input reached {missing[0]}")
+    return groups, cap
 
 
 @register_transform
@@ -103,35 +134,15 @@ class SmoothQuant(BlockTransform):
         if self.groups not in ("norms", "all"):
             raise ValueError(f"groups must be 'norms' or 'all', got {self.groups!r}")
 
-    def _usable(self, ctx: Any) -> dict[ScaleGroup, str | None]:
-        targets = {n[len(ctx.prefix):]: m for n, m in ctx.layers.items()}
-        out = {}
-        for g in scale_groups(ctx.model):
-            prev = ctx.block.get_submodule(g.prev)
-            if self.groups == "norms" and isinstance(prev, torch.nn.Linear):
-                continue
-            out[g] = fold_problem(ctx.block, g, targets, "this recipe")
-        return out
-
     @torch.no_grad()
     def apply_block(self, ctx: Any) -> None:
-        usable = self._usable(ctx)
-        groups = [g for g, why in usable.items() if why is None]
-        for g, why in usable.items():
-            if why is not None:
-                self.records.append({"block": ctx.index, "prev": g.prev, "skipped": why})
-        if not groups:
-            return
-        first = {ctx.prefix + g.linears[0]: ctx.block.get_submodule(g.linears[0]) for g in groups}
-        cap = _GroupInputs(first, self.sample_rows)
-        cap.run(ctx.block, ctx.inputs)
+        groups, cap = foldable_groups(self, ctx, self.groups, self.sample_rows)
+        absmax = cap.absmax
         for g in groups:
             key = ctx.prefix + g.linears[0]
-            if key not in cap.absmax:
-                raise LowbitError(f"smoothquant: no calibration input reached {key}")
             lins = [ctx.block.get_submodule(n) for n in g.linears]
             w_max = torch.stack([m.weight.detach().abs().amax(0).float() for m in lins]).amax(0)
-            x_max = cap.absmax[key]
+            x_max = absmax[key]
             alpha, err = self._choose(x_max, w_max, torch.cat(cap.samples[key]), lins, ctx.methods[key])
             s = smoothing_scales(x_max, w_max, alpha)
             fold_scales(ctx.block.get_submodule(g.prev), lins, s)
