@@ -3,7 +3,7 @@
 compared with the bits-per-weight arithmetic.
 
 Recipes (each a compressed-tensors format): gptq-w4g64 (pack-quantized; the model's stand-in for
-g128), w8a8-smoothquant (int-quantized W8A8, dynamic per-token int8 inputs), w8a8-fp8
+g128), w8a8-rtn (int-quantized W8A8, dynamic per-token int8 inputs), w8a8-fp8
 (float-quantized FP8 weights and dynamic FP8 inputs), w4a16-nvfp4 (nvfp4-pack-quantized, which
 compressed-tensors 0.20 decompresses in bf16 only: both loaders run in bf16 there and are compared
 with each other and with lowbit's fp32 model).
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from _results import RESULTS, write_results
 
-RECIPES = ["gptq-w4g64", "w8a8-smoothquant", "w8a8-fp8", "w4a16-nvfp4"]
+RECIPES = ["gptq-w4g64", "w8a8-rtn", "w8a8-fp8", "w4a16-nvfp4"]
 
 
 def _diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

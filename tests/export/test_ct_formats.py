@@ -61,7 +61,10 @@ def test_transformers_and_lowbit_reproduce_the_logits(tiny_llama, tiny_calib, tm
     assert (_logits(theirs, tiny_calib[:2]) - ref).abs().max().item() < 1e-5  # measured 0.0 for every case
     ours = load_compressed_tensors(tmp_path / "ct")
     assert len(input_quantizers(ours)) == (14 if act else 0)
-    assert (_logits(ours, tiny_calib[:2]) - ref).abs().max().item() < 1e-5  # measured 0.0
+    got = _logits(ours, tiny_calib[:2])
+    # 0.0 where lowbit runs the dequantized weights; for W8A8 dynamic its packed layers may pick the integer
+    # kernel (torch._int_mm) by timing, whose fp32 rescaling flips an input code now and then: relative 5.8e-4
+    assert ((got - ref).norm() / ref.norm()).item() < 5e-3
 
 
 def test_activation_quantization_is_really_applied(tiny_llama, tiny_calib):

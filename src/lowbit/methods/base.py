@@ -22,6 +22,7 @@ import torch
 
 from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
+from lowbit.registry import lookup, registrar
 from lowbit.spec import QuantSpec
 
 
@@ -104,27 +105,15 @@ class WeightMethod:
 METHODS: dict[str, type[WeightMethod]] = {}
 
 
-def register_method(cls: type[WeightMethod]) -> type[WeightMethod]:
-    """Class decorator: make a method available by its ``name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty name")
-    METHODS[cls.name] = cls
-    return cls
+register_method = registrar(METHODS)  # class decorator: make a method available by its ``name``
 
 
 def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None,
                activations: QuantSpec | None = None) -> WeightMethod:
     """Instantiate a registered method with its spec, options and input activation spec; clear errors
     for bad input."""
-    if name not in METHODS:
-        raise LowbitError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    cls = METHODS[name]
     options = dict(options or {})
-    unknown = set(options) - set(cls.options())
-    if unknown:
-        raise LowbitError(
-            f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are {', '.join(cls.options()) or 'none'}"
-        )
+    cls = lookup(METHODS, "method", name, options)
     if activations is not None:
         if not cls.accepts_activations:
             raise LowbitError(f"method {name!r} quantizes its layer inputs its own way and takes no activation spec; "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lowbit.errors import LowbitError
+from lowbit.registry import lookup, registrar
 
 
 @dataclass
@@ -39,23 +40,13 @@ class BlockTransform:
 TRANSFORMS: dict[str, type[BlockTransform]] = {}
 
 
-def register_transform(cls: type[BlockTransform]) -> type[BlockTransform]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty name")
-    TRANSFORMS[cls.name] = cls
-    return cls
+register_transform = registrar(TRANSFORMS)
 
 
 def get_transform(name: str, options: dict[str, Any] | None = None) -> BlockTransform:
     """Instantiate a registered transform; clear errors for unknown names and options."""
-    if name not in TRANSFORMS:
-        raise LowbitError(f"unknown transform {name!r}; available: {', '.join(sorted(TRANSFORMS))}")
-    cls = TRANSFORMS[name]
     options = dict(options or {})
-    unknown = set(options) - set(cls.options())
-    if unknown:
-        raise LowbitError(f"transform {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are "
-                          f"{', '.join(cls.options()) or 'none'}")
+    cls = lookup(TRANSFORMS, "transform", name, options)
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
