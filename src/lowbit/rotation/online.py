@@ -22,7 +22,9 @@ def _hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | N
     if rot is None or not args:
         return None
     x = args[0]
-    r = rot["matrix"].to(device=x.device, dtype=x.dtype)
+    r = rot["matrix"]
+    if r.device != x.device or r.dtype != x.dtype:  # moved once, kept on the input's device
+        r = rot["matrix"] = r.to(device=x.device, dtype=x.dtype)
     return (x @ r, *args[1:])
 
 
@@ -30,7 +32,7 @@ def attach_input_rotation(layer: torch.nn.Module, seed: int, fold: bool = True) 
     """Rotate ``layer``'s input by ``random_hadamard(in_features, seed)`` at run time; with ``fold``, also
     rotate its weight columns so the layer computes the same function.  Returns ``R`` (float64)."""
     n = layer.weight.shape[1]
-    r = random_hadamard(n, seed)
+    r = random_hadamard(n, seed).to(layer.weight.device)
     if fold:
         with torch.no_grad():
             w = layer.weight

@@ -60,7 +60,7 @@ def _write(lin: torch.nn.Linear, q: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _rotate_value_heads(v: torch.nn.Linear, o: torch.nn.Linear, head_dim: int, seed: int) -> None:
-    h = random_hadamard(head_dim, seed)
+    h = random_hadamard(head_dim, seed).to(v.weight.device)
     heads_v = v.out_features // head_dim
     wv = v.weight.double().view(heads_v, head_dim, -1)
     v.weight.copy_(torch.einsum("hdi,de->hei", wv, h).reshape(v.out_features, -1).to(v.weight.dtype))
@@ -102,8 +102,8 @@ class QuaRot(BlockTransform):
             _fold_norm(layer.input_layernorm, [at.q_proj, at.k_proj, at.v_proj], f"layer {i} input_layernorm")
             _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], f"layer {i} post_attention_layernorm")
         _fold_norm(inner.norm, [model.lm_head], "the final norm")
-        q = random_hadamard(hidden, self.seed)
         emb = inner.embed_tokens.weight
+        q = random_hadamard(hidden, self.seed).to(emb.device)
         emb.copy_((emb.double() @ q).to(emb.dtype))
         for i, layer in enumerate(inner.layers):
             at, mlp = layer.self_attn, layer.mlp
