@@ -126,7 +126,7 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     """
     from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
     from lowbit.export.codes import CODES_FILE, write_codes
-    from lowbit.export.compressed_tensors import check_exportable, export_compressed_tensors
+    from lowbit.export.compressed_tensors import collect_exportable, write_compressed_tensors
     from lowbit.packed.qlinear import int_weights
 
     if format not in ("auto", *FORMATS):
@@ -136,16 +136,16 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     if report is not None:
         extra.update({"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
                       SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)})
-    problem = check_exportable(model)
-    weights = int_weights(model, strict=False)
+    ct_weights, ct_inputs, problem = collect_exportable(model)
     if format == "auto":
         format = "compressed-tensors" if problem is None else "fake-quant"
     if format == "compressed-tensors":
         if problem is not None:
             raise LowbitError(f"cannot write compressed-tensors: {problem}; formats that can hold these weights: "
                               "fake-quant (any transformers), or 'lowbit export --format gguf' (re-rounded to a GGUF type)")
-        export_compressed_tensors(model, tokenizer, out, extra)
+        write_compressed_tensors(model, tokenizer, out, ct_weights, ct_inputs, extra)
         return out, format
+    weights = int_weights(model, strict=False)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -93,20 +93,21 @@ class ActQuantizer(torch.nn.Module):
         shift = None if self.shift is None else self.shift.to(device=x.device, dtype=x.dtype)
         if shift is not None:
             x2 = x2 - shift
-        sp = self.spec
-        if sp.type == "int":
-            if sp.dynamic:
-                out = fake_quant_int(x2, sp)
-            else:
-                out = fake_quant_int(x2, sp, self.xmin.to(x.device), self.xmax.to(x.device))
-        elif sp.dynamic:
-            out = fake_quant_float(x2, sp)
-        else:
-            absmax = torch.maximum(self.xmin.abs(), self.xmax.abs()).to(x.device)
-            out = fake_quant_float(x2, sp, absmax)
+        out = self.quantize_rows(x2)
         if shift is not None:
             out = out + shift
         return out.reshape(shape)
+
+    def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize a ``(tokens, features)`` view; subclasses change only this."""
+        sp = self.spec
+        if sp.type == "int":
+            if sp.dynamic:
+                return fake_quant_int(x2, sp)
+            return fake_quant_int(x2, sp, self.xmin.to(x2.device), self.xmax.to(x2.device))
+        if sp.dynamic:
+            return fake_quant_float(x2, sp)
+        return fake_quant_float(x2, sp, torch.maximum(self.xmin.abs(), self.xmax.abs()).to(x2.device))
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.spec.dynamic else "static"
@@ -128,20 +129,11 @@ class OutlierActQuantizer(ActQuantizer):
         super().__init__(spec)
         self.threshold = float(threshold)
         self.outlier_columns = 0  # total over forwards, for reporting
-        self.forwards = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or x.numel() == 0:
-            return x
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
         outliers = (x2.abs() >= self.threshold).any(dim=0)
         self.outlier_columns += int(outliers.sum())
-        self.forwards += 1
-        regular = x2.masked_fill(outliers, 0.0)
-        out = fake_quant_int(regular, self.spec)
-        out = torch.where(outliers, x2, out)
-        return out.reshape(shape)
+        return torch.where(outliers, x2, fake_quant_int(x2.masked_fill(outliers, 0.0), self.spec))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp outlier columns >= {self.threshold}"
@@ -163,16 +155,12 @@ class SplitActQuantizer(ActQuantizer):
         mask[outliers.long()] = True
         self.outlier_mask = mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or x.numel() == 0:
-            return x
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        mask = self.outlier_mask.to(x.device)
+    def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        mask = self.outlier_mask.to(x2.device)
         out = torch.empty_like(x2)
         out[:, ~mask] = fake_quant_int(x2[:, ~mask], self.spec)
         out[:, mask] = fake_quant_int(x2[:, mask], self.outlier_spec)
-        return out.reshape(shape)
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {int(self.outlier_mask.sum())} outlier columns at {self.outlier_spec.bits} bits"

@@ -67,26 +67,39 @@ def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tens
     return out
 
 
-def check_exportable(model: torch.nn.Module) -> str | None:
-    """Why ``model`` cannot be written as compressed-tensors, or None when it can."""
+def collect_exportable(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], dict[str, ActQuantizer], str | None]:
+    """The quantized layers' weights and input quantizers, and why they cannot be written as compressed-tensors
+    (None when they can)."""
     rotated = input_rotations(model)
     if rotated:
-        return (f"{next(iter(rotated))} rotates its input at run time (QuaRot's online Hadamard), which lowbit does not "
-                "write as a compressed-tensors transform; write fake-quant (the rotation is kept in lowbit_activations.json)")
+        return {}, {}, (f"{next(iter(rotated))} rotates its input at run time (QuaRot's online Hadamard), which lowbit "
+                        "does not write as a compressed-tensors transform; write fake-quant (the rotation is kept in "
+                        "lowbit_activations.json)")
     try:
         weights, inputs = export_weights(model)
     except LowbitError as e:
-        return str(e)
-    return check_schemes(weights, inputs)
+        return {}, {}, str(e)
+    return weights, inputs, check_schemes(weights, inputs)
+
+
+def check_exportable(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot be written as compressed-tensors, or None when it can."""
+    return collect_exportable(model)[2]
 
 
 def export_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | Path,
                               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (quantized by lowbit, packed or not) as a compressed-tensors checkpoint."""
-    problem = check_exportable(model)
+    weights, inputs, problem = collect_exportable(model)
     if problem is not None:
         raise LowbitError(problem)
-    weights, inputs = export_weights(model)
+    return write_compressed_tensors(model, tokenizer, out, weights, inputs, extra_files)
+
+
+def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | Path,
+                             weights: dict[str, LayerWeight], inputs: dict[str, ActQuantizer],
+                             extra_files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint from ``collect_exportable``'s weights and inputs (already checked)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     qc = quantization_config(weights, inputs, linears)
@@ -122,12 +135,13 @@ def is_compressed_tensors(path: str | Path) -> bool:
     return qc.get("quant_method") == "compressed-tensors"
 
 
-def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any]:
+def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any] | None:
+    """The config group that targets linear ``name`` (by name or as any ``Linear``), or None."""
     for group in qc["config_groups"].values():
         targets = group.get("targets", [])
         if name in targets or "Linear" in targets:
             return group
-    raise LowbitError(f"{name} has quantized tensors but no config group of quantization_config targets it")
+    return None
 
 
 def _input_quantizer(name: str, args: dict[str, Any] | None, t: dict[str, torch.Tensor]) -> ActQuantizer | None:
@@ -174,13 +188,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # real buffers (rotary tables) included
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    schemes = {}
-    for n in linears:
-        try:
-            schemes[n] = _scheme_for(n, qc)
-        except LowbitError:
-            continue
-    schemes = {n: g for n, g in schemes.items() if n not in set(qc.get("ignore") or [])}
+    ignored = set(qc.get("ignore") or [])
+    schemes = {n: g for n in linears if n not in ignored and (g := _scheme_for(n, qc)) is not None}
     default = qc.get("format")
     dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:

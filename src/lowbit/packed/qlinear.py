@@ -85,7 +85,8 @@ class QuantLinear(torch.nn.Module):
         out: dict[str, kernels.Kernel] = {"dequant": self.reference_forward}
         w = self.int_weight()
         aq = act_quantizer_of(self)
-        if kernels.int8x8_applicable(w, None if aq is None or type(aq) is not ActQuantizer else aq.spec):
+        plain = aq is not None and type(aq) is ActQuantizer and aq.shift is None
+        if kernels.int8x8_applicable(w, aq.spec if plain else None):
             self._w8t = self._w8t if self._w8t is not None else w.codes.t().contiguous()
             w_t, sw, full = self._w8t, w.scale.reshape(-1).float(), aq.spec.full_range
 

@@ -18,7 +18,7 @@ import torch
 
 from lowbit.models.folding import fold_scales
 from lowbit.transforms.base import BlockTransform, register_transform
-from lowbit.transforms.smoothquant import foldable_groups, smoothed_error
+from lowbit.transforms.smoothquant import SmoothingScorer, foldable_groups
 
 FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
 
@@ -53,14 +53,14 @@ class OSPlus(BlockTransform):
             cmin, cmax = cap.cmin[key], cap.cmax[key]
             if not self.shift:
                 cmin, cmax = -torch.maximum(cmin.abs(), cmax.abs()), torch.maximum(cmin.abs(), cmax.abs())
-            x = torch.cat(cap.samples[key])
             method = ctx.methods[key]
+            scorer = SmoothingScorer(torch.cat(cap.samples[key]), [m.weight.detach() for m in lins], method.spec,
+                                     method.activations)
             top = float(((cmax - cmin) / 2).max())
             scored = []
             for f in FRACTIONS:
                 z, s = os_plus_params(cmin, cmax, top * f)
-                err = smoothed_error(x, [m.weight.detach() for m in lins], s, method.spec, method.activations, z / s)
-                scored.append((err, f))
+                scored.append((scorer.error(s, z / s), f))
             err, f = min(scored)
             z, s = os_plus_params(cmin, cmax, top * f)
             fold_scales(ctx.block.get_submodule(g.prev), lins, s)

@@ -35,23 +35,27 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
     return torch.where(dead, torch.ones_like(s), s.clamp(min=floor))
 
 
-def smoothed_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, wspec: QuantSpec,
-                   aspec: QuantSpec | None, shift: torch.Tensor | None = None) -> float:
-    """Relative output error, summed over the linears, of quantizing ``x / s`` (less ``shift`` before the
-    input quantizer, added back after) and ``W * s``."""
-    xs = x / s
-    if aspec is not None:
-        q = ActQuantizer(aspec)
-        q.shift = shift
-        q.observe(xs)
-        q.freeze()
-        xs = q(xs)
-    total = 0.0
-    for w in weights:
-        ref = x @ w.float().T
-        out = xs @ fake_quant(w.float() * s, wspec).T
-        total += (out - ref).pow(2).sum().item() / max(ref.pow(2).sum().item(), 1e-30)
-    return total
+class SmoothingScorer:
+    """Scores candidate per-channel scales (and shifts) for one group: the relative output error, summed
+    over the linears, of quantizing ``x / s`` (less ``shift`` before the input quantizer, added back
+    after) and ``W * s``, against fp outputs computed once."""
+
+    def __init__(self, x: torch.Tensor, weights: list[torch.Tensor], wspec: QuantSpec, aspec: QuantSpec | None):
+        self.x, self.wspec, self.aspec = x, wspec, aspec
+        self.weights = [w.float() for w in weights]
+        self.refs = [x @ w.T for w in self.weights]
+        self.norms = [max(r.pow(2).sum().item(), 1e-30) for r in self.refs]
+
+    def error(self, s: torch.Tensor, shift: torch.Tensor | None = None) -> float:
+        xs = self.x / s
+        if self.aspec is not None:
+            q = ActQuantizer(self.aspec)
+            q.shift = shift
+            q.observe(xs)
+            q.freeze()
+            xs = q(xs)
+        return sum((xs @ fake_quant(w * s, self.wspec).T - ref).pow(2).sum().item() / n
+                   for w, ref, n in zip(self.weights, self.refs, self.norms))
 
 
 class GroupInputs:
@@ -154,8 +158,7 @@ class SmoothQuant(BlockTransform):
                 method: Any) -> tuple[float, float | None]:
         if self.alpha != "search":
             return float(self.alpha), None
-        weights = [m.weight.detach() for m in lins]
-        scored = [(smoothed_error(x, weights, smoothing_scales(x_max, w_max, a), method.spec, method.activations), a)
-                  for a in ALPHA_GRID]
+        scorer = SmoothingScorer(x, [m.weight.detach() for m in lins], method.spec, method.activations)
+        scored = [(scorer.error(smoothing_scales(x_max, w_max, a)), a) for a in ALPHA_GRID]
         err, alpha = min(scored)
         return alpha, err
