@@ -1,5 +1,5 @@
-"""``lowbit_activations.json``: input quantizers and online input rotations saved beside a fake-quant
-checkpoint and put back on load."""
+"""``lowbit_activations.json``: input quantizers, online input rotations and run-time output
+permutations (RPTQ's norm reorder) saved beside a fake-quant checkpoint and put back on load."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
-from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer, SplitActQuantizer
+from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer, OutlierActQuantizer, SplitActQuantizer
 from lowbit.errors import LowbitError
+from lowbit.models.permutation import attach_output_permutation, output_permutations
 from lowbit.rotation.online import attach_input_rotation, input_rotations
 from lowbit.spec import QuantSpec, SpecError
 
@@ -21,9 +22,11 @@ def activations_json(model: torch.nn.Module) -> str | None:
     """Every input quantizer of ``model`` (spec and static range) as JSON text; None when there are none."""
     qs = input_quantizers(model)
     rotations = input_rotations(model)
-    if not qs and not rotations:
+    perms = output_permutations(model)
+    if not qs and not rotations and not perms:
         return None
     out: dict[str, dict] = {name: {"rotation": r} for name, r in rotations.items()}
+    out.update({name: {"output_permutation": p} for name, p in perms.items()})
     for name, q in qs.items():
         entry = out.setdefault(name, {})
         entry["spec"] = q.spec.to_dict()
@@ -33,7 +36,11 @@ def activations_json(model: torch.nn.Module) -> str | None:
             entry["outlier_spec"] = q.outlier_spec.to_dict()
             entry["outlier_columns"] = torch.nonzero(q.outlier_mask).flatten().tolist()
             entry["width"] = q.outlier_mask.numel()
-        if q.xmax is not None:
+        if isinstance(q, ClusterActQuantizer):
+            entry["clusters"] = q.clusters.tolist()
+            if q.xmax is not None:
+                entry["cluster_ranges"] = [q.xmin.tolist(), q.xmax.tolist()]
+        elif q.xmax is not None:
             entry["range"] = [float(q.xmin), float(q.xmax)]
         if q.shift is not None:
             entry["shift"] = q.shift.tolist()
@@ -54,6 +61,9 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
                 raise LowbitError(f"{path}: layer {name} is not in the model") from None
             if "rotation" in entry:  # the saved weights are already rotated: only the run-time half
                 attach_input_rotation(layer, int(entry["rotation"]["seed"]), fold=False)
+            if "output_permutation" in entry:
+                perm = entry["output_permutation"]
+                attach_output_permutation(layer, torch.tensor(perm), len(perm))
             if "spec" not in entry:
                 continue
             spec = QuantSpec.from_dict(entry["spec"])
@@ -62,12 +72,16 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
             elif "outlier_spec" in entry:
                 q = SplitActQuantizer(spec, QuantSpec.from_dict(entry["outlier_spec"]),
                                       torch.tensor(entry["outlier_columns"]), int(entry["width"]))
+            elif "clusters" in entry:
+                q = ClusterActQuantizer(spec, torch.tensor(entry["clusters"]))
             else:
                 q = ActQuantizer(spec)
             if "shift" in entry:
                 q.shift = torch.tensor(entry["shift"], dtype=torch.float32)
             if "range" in entry:
                 q.load_range(torch.tensor(entry["range"][0]), torch.tensor(entry["range"][1]))
+            elif "cluster_ranges" in entry:
+                q.load_range(torch.tensor(entry["cluster_ranges"][0]), torch.tensor(entry["cluster_ranges"][1]))
             elif not q.spec.dynamic:
                 raise LowbitError(f"{path}: {name} has a static activation spec but no range")
             attach_input_quantizer(layer, q)

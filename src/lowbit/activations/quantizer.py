@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.core.affine import fake_quant_int, spec_qparams
+from lowbit.core.affine import fake_quant_affine, fake_quant_int, spec_qparams
 from lowbit.core.floats import fake_quant_float
 from lowbit.core.observers import Observer, make_observer
 from lowbit.errors import LowbitError
@@ -164,3 +164,51 @@ class SplitActQuantizer(ActQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {int(self.outlier_mask.sum())} outlier columns at {self.outlier_spec.bits} bits"
+
+
+class ClusterActQuantizer(ActQuantizer):
+    """RPTQ's activation layout: the input channels are partitioned into clusters (``clusters[j]`` is
+    channel ``j``'s cluster) and each cluster gets its own static range, calibrated like a per-tensor
+    range but over its channels only.  After RPTQ's reorder the clusters are contiguous, so a kernel
+    sees ``K`` per-tensor-quantized slices; the arithmetic does not depend on the order."""
+
+    def __init__(self, spec: QuantSpec, clusters: torch.Tensor) -> None:
+        if spec.dynamic or spec.type != "int":
+            raise LowbitError("cluster-wise activation ranges are static int ranges (RPTQ): use a static int spec")
+        super().__init__(spec)
+        self.clusters = clusters.detach().long().cpu().clone()
+        self.num_clusters = int(self.clusters.max()) + 1
+        self._cmin: torch.Tensor | None = None  # per-channel running range during calibration
+        self._cmax: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if x2.shape[1] != self.clusters.numel():
+            raise LowbitError(f"input has {x2.shape[1]} channels but the clusters cover {self.clusters.numel()}")
+        lo, hi = x2.amin(0).cpu(), x2.amax(0).cpu()
+        self._cmin = lo if self._cmin is None else torch.minimum(self._cmin, lo)
+        self._cmax = hi if self._cmax is None else torch.maximum(self._cmax, hi)
+
+    def freeze(self) -> None:
+        if self._cmin is None:
+            raise LowbitError("a cluster-wise activation quantizer saw no calibration inputs; use more calibration data")
+        k = self.num_clusters
+        lo = torch.full((k,), float("inf")).scatter_reduce(0, self.clusters, self._cmin, "amin")
+        hi = torch.full((k,), float("-inf")).scatter_reduce(0, self.clusters, self._cmax, "amax")
+        self.load_range(lo, hi)
+        self._cmin = self._cmax = None
+
+    def load_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+        self.xmin = torch.as_tensor(xmin, dtype=torch.float32).reshape(-1).clone()
+        self.xmax = torch.as_tensor(xmax, dtype=torch.float32).reshape(-1).clone()
+        if self.xmin.numel() != self.num_clusters or self.xmax.numel() != self.num_clusters:
+            raise LowbitError(f"cluster ranges need {self.num_clusters} values, got {self.xmin.numel()}")
+
+    def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        scale, zero = spec_qparams(self.xmin, self.xmax, self.spec)
+        ids = self.clusters.to(x2.device)
+        sc, zc = scale.to(x2.device)[ids].view(1, -1), zero.to(x2.device)[ids].view(1, -1)
+        return fake_quant_affine(x2, sc, zc, self.spec.qmin, self.spec.qmax)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.num_clusters} channel clusters"

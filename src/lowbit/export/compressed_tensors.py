@@ -26,6 +26,7 @@ from lowbit.export.ct_tensors import DENSE_WEIGHT_FORMATS, SUFFIXES, layer_tenso
 from lowbit.packed.floatweight import float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
 from lowbit.packed.qlinear import QuantLinear
+from lowbit.models.permutation import output_permutations
 from lowbit.rotation.online import input_rotations
 from lowbit.spec import QuantSpec, SpecError
 
@@ -74,6 +75,11 @@ def collect_exportable(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], 
     if rotated:
         return {}, {}, (f"{next(iter(rotated))} rotates its input at run time (QuaRot's online Hadamard), which lowbit "
                         "does not write as a compressed-tensors transform; write fake-quant (the rotation is kept in "
+                        "lowbit_activations.json)")
+    permuted = output_permutations(model)
+    if permuted:
+        return {}, {}, (f"{next(iter(permuted))} reorders its output channels at run time (RPTQ), which "
+                        "compressed-tensors cannot express; write fake-quant (the reorder is kept in "
                         "lowbit_activations.json)")
     try:
         weights, inputs = export_weights(model)

@@ -25,11 +25,15 @@ class ScaleGroup:
     the linears' weights change (AWQ's ``module2inspect``): e.g. ``self_attn`` for q/k/v,
     ``mlp`` for gate/up, the consuming linear itself for v->o and up->down; ``""`` is the whole
     block.  ``None``: each linear is measured on its own output.
+
+    ``partners`` are ops whose outputs are combined elementwise with ``prev``'s (the gate beside
+    ``up_proj``): scaling ``prev`` alone is fine, but reordering its channels must reorder theirs too.
     """
 
     prev: str
     linears: tuple[str, ...]
     inspect: str | None = None
+    partners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ _LLAMA = Architecture(
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj", ("mlp.gate_proj",)),
     ),
 )
 

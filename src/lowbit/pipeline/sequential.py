@@ -18,11 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.activations.attach import attach_input_quantizer
+from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer
+from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerStats, WeightMethod, get_method
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
+from lowbit.transforms.rptq import CLUSTERS_ATTR
 
 
 @dataclass
@@ -125,6 +128,22 @@ def _quantize_layers(
     return reports, originals
 
 
+def _layer_input_quantizer(name: str, method: WeightMethod, layer: torch.nn.Module) -> ActQuantizer | None:
+    """The method's input quantizer for ``layer``, with what transforms left on the layer: an OS+ shift,
+    RPTQ's channel clusters (which turn a static per-tensor spec into per-cluster ranges)."""
+    q = method.input_quantizer(name)
+    if q is None:
+        return None
+    clusters = getattr(layer, CLUSTERS_ATTR, None)
+    if clusters is not None:
+        if type(q) is not ActQuantizer:
+            raise LowbitError(f"{name}: {method.name} quantizes its inputs its own way ({type(q).__name__}); "
+                              "it cannot take RPTQ's channel clusters")
+        q = ClusterActQuantizer(q.spec, clusters)
+    q.shift = getattr(layer, "lowbit_input_shift", None)  # set by the os_plus transform
+    return q
+
+
 @torch.no_grad()
 def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str, WeightMethod],
                      modules: dict[str, torch.nn.Module]) -> None:
@@ -132,9 +151,8 @@ def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str
     calibrated on the block's (already quantized upstream) calibration inputs first."""
     quantizers = {}
     for n, m in mine.items():
-        q = m.input_quantizer(n)
+        q = _layer_input_quantizer(n, m, modules[n])
         if q is not None:
-            q.shift = getattr(modules[n], "lowbit_input_shift", None)  # set by the os_plus transform
             quantizers[n] = attach_input_quantizer(modules[n], q)
     static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
     if not static:
