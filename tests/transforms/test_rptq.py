@@ -72,7 +72,7 @@ def test_reorder_leaves_the_fp_model_unchanged(tiny_llama, tiny_calib):
     _rptq_all_blocks(tiny_llama, tiny_calib, t)
     with torch.no_grad():
         got = tiny_llama(tiny_calib[:2]).logits
-    assert (got - ref).abs().max().item() < 1e-5  # measured 0.0 (a permutation moves values, never rounds them)
+    assert (got - ref).abs().max().item() < 1e-5  # measured 2.1e-7 (matmul sums in another order)
     recs = {(r["block"], r["linears"][0]): r for r in t.records}
     assert recs[(0, "self_attn.q_proj")]["reordered"] and recs[(0, "mlp.down_proj")]["reordered"]
     assert not recs[(0, "self_attn.o_proj")]["reordered"]  # grouped-query attention: heads pin the order
