@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
-from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer, OutlierActQuantizer, SplitActQuantizer
+from lowbit.activations.quantizer import (
+    ActQuantizer,
+    ClusterActQuantizer,
+    OutlierActQuantizer,
+    PairActQuantizer,
+    SplitActQuantizer,
+)
 from lowbit.errors import LowbitError
 from lowbit.models.permutation import attach_output_permutation, output_permutations
 from lowbit.rotation.online import attach_input_rotation, input_rotations
@@ -36,6 +42,8 @@ def activations_json(model: torch.nn.Module) -> str | None:
             entry["outlier_spec"] = q.outlier_spec.to_dict()
             entry["outlier_columns"] = torch.nonzero(q.outlier_mask).flatten().tolist()
             entry["width"] = q.outlier_mask.numel()
+        if isinstance(q, PairActQuantizer):
+            entry["outlier_victim_pairs"] = True
         if isinstance(q, ClusterActQuantizer):
             entry["clusters"] = q.clusters.tolist()
             if q.xmax is not None:
@@ -72,6 +80,8 @@ def attach_activations(model: torch.nn.Module, directory: str | Path) -> int:
             elif "outlier_spec" in entry:
                 q = SplitActQuantizer(spec, QuantSpec.from_dict(entry["outlier_spec"]),
                                       torch.tensor(entry["outlier_columns"]), int(entry["width"]))
+            elif entry.get("outlier_victim_pairs"):
+                q = PairActQuantizer(spec)
             elif "clusters" in entry:
                 q = ClusterActQuantizer(spec, torch.tensor(entry["clusters"]))
             else:

@@ -212,3 +212,42 @@ class ClusterActQuantizer(ActQuantizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.num_clusters} channel clusters"
+
+
+class PairActQuantizer(ActQuantizer):
+    """OliVe's outlier-victim pairs on the input side: one static scale per tensor, chosen on
+    calibration rows by the pair encoding's own squared error (``lowbit.core.olive``)."""
+
+    MAX_ROWS = 4096  # calibration rows kept for the scale search
+
+    def __init__(self, spec: QuantSpec) -> None:
+        if spec.dynamic or spec.type != "int" or spec.bits not in (4, 8) or not spec.symmetric:
+            raise LowbitError("outlier-victim pairs take a static symmetric int4 or int8 spec per tensor")
+        super().__init__(spec)
+        self._rows: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        kept = sum(r.shape[0] for r in self._rows)
+        if kept < self.MAX_ROWS:
+            step = max(1, x2.shape[0] // 256)
+            self._rows.append(x2[::step][: self.MAX_ROWS - kept].cpu())
+
+    def freeze(self) -> None:
+        from lowbit.core.olive import normal_max, search_ovp_scale
+
+        if not self._rows:
+            raise LowbitError("an outlier-victim pair quantizer saw no calibration inputs; use more calibration data")
+        s = search_ovp_scale(torch.cat(self._rows), self.spec.bits, per_row=False)
+        top = s * normal_max(self.spec.bits)
+        self.load_range(-top, top)
+        self._rows = []
+
+    def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        from lowbit.core.olive import normal_max, ovp_fake_quant
+
+        scale = self.xmax.to(x2.device) / normal_max(self.spec.bits)
+        return ovp_fake_quant(x2, scale, self.spec.bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outlier-victim pairs"
