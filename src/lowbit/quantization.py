@@ -108,8 +108,19 @@ def quantize(
         recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
         model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
         calib_tokens=result.calib_tokens, peak_rss_mb=peak_rss_mb(),
-        extra={"transforms": {t.name: t.records for t in transforms}} if transforms else {},
+        extra=_records(transforms, assignments.values()),
     )
+
+
+def _records(transforms: list[Any], methods: Any) -> dict[str, Any]:
+    """What transforms and methods logged per block (searched alphas, distillation losses ...)."""
+    extra: dict[str, Any] = {}
+    if transforms:
+        extra["transforms"] = {t.name: t.records for t in transforms}
+    logged = {id(m): m for m in methods if getattr(m, "records", None)}
+    if logged:
+        extra["methods"] = {m.name: m.records for m in logged.values()}
+    return extra
 
 
 def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport | None, out: str | Path,

@@ -3,6 +3,6 @@
 from lowbit.methods.base import METHODS, LayerResult, LayerStats, WeightMethod, get_method, register_method
 
 # Importing the modules registers the methods.
-from lowbit.methods import atom, awq, bcq, gptq, hqq, llmint8, olive, owq, qoq, rtn, spqr, zeroquant_fp  # noqa: F401,E402
+from lowbit.methods import atom, awq, bcq, gptq, hqq, llmint8, olive, owq, qoq, rtn, spqr, zeroquant, zeroquant_fp  # noqa: F401,E402
 
 __all__ = ["METHODS", "LayerResult", "LayerStats", "WeightMethod", "get_method", "register_method"]

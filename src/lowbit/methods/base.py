@@ -6,6 +6,8 @@ A method is a dataclass config (its knobs) plus:
   inputs of each target linear before ``quantize_layer`` is called;
 * ``prepare_block(ctx)``: optional whole-block work before the layers are quantized
   (e.g. AWQ's scale search and folding), given the block and its calibration inputs;
+* ``finish_block(ctx)``: optional whole-block work after the layers and their inputs are
+  quantized (ZeroQuant's layer-by-layer distillation);
 * ``quantize_layer(name, layer, stats) -> LayerResult``: the new (fake-quant) weight, the
   exact stored bits per weight, and anything an exporter needs (codes, scales, zeros, ...).
 
@@ -94,12 +96,16 @@ class WeightMethod:
     def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
         """Whole-block work before layers are quantized (default: nothing)."""
 
+    def finish_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
+        """Whole-block work after its layers and their inputs are quantized, before the block's outputs
+        feed the next one (ZeroQuant's distillation); default: nothing."""
+
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         raise NotImplementedError
 
     @classmethod
     def options(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("spec", "activations")]
+        return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("spec", "activations")]
 
 
 METHODS: dict[str, type[WeightMethod]] = {}

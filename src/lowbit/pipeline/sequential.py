@@ -195,9 +195,10 @@ def run_sequential(
             continue
         for t in transforms or ():
             t.apply_block(BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n in mine}, mine))
-        for method in {id(m): m for m in mine.values()}.values():
-            layers = {n: modules[n] for n, m in mine.items() if m is method}
-            method.prepare_block(BlockContext(model, block, i, prefix, inputs, layers))
+        contexts = [(m, BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n, mm in mine.items() if mm is m}))
+                    for m in {id(m): m for m in mine.values()}.values()]
+        for method, ctx in contexts:
+            method.prepare_block(ctx)
         hessian = {n for n, m in mine.items() if m.needs_hessian}
         act = {n for n, m in mine.items() if m.needs_act_stats}
         layer_modules = {n: modules[n] for n in mine}
@@ -208,10 +209,14 @@ def run_sequential(
             stats = collector.finalize()
             reports, _ = _quantize_layers(mine, modules, stats)
             _quantize_inputs(block, inputs, mine, modules)
+            for method, ctx in contexts:
+                method.finish_block(ctx)
             _propagate(block, inputs)
         else:  # data-free layers: quantize first, sample inputs while propagating
             reports, originals = _quantize_layers(mine, modules, {}, keep_originals=True)
             _quantize_inputs(block, inputs, mine, modules)
+            for method, ctx in contexts:
+                method.finish_block(ctx)
             collector = StatsCollector(layer_modules, set(), set())
             with collector.attached():
                 _propagate(block, inputs, collector)
