@@ -67,6 +67,8 @@ def _eval_rows(r: Any) -> list[tuple[str, Any]]:
     ]
     if r.kl is not None:
         rows += [(f"KL vs {r.reference}", f"{r.kl:.5f} nats/token"), ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%")]
+    if r.kv_cache is not None:
+        rows.append(("KV cache", f"{r.kv_cache}, {r.kv_bytes_per_token:,.0f} bytes per token (all layers)"))
     rows += [
         ("throughput", f"{r.tokens_per_s:.1f} tokens/s ({r.seconds:.1f} s)"),
         ("peak RSS", f"{r.peak_rss_mb:.0f} MiB"),
@@ -88,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference, _ = load_model(args.reference, dtype=args.dtype, device=args.device, cache=args.cache,
                                   trust_remote_code=args.trust_remote_code)
     result = evaluate(model, tok, args.dataset, args.split, args.seqlen, args.max_windows, reference,
-                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir)
+                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -116,9 +118,15 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     if args.recipe:
         if args.activations:
             raise LowbitError("--activations goes with --method; a recipe names its activation spec per entry")
-        return load_recipe(args.recipe)
-    return recipe_from_flags(args.method or "rtn", args.bits, args.group_size, not args.asym,
-                             _parse_options(args.option), args.activations)
+        recipe = load_recipe(args.recipe)
+    else:
+        recipe = recipe_from_flags(args.method or "rtn", args.bits, args.group_size, not args.asym,
+                                   _parse_options(args.option), args.activations)
+    if args.kv_cache:
+        from lowbit.kvcache import kv_setting
+
+        recipe.kv_cache = kv_setting(None, args.kv_cache)
+    return recipe
 
 
 def _quant_rows(report: Any, before: Any, after: Any, out: str | None) -> list[tuple[str, Any]]:
@@ -162,8 +170,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress = not args.json and sys.stderr.isatty()
     ev = dict(dataset=args.eval_dataset, split=args.eval_split, seqlen=args.eval_seqlen,
               max_windows=args.max_windows, progress=progress, data_dir=args.data_dir)
-    before = evaluate(model, tok, **ev) if args.eval else None
+    before = evaluate(model, tok, kv_cache="none", **ev) if args.eval else None
     report = quantize(model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    model.lowbit_kv_cache = recipe.kv_cache  # evaluation after quantization reads the recipe's KV cache
     after = evaluate(model, tok, **ev) if args.eval else None
     if after is not None and before is not None:
         report.extra["eval"] = {"before": before.to_dict(), "after": after.to_dict()}
@@ -182,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.runtime.speed import generate_text
 
     model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
-    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens))
+    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, args.kv_cache))
     return 0
 
 
@@ -270,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -283,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--activations", default=None, metavar="PRESET",
                    help="also quantize the layers' inputs (A8_TOKEN, A4_TOKEN, A8_TENSOR, FP8_E4M3_TOKEN ...)")
+    p.add_argument("--kv-cache", default=None, metavar="PRESET",
+                   help="KV-cache setting saved with the model and used by --eval after quantization (overrides the recipe's)")
     p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, selfgen or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
@@ -308,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="prefill / decode tokens/s, memory, size on disk, bits per weight")

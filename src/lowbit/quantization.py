@@ -136,6 +136,7 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     only when everything is written.
     """
     from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
+    from lowbit.kvcache.config import KV_CACHE_FILE
     from lowbit.export.codes import CODES_FILE, write_codes
     from lowbit.export.compressed_tensors import collect_exportable, write_compressed_tensors
     from lowbit.packed.qlinear import int_weights
@@ -147,6 +148,8 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     if report is not None:
         extra.update({"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
                       SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)})
+        if report.recipe.get("kv_cache"):
+            extra[KV_CACHE_FILE] = json.dumps(report.recipe["kv_cache"], indent=1)
     ct_weights, ct_inputs, problem = collect_exportable(model)
     if format == "auto":
         format = "compressed-tensors" if problem is None else "fake-quant"

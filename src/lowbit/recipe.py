@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from lowbit.errors import LowbitError
+from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.methods import get_method
 from lowbit.methods.base import WeightMethod
 from lowbit.models.arch import architecture_of
@@ -71,12 +72,15 @@ class Recipe:
     name: str
     entries: list[MethodEntry]
     transforms: list[TransformEntry] = field(default_factory=list)
+    kv_cache: KVCacheConfig | None = None  # how generation and evaluation quantize the KV cache
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
         if self.transforms:
             d["transforms"] = [t.to_dict() for t in self.transforms]
         d["methods"] = [e.to_dict() for e in self.entries]
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache.to_dict()
         return d
 
     def build_transforms(self) -> list[BlockTransform]:
@@ -147,10 +151,15 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         t = TransformEntry(str(raw["transform"]), dict(raw.get("options") or {}))
         get_transform(t.transform, t.options)  # unknown transform / option -> clear error now
         transforms.append(t)
-    unknown = set(data) - {"name", "methods", "transforms"}
+    unknown = set(data) - {"name", "methods", "transforms", "kv_cache"}
     if unknown:
         raise LowbitError(f"recipe {name!r} has unknown field(s) {', '.join(sorted(unknown))}")
-    return Recipe(str(data.get("name", name)), entries, transforms)
+    kv = data.get("kv_cache")
+    try:
+        kv_cache = None if kv is None else as_kv_config(kv)
+    except LowbitError as e:
+        raise LowbitError(f"recipe {name!r} kv_cache: {e}") from None
+    return Recipe(str(data.get("name", name)), entries, transforms, kv_cache)
 
 
 def shipped_recipes() -> dict[str, str]:

@@ -30,12 +30,17 @@ def has_plain_head(model: Any) -> bool:
     return isinstance(head, torch.nn.Linear) and base is not None and base is not model
 
 
-def logit_chunks(model: Any, ids: torch.Tensor, chunk: int = 512) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, logits[:, start:start + chunk])`` covering every position of ``ids``."""
+def logit_chunks(model: Any, ids: torch.Tensor, chunk: int = 512, cache: Any | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, logits[:, start:start + chunk])`` covering every position of ``ids``.
+
+    With ``cache`` (an empty transformers ``Cache``, e.g. a quantized KV cache) the window is
+    prefilled into it, so attention reads the keys and values the cache gives back."""
+    kw = {"use_cache": False} if cache is None else {"use_cache": True, "past_key_values": cache}
     if chunk <= 0 or not has_plain_head(model):
-        yield 0, model(input_ids=ids, use_cache=False).logits
+        yield 0, model(input_ids=ids, **kw).logits
         return
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = model.base_model(input_ids=ids, **kw).last_hidden_state
     head = model.get_output_embeddings()
     for start in range(0, hidden.shape[1], chunk):
         yield start, head(hidden[:, start:start + chunk])

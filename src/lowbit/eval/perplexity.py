@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +39,8 @@ class EvalResult:
     peak_device_mb: float | None
     device: str
     dtype: str
+    kv_cache: str | None = None  # KV-cache setting attention read through (None: full precision)
+    kv_bytes_per_token: float | None = None  # bytes the quantized cache held per token (all layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,11 +64,14 @@ def check_seqlen(model: Any, seqlen: int) -> None:
 
 @torch.no_grad()
 def window_metrics(
-    model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False, chunk: int = 512
+    model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False, chunk: int = 512,
+    new_cache: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
     """NLL sum, token count, forward-and-score seconds and (with a reference) KL sum / top-1 count over windows.
 
     Logits are formed ``chunk`` positions at a time where the model allows it (see ``logit_chunks``).
+    ``new_cache`` gives each window a fresh cache to read keys and values through (the reference
+    keeps full precision); the bytes they held are summed in ``cache_bytes``.
     """
     device = next(model.parameters()).device
     ref_device = next(reference.parameters()).device if reference is not None else None
@@ -76,13 +81,15 @@ def window_metrics(
     count = 0
     positions = 0
     seconds = 0.0
+    cache_bytes = 0
     both_plain = has_plain_head(model) and (reference is None or has_plain_head(reference))
     step = chunk if both_plain else 0  # the two models must cut their logits the same way
     for row in tqdm(windows, desc="eval", unit="win", disable=not progress, leave=False):
         ids = row.unsqueeze(0).to(device)
         n = ids.shape[1]
         t0 = time.perf_counter()
-        chunks = logit_chunks(model, ids, step)
+        cache = new_cache() if new_cache is not None else None
+        chunks = logit_chunks(model, ids, step, cache)
         ref_chunks = logit_chunks(reference, ids.to(ref_device), step) if reference is not None else None
         for start, logits in chunks:
             stop = start + logits.shape[1]
@@ -95,12 +102,15 @@ def window_metrics(
                 kl += k.item()
                 agree += int(a.item())
             del logits
+        if cache is not None:
+            cache_bytes += cache.nbytes()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         count += n - 1
         positions += n if reference is not None else 0
-    return {"nll_sum": nll, "count": count, "seconds": seconds, "kl_sum": kl, "agree": agree, "positions": positions}
+    return {"nll_sum": nll, "count": count, "seconds": seconds, "kl_sum": kl, "agree": agree, "positions": positions,
+            "cache_bytes": cache_bytes}
 
 
 def _name(model: Any) -> str:
@@ -118,6 +128,7 @@ def evaluate(
     reference: Any | None = None,
     progress: bool = False,
     data_dir: str | None = None,
+    kv_cache: Any | None = None,
 ) -> EvalResult:
     """Perplexity on ``dataset``/``split`` in the GPTQ convention.
 
@@ -125,16 +136,20 @@ def evaluate(
     non-overlapping ``seqlen`` windows (``max_windows`` keeps a fixed prefix of them);
     perplexity is ``exp`` of the mean next-token NLL over every predicted position.
     With ``reference`` (e.g. the fp32 model), also the mean per-token KL(reference || model)
-    and the top-1 agreement of their next-token predictions.
+    and the top-1 agreement of their next-token predictions.  With ``kv_cache`` (a preset such as
+    ``KIVI2``, a mapping or a ``KVCacheConfig``) every window is prefilled into a fresh quantized KV
+    cache and attention reads the keys and values it gives back (the KIVI / KVQuant convention);
+    by default a model loaded from a checkpoint with a KV-cache setting uses it (``"none"``: off).
     """
     if not hasattr(model, "config") or not callable(model):
         raise LowbitError("evaluate() needs a transformers causal LM (as returned by lowbit.load_model)")
     check_seqlen(model, seqlen)
+    new_cache, kv_name = _kv_cache_factory(model, kv_cache, seqlen)
     windows = eval_windows(tokenize_text(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
     device = next(model.parameters()).device
     reset_device_peak(device)
     t0 = time.perf_counter()
-    m = window_metrics(model, windows, reference, progress)
+    m = window_metrics(model, windows, reference, progress, new_cache=new_cache)
     total = time.perf_counter() - t0
     nll = m["nll_sum"] / m["count"]
     return EvalResult(
@@ -155,4 +170,23 @@ def evaluate(
         peak_device_mb=device_peak_mb(device),
         device=str(device),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        kv_cache=kv_name,
+        kv_bytes_per_token=m["cache_bytes"] / windows.numel() if new_cache is not None else None,
     )
+
+
+def _kv_cache_factory(model: Any, kv_cache: Any | None, seqlen: int) -> tuple[Callable[[], Any] | None, str | None]:
+    """A maker of fresh quantized caches for ``kv_cache`` (checked against the model and window now).
+    ``None``: the model's own setting (``lowbit_kv_cache``, from its checkpoint), if any; ``"none"``:
+    full precision."""
+    from lowbit.kvcache import QuantizedKVCache, check_kv_model, kv_setting
+
+    cfg = kv_setting(model, kv_cache)
+    if cfg is None:
+        return None, None
+    check_kv_model(model)
+    if cfg.residual + cfg.sink >= seqlen:
+        raise LowbitError(f"the KV cache keeps {cfg.residual} recent + {cfg.sink} first tokens in full precision, "
+                          f"not fewer than the {seqlen}-token window: nothing would be quantized; use a smaller "
+                          "residual or a longer seqlen")
+    return (lambda: QuantizedKVCache(model, cfg)), cfg.name

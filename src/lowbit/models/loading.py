@@ -281,4 +281,8 @@ def load_model(
     model.to(device)
     model.eval()
     model.lowbit_source = source
+    if source.path is not None and source.path.is_dir():
+        from lowbit.kvcache.config import read_kv_cache_file
+
+        model.lowbit_kv_cache = read_kv_cache_file(source.path)  # the checkpoint's KV-cache setting, or None
     return model, tokenizer

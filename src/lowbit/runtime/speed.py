@@ -95,10 +95,20 @@ def measure_speed(model: Any, prompt_ids: torch.Tensor, new_tokens: int = 64, re
 
 
 @torch.no_grad()
-def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> str:
-    """Greedy continuation of ``prompt`` (packed layers use their measured kernels)."""
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, kv_cache: Any | None = None) -> str:
+    """Greedy continuation of ``prompt`` (packed layers use their measured kernels).  ``kv_cache``: a
+    quantized KV-cache setting (preset, mapping or config; default the model's own, ``"none"``: fp)."""
     select_kernels(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         **kv_cache_kwargs(model, kv_cache))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def kv_cache_kwargs(model: Any, kv_cache: Any | None = None) -> dict[str, Any]:
+    """``{"past_key_values": cache}`` for ``generate`` when a KV-cache setting applies, else ``{}``."""
+    from lowbit.kvcache import QuantizedKVCache, kv_setting
+
+    cfg = kv_setting(model, kv_cache)
+    return {} if cfg is None else {"past_key_values": QuantizedKVCache(model, cfg)}

@@ -1,0 +1,168 @@
+"""A quantized KV cache in transformers' cache interface: ``model.generate(past_key_values=...)``
+and any forward with ``past_key_values`` read keys and values after they pass the quantizer.
+
+Each decoder layer keeps: the first ``sink`` tokens in full precision, the quantized body as
+packed ``KVBlock``s, and the most recent tokens (at most ``residual`` plus one flush group) in
+full precision.  ``update`` appends the new tokens, moves whole groups from the full-precision
+window into packed blocks, and returns the dequantized body between the two full-precision parts.
+With ``pre_rope`` the keys are un-rotated before quantization and rotated again on the way out, so
+their per-channel ranges are those of the raw projections (KVQuant).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from lowbit.errors import LowbitError
+from lowbit.kvcache.config import KVCacheConfig, as_kv_config
+from lowbit.kvcache.quant import PackedKV
+
+KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # one full-attention cache layer per block, rotate-half RoPE
+
+RopeFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def rope_undo(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos - _rotate_half(x) * sin
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One decoder layer's quantized cache (see module docstring)."""
+
+    def __init__(self, config: KVCacheConfig, rope: RopeFn | None = None) -> None:
+        super().__init__()
+        if config.pre_rope and rope is None:
+            raise LowbitError("pre-RoPE key quantization needs the model's rotary embedding")
+        self.cfg = config
+        self.rope = rope
+        self.cumulative_length = 0
+        self.sink_k: torch.Tensor | None = None
+        self.sink_v: torch.Tensor | None = None
+        self.res_k: torch.Tensor | None = None
+        self.res_v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.sink_k, self.sink_v = empty, value_states[:, :, :0]
+        self.res_k, self.res_v = empty, value_states[:, :, :0]
+        self.keys, self.values = empty, value_states[:, :, :0]  # transformers reads .keys for shape/device
+        head_dim = key_states.shape[-1]
+        c = self.cfg
+        self.body_k = PackedKV(c.bits, c.key_axis, c.group("key", head_dim), c.outliers)
+        self.body_v = PackedKV(c.bits, c.value_axis, c.group("value", head_dim), c.outliers)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        need = self.cfg.sink - self.sink_k.shape[-2]
+        if need > 0:
+            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :need]], dim=-2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :need]], dim=-2)
+            key_states, value_states = key_states[:, :, need:], value_states[:, :, need:]
+        self.res_k = torch.cat([self.res_k, key_states], dim=-2)
+        self.res_v = torch.cat([self.res_v, value_states], dim=-2)
+        self._flush()
+        return self._full()
+
+    def _flush(self) -> None:
+        """Move whole groups beyond the residual window from full precision into packed blocks."""
+        m = self.cfg.flush_multiple
+        n = (self.res_k.shape[-2] - self.cfg.residual) // m * m
+        if n <= 0:
+            return
+        k = self.res_k[:, :, :n]
+        if self.cfg.pre_rope:
+            cos, sin = self.rope(self.cfg.sink + self.body_k.tokens, n, k)
+            k = rope_undo(k.float(), cos, sin)
+        self.body_k.append(k)
+        self.body_v.append(self.res_v[:, :, :n])
+        self.res_k, self.res_v = self.res_k[:, :, n:], self.res_v[:, :, n:]
+
+    def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.body_k.tokens:
+            return torch.cat([self.sink_k, self.res_k], dim=-2), torch.cat([self.sink_v, self.res_v], dim=-2)
+        k = self.body_k.dequantize(torch.float32)
+        if self.cfg.pre_rope:
+            cos, sin = self.rope(self.cfg.sink, k.shape[2], k)
+            k = rope_apply(k, cos, sin)
+        v = self.body_v.dequantize(self.dtype)
+        return (torch.cat([self.sink_k, k.to(self.dtype), self.res_k], dim=-2),
+                torch.cat([self.sink_v, v, self.res_v], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def nbytes(self) -> int:
+        """Bytes held: packed blocks with their scales and outliers, plus the full-precision tokens."""
+        if not self.is_initialized:
+            return 0
+        fp = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.res_k, self.res_v))
+        return fp + self.body_k.nbytes() + self.body_v.nbytes()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LowbitError("a quantized KV cache cannot be cropped (assisted or speculative decoding); use the fp cache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise LowbitError("beam search is not supported with a quantized KV cache; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise LowbitError("expanding the batch of a quantized KV cache is not supported; pass the batch directly")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise LowbitError("selecting batch rows of a quantized KV cache is not supported")
+
+
+def _rope_fn(model: Any) -> RopeFn:
+    rotary = model.get_submodule("model.rotary_emb")
+
+    def fn(start: int, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + n, device=like.device).unsqueeze(0)
+        cos, sin = rotary(like.float(), pos)
+        return cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # (1, 1, n, head_dim)
+
+    return fn
+
+
+def check_kv_model(model: Any) -> None:
+    """LowbitError unless lowbit knows ``model``'s attention cache layout."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in KV_MODEL_TYPES:
+        raise LowbitError(f"KV-cache quantization knows the attention layout of {', '.join(KV_MODEL_TYPES)}; "
+                          f"model type {mt!r} is not among them")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and mt != "llama":
+        raise LowbitError(f"{mt} with sliding-window attention is not supported by the quantized KV cache")
+
+
+class QuantizedKVCache(Cache):
+    """transformers ``Cache`` whose every layer is a ``QuantizedKVLayer`` for ``config``."""
+
+    def __init__(self, model: Any, config: "KVCacheConfig | str | dict[str, Any]") -> None:
+        check_kv_model(model)
+        cfg = as_kv_config(config)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        if ctx and cfg.residual + cfg.sink >= ctx:
+            raise LowbitError(f"the full-precision window ({cfg.residual} recent + {cfg.sink} first tokens) is not "
+                              f"smaller than the model's context of {ctx} tokens: nothing would be quantized")
+        rope = _rope_fn(model) if cfg.pre_rope else None
+        super().__init__(layers=[QuantizedKVLayer(cfg, rope) for _ in range(model.config.num_hidden_layers)])
+        self.kv_config = cfg
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,169 @@
+"""``KVCacheConfig``: how a KV cache is quantized, with named presets.
+
+* plain (``KV8``, ``KV4``, ``KV2``): keys and values per token, one range per head vector;
+* KIVI (``KIVI4``, ``KIVI2``; Liu et al., 2024): keys per channel and values per token, groups of
+  32, asymmetric, the most recent 128 tokens kept in full precision (``residual``);
+* KVQuant (``KVQUANT4``, ``KVQUANT3``, ``KVQUANT2``; Hooper et al., 2024): per-channel keys
+  quantized before RoPE, 1% dense-and-sparse outliers kept in fp16, the first token (attention
+  sink) in full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+
+KV_BITS = (2, 3, 4, 8)
+AXES = ("token", "channel")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Bits, axes and group sizes of keys and values, plus the tokens kept in full precision.
+
+    ``key_group`` / ``value_group``: channels per group for ``token`` axes (``None``: the whole
+    head vector), tokens per group for ``channel`` axes.  ``residual``: most recent tokens kept
+    in full precision (a multiple of the channel-axis group is flushed at a time).  ``sink``:
+    first tokens kept in full precision.  ``pre_rope``: keys quantized before the rotary
+    embedding.  ``outliers``: fraction of each group's values kept exactly (fp16)."""
+
+    bits: int = 8
+    key_axis: str = "token"
+    value_axis: str = "token"
+    key_group: int | None = None
+    value_group: int | None = None
+    residual: int = 0
+    sink: int = 0
+    pre_rope: bool = False
+    outliers: float = 0.0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise LowbitError(f"KV-cache bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits}")
+        for what, axis in (("key_axis", self.key_axis), ("value_axis", self.value_axis)):
+            if axis not in AXES:
+                raise LowbitError(f"{what} must be 'token' or 'channel', got {axis!r}")
+        for what, g in (("key_group", self.key_group), ("value_group", self.value_group)):
+            if g is not None and (not isinstance(g, int) or g < 1):
+                raise LowbitError(f"{what} must be a positive integer or null, got {g!r}")
+        for what, n in (("residual", self.residual), ("sink", self.sink)):
+            if not isinstance(n, int) or n < 0:
+                raise LowbitError(f"{what} must be a non-negative integer, got {n!r}")
+        if not 0.0 <= self.outliers < 0.5:
+            raise LowbitError(f"outliers is the fraction of values kept in fp16, in [0, 0.5); got {self.outliers}")
+        for what, axis, g in (("key", self.key_axis, self.key_group), ("value", self.value_axis, self.value_group)):
+            if axis == "channel" and g is None:
+                raise LowbitError(f"per-channel {what}s are grouped along tokens: set {what}_group (e.g. 32)")
+
+    def group(self, which: str, head_dim: int) -> int:
+        """Group size of ``which`` (``key`` / ``value``) for a model with ``head_dim``."""
+        axis = self.key_axis if which == "key" else self.value_axis
+        g = self.key_group if which == "key" else self.value_group
+        if axis == "token":
+            g = head_dim if g is None else g
+            if head_dim % g:
+                raise LowbitError(f"{which}_group {g} does not divide the model's head_dim {head_dim}")
+        return g  # type: ignore[return-value]
+
+    @property
+    def flush_multiple(self) -> int:
+        """Tokens leave the full-precision window in multiples of this (the channel-axis group)."""
+        gs = [g for axis, g in ((self.key_axis, self.key_group), (self.value_axis, self.value_group)) if axis == "channel"]
+        m = 1
+        for g in gs:
+            m = m * g // _gcd(m, g)
+        return m
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KVCacheConfig":
+        if "preset" in d:
+            base = kv_preset(d["preset"]).to_dict()
+            base.update({k: v for k, v in d.items() if k != "preset"})
+            d = base
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise LowbitError(f"unknown KV-cache option(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**d)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _kivi(bits: int) -> KVCacheConfig:
+    return KVCacheConfig(bits=bits, key_axis="channel", value_axis="token", key_group=32, value_group=32,
+                         residual=128, name=f"KIVI{bits}")
+
+
+def _kvquant(bits: int) -> KVCacheConfig:
+    return KVCacheConfig(bits=bits, key_axis="channel", value_axis="token", key_group=128, residual=0, sink=1,
+                         pre_rope=True, outliers=0.01, name=f"KVQUANT{bits}")
+
+
+KV_PRESETS: dict[str, KVCacheConfig] = {
+    "KV8": KVCacheConfig(bits=8, name="KV8"),
+    "KV4": KVCacheConfig(bits=4, name="KV4"),
+    "KV2": KVCacheConfig(bits=2, name="KV2"),
+    "KV4_CHANNEL": KVCacheConfig(bits=4, key_axis="channel", value_axis="channel", key_group=32, value_group=32,
+                                 name="KV4_CHANNEL"),
+    "KIVI4": _kivi(4),
+    "KIVI2": _kivi(2),
+    "KVQUANT4": _kvquant(4),
+    "KVQUANT3": _kvquant(3),
+    "KVQUANT2": _kvquant(2),
+}
+
+
+def kv_preset(name: str) -> KVCacheConfig:
+    key = name.upper().replace("-", "_")
+    if key not in KV_PRESETS:
+        raise LowbitError(f"unknown KV-cache preset {name!r}; known: {', '.join(KV_PRESETS)}")
+    return KV_PRESETS[key]
+
+
+def as_kv_config(value: "str | dict[str, Any] | KVCacheConfig") -> KVCacheConfig:
+    """A config from a preset name, a mapping of fields (optionally with ``preset``) or a config."""
+    if isinstance(value, KVCacheConfig):
+        return value
+    if isinstance(value, str):
+        return kv_preset(value)
+    if isinstance(value, dict):
+        return KVCacheConfig.from_dict(value)
+    raise LowbitError(f"a KV-cache setting is a preset name ({', '.join(KV_PRESETS)}) or a mapping, "
+                      f"got {type(value).__name__}")
+
+
+KV_CACHE_FILE = "lowbit_kv_cache.json"  # a checkpoint's KV-cache setting, read by load_model
+
+
+def read_kv_cache_file(directory: "str | Path") -> KVCacheConfig | None:
+    """The KV-cache setting saved beside a checkpoint, or None."""
+    path = Path(directory) / KV_CACHE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return as_kv_config(json.loads(path.read_text()))
+    except (ValueError, LowbitError) as e:
+        raise LowbitError(f"{path} is not a valid KV-cache setting: {e}") from None
+
+
+def kv_setting(model: Any, kv_cache: "str | dict[str, Any] | KVCacheConfig | None" = None) -> KVCacheConfig | None:
+    """The KV-cache setting to use: ``kv_cache`` if given (``"none"``: full precision), else the
+    model's own (``model.lowbit_kv_cache``, read from its checkpoint), else None."""
+    if kv_cache is None:
+        kv_cache = getattr(model, "lowbit_kv_cache", None)
+    if kv_cache is None or (isinstance(kv_cache, str) and kv_cache.lower() == "none"):
+        return None
+    return as_kv_config(kv_cache)
