@@ -160,6 +160,9 @@ class QuantizedKVCache(Cache):
         if ctx and cfg.residual + cfg.sink >= ctx:
             raise LowbitError(f"the full-precision window ({cfg.residual} recent + {cfg.sink} first tokens) is not "
                               f"smaller than the model's context of {ctx} tokens: nothing would be quantized")
+        mc = model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        cfg.group("key", head_dim), cfg.group("value", head_dim)  # group sizes that do not fit: error now
         rope = _rope_fn(model) if cfg.pre_rope else None
         super().__init__(layers=[QuantizedKVLayer(cfg, rope) for _ in range(model.config.num_hidden_layers)])
         self.kv_config = cfg

@@ -66,7 +66,7 @@ class KVCacheConfig:
         axis = self.key_axis if which == "key" else self.value_axis
         g = self.key_group if which == "key" else self.value_group
         if axis == "token":
-            g = head_dim if g is None else g
+            g = head_dim if g is None else min(g, head_dim)  # a group never spans two heads
             if head_dim % g:
                 raise LowbitError(f"{which}_group {g} does not divide the model's head_dim {head_dim}")
         return g  # type: ignore[return-value]
