@@ -79,6 +79,15 @@ def _eval_rows(r: Any) -> list[tuple[str, Any]]:
     return rows
 
 
+def _pivot_model(args: argparse.Namespace) -> Any:
+    """The full-precision model named by ``--pivot-model`` (IntactKV), or None."""
+    if not args.pivot_model:
+        return None
+    from lowbit.models.loading import load_model
+
+    return load_model(args.pivot_model, dtype=args.dtype, cache=args.cache)[0]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
     from lowbit.models.loading import load_model
@@ -89,8 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.reference:
         reference, _ = load_model(args.reference, dtype=args.dtype, device=args.device, cache=args.cache,
                                   trust_remote_code=args.trust_remote_code)
+    pivot = _pivot_model(args)
     result = evaluate(model, tok, args.dataset, args.split, args.seqlen, args.max_windows, reference,
-                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=args.kv_cache)
+                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=args.kv_cache,
+                      pivot_model=pivot)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -191,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.runtime.speed import generate_text
 
     model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
-    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, args.kv_cache))
+    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, args.kv_cache, _pivot_model(args)))
     return 0
 
 
@@ -280,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
+    p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -321,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
+    p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="prefill / decode tokens/s, memory, size on disk, bits per weight")

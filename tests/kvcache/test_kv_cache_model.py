@@ -87,3 +87,29 @@ def test_real_model_kv8_is_lossless_and_kivi2_beats_naive_2bit(smollm, data_dir)
     assert ppl["KIVI2"] < ppl["KV2"] / 5  # measured 36.6 vs 909.5
     with pytest.raises(LowbitError, match="nothing would be quantized"):
         evaluate(model, tok, "wikitext2", "test", seqlen=128, max_windows=1, kv_cache="KIVI2")
+
+
+def test_intactkv_pivots_come_from_the_fp_model(tiny_llama, tiny_calib):
+    import copy
+
+    from lowbit.kvcache import KVCacheConfig, new_kv_cache
+    from lowbit.quantization import quantize
+
+    fp = copy.deepcopy(tiny_llama)
+    quantize(tiny_llama, {"name": "w2", "methods": [{"method": "rtn", "spec": {"type": "int", "bits": 2,
+                                                                               "granularity": "channel"}}]},
+             tiny_calib, progress=False)
+    cfg = KVCacheConfig(bits=8, intact=1)
+    ids = tiny_calib[:1]
+    with pytest.raises(LowbitError, match="full-precision model"):
+        new_kv_cache(tiny_llama, cfg, ids)
+    cache = new_kv_cache(tiny_llama, cfg, ids, fp)
+    with torch.no_grad():
+        tiny_llama(ids, past_key_values=cache, use_cache=True)
+        ref = QuantizedKVCache(fp, KVCacheConfig(bits=8, sink=1))
+        fp(ids, past_key_values=ref, use_cache=True)
+    for layer, fp_layer in zip(cache.layers, ref.layers):  # a 1-token vs a 32-token fp forward: rounding only
+        assert torch.allclose(layer.sink_k, fp_layer.sink_k, atol=1e-6)
+        assert torch.allclose(layer.sink_v, fp_layer.sink_v, atol=1e-6)
+    body = [c.layers[1].body_k.dequantize(torch.float32) for c in (cache, ref)]
+    assert not torch.equal(*body)  # the other tokens are the quantized model's own

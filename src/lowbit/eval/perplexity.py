@@ -65,12 +65,12 @@ def check_seqlen(model: Any, seqlen: int) -> None:
 @torch.no_grad()
 def window_metrics(
     model: Any, windows: torch.Tensor, reference: Any | None = None, progress: bool = False, chunk: int = 512,
-    new_cache: Callable[[], Any] | None = None,
+    new_cache: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, float]:
     """NLL sum, token count, forward-and-score seconds and (with a reference) KL sum / top-1 count over windows.
 
     Logits are formed ``chunk`` positions at a time where the model allows it (see ``logit_chunks``).
-    ``new_cache`` gives each window a fresh cache to read keys and values through (the reference
+    ``new_cache(ids)`` gives each window a fresh cache to read keys and values through (the reference
     keeps full precision); the bytes they held are summed in ``cache_bytes``.
     """
     device = next(model.parameters()).device
@@ -88,7 +88,7 @@ def window_metrics(
         ids = row.unsqueeze(0).to(device)
         n = ids.shape[1]
         t0 = time.perf_counter()
-        cache = new_cache() if new_cache is not None else None
+        cache = new_cache(ids) if new_cache is not None else None
         chunks = logit_chunks(model, ids, step, cache)
         ref_chunks = logit_chunks(reference, ids.to(ref_device), step) if reference is not None else None
         for start, logits in chunks:
@@ -129,6 +129,7 @@ def evaluate(
     progress: bool = False,
     data_dir: str | None = None,
     kv_cache: Any | None = None,
+    pivot_model: Any | None = None,
 ) -> EvalResult:
     """Perplexity on ``dataset``/``split`` in the GPTQ convention.
 
@@ -140,11 +141,12 @@ def evaluate(
     ``KIVI2``, a mapping or a ``KVCacheConfig``) every window is prefilled into a fresh quantized KV
     cache and attention reads the keys and values it gives back (the KIVI / KVQuant convention);
     by default a model loaded from a checkpoint with a KV-cache setting uses it (``"none"``: off).
+    ``pivot_model``: the full-precision model, for settings with IntactKV pivots.
     """
     if not hasattr(model, "config") or not callable(model):
         raise LowbitError("evaluate() needs a transformers causal LM (as returned by lowbit.load_model)")
     check_seqlen(model, seqlen)
-    new_cache, kv_name = _kv_cache_factory(model, kv_cache, seqlen)
+    new_cache, kv_name = _kv_cache_factory(model, kv_cache, seqlen, pivot_model)
     windows = eval_windows(tokenize_text(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
     device = next(model.parameters()).device
     reset_device_peak(device)
@@ -175,18 +177,25 @@ def evaluate(
     )
 
 
-def _kv_cache_factory(model: Any, kv_cache: Any | None, seqlen: int) -> tuple[Callable[[], Any] | None, str | None]:
+def _kv_cache_factory(model: Any, kv_cache: Any | None, seqlen: int, pivot_model: Any | None = None
+                      ) -> tuple[Callable[[torch.Tensor], Any] | None, str | None]:
     """A maker of fresh quantized caches for ``kv_cache`` (checked against the model and window now).
     ``None``: the model's own setting (``lowbit_kv_cache``, from its checkpoint), if any; ``"none"``:
     full precision."""
-    from lowbit.kvcache import QuantizedKVCache, check_kv_model, kv_setting
+    from lowbit.kvcache import check_kv_model, check_pivots, kv_setting, new_kv_cache
 
     cfg = kv_setting(model, kv_cache)
     if cfg is None:
         return None, None
     check_kv_model(model)
-    if cfg.residual + cfg.sink >= seqlen:
-        raise LowbitError(f"the KV cache keeps {cfg.residual} recent + {cfg.sink} first tokens in full precision, "
+    if cfg.residual + cfg.fp_head >= seqlen:
+        raise LowbitError(f"the KV cache keeps {cfg.residual} recent + {cfg.fp_head} first tokens in full precision, "
                           f"not fewer than the {seqlen}-token window: nothing would be quantized; use a smaller "
                           "residual or a longer seqlen")
-    return (lambda: QuantizedKVCache(model, cfg)), cfg.name
+    check_pivots(cfg, pivot_model)
+
+    def new_cache(ids: torch.Tensor) -> Any:
+        return new_kv_cache(model, cfg, ids, pivot_model)
+
+    name = cfg.name if not cfg.intact else f"{cfg.name} + IntactKV({cfg.intact})"
+    return new_cache, name

@@ -52,6 +52,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.sink_v: torch.Tensor | None = None
         self.res_k: torch.Tensor | None = None
         self.res_v: torch.Tensor | None = None
+        self.pivot_k: torch.Tensor | None = None  # IntactKV: the fp model's keys / values of the first tokens
+        self.pivot_v: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -70,10 +72,15 @@ class QuantizedKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        need = self.cfg.sink - self.sink_k.shape[-2]
+        have = self.sink_k.shape[-2]
+        need = min(self.cfg.fp_head - have, key_states.shape[-2])
         if need > 0:
-            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :need]], dim=-2)
-            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :need]], dim=-2)
+            k, v = key_states[:, :, :need], value_states[:, :, :need]
+            if self.pivot_k is not None:  # IntactKV: the pivots' lossless keys and values replace the model's
+                k = self.pivot_k[:, :, have:have + need].to(k.dtype)
+                v = self.pivot_v[:, :, have:have + need].to(v.dtype)
+            self.sink_k = torch.cat([self.sink_k, k], dim=-2)
+            self.sink_v = torch.cat([self.sink_v, v], dim=-2)
             key_states, value_states = key_states[:, :, need:], value_states[:, :, need:]
         self.res_k = torch.cat([self.res_k, key_states], dim=-2)
         self.res_v = torch.cat([self.res_v, value_states], dim=-2)
@@ -88,7 +95,7 @@ class QuantizedKVLayer(DynamicLayer):
             return
         k = self.res_k[:, :, :n]
         if self.cfg.pre_rope:
-            cos, sin = self.rope(self.cfg.sink + self.body_k.tokens, n, k)
+            cos, sin = self.rope(self.cfg.fp_head + self.body_k.tokens, n, k)
             k = rope_undo(k.float(), cos, sin)
         self.body_k.append(k)
         self.body_v.append(self.res_v[:, :, :n])
@@ -99,7 +106,7 @@ class QuantizedKVLayer(DynamicLayer):
             return torch.cat([self.sink_k, self.res_k], dim=-2), torch.cat([self.sink_v, self.res_v], dim=-2)
         k = self.body_k.dequantize(torch.float32)
         if self.cfg.pre_rope:
-            cos, sin = self.rope(self.cfg.sink, k.shape[2], k)
+            cos, sin = self.rope(self.cfg.fp_head, k.shape[2], k)
             k = rope_apply(k, cos, sin)
         v = self.body_v.dequantize(self.dtype)
         return (torch.cat([self.sink_k, k.to(self.dtype), self.res_k], dim=-2),
@@ -157,8 +164,8 @@ class QuantizedKVCache(Cache):
         check_kv_model(model)
         cfg = as_kv_config(config)
         ctx = getattr(model.config, "max_position_embeddings", None)
-        if ctx and cfg.residual + cfg.sink >= ctx:
-            raise LowbitError(f"the full-precision window ({cfg.residual} recent + {cfg.sink} first tokens) is not "
+        if ctx and cfg.residual + cfg.fp_head >= ctx:
+            raise LowbitError(f"the full-precision window ({cfg.residual} recent + {cfg.fp_head} first tokens) is not "
                               f"smaller than the model's context of {ctx} tokens: nothing would be quantized")
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -169,3 +176,35 @@ class QuantizedKVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    @torch.no_grad()
+    def set_pivots(self, fp_model: Any, ids: torch.Tensor) -> None:
+        """IntactKV: run ``fp_model`` (the full-precision model) on the first ``intact`` tokens of ``ids``
+        and give each layer their lossless keys and values, used in place of the quantized model's."""
+        n = self.kv_config.intact
+        if n == 0:
+            return
+        if ids.shape[-1] < n:
+            raise LowbitError(f"IntactKV keeps {n} pivot tokens but the input has only {ids.shape[-1]}")
+        from transformers import DynamicCache
+
+        fp_cache = DynamicCache(config=fp_model.config)
+        fp_model(input_ids=ids[:, :n].to(next(fp_model.parameters()).device), past_key_values=fp_cache, use_cache=True)
+        for layer, fp_layer in zip(self.layers, fp_cache.layers):
+            layer.pivot_k, layer.pivot_v = fp_layer.keys, fp_layer.values
+
+
+def check_pivots(cfg: KVCacheConfig, pivot_model: Any | None) -> None:
+    """LowbitError when an IntactKV setting has no full-precision model to take the pivots from."""
+    if cfg.intact and pivot_model is None:
+        raise LowbitError(f"IntactKV (intact: {cfg.intact}) takes the pivot tokens' keys and values from the "
+                          "full-precision model: pass it as pivot_model (--pivot-model on the command line)")
+
+
+def new_kv_cache(model: Any, cfg: KVCacheConfig, ids: torch.Tensor, pivot_model: Any | None = None) -> QuantizedKVCache:
+    """A fresh quantized cache for a forward or ``generate`` on ``ids`` (IntactKV pivots filled in)."""
+    check_pivots(cfg, pivot_model)
+    cache = QuantizedKVCache(model, cfg)
+    if cfg.intact:
+        cache.set_pivots(pivot_model, ids)
+    return cache

@@ -30,7 +30,10 @@ class KVCacheConfig:
     head vector), tokens per group for ``channel`` axes.  ``residual``: most recent tokens kept
     in full precision (a multiple of the channel-axis group is flushed at a time).  ``sink``:
     first tokens kept in full precision.  ``pre_rope``: keys quantized before the rotary
-    embedding.  ``outliers``: fraction of each group's values kept exactly (fp16)."""
+    embedding.  ``outliers``: fraction of each group's values kept exactly (fp16).  ``intact``:
+    IntactKV (Liu et al., 2024): the first ``intact`` tokens (the pivot tokens: BOS, attention
+    sinks) keep the lossless keys and values of the full-precision model, given to the cache by
+    ``set_pivots``."""
 
     bits: int = 8
     key_axis: str = "token"
@@ -41,6 +44,7 @@ class KVCacheConfig:
     sink: int = 0
     pre_rope: bool = False
     outliers: float = 0.0
+    intact: int = 0
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -52,7 +56,7 @@ class KVCacheConfig:
         for what, g in (("key_group", self.key_group), ("value_group", self.value_group)):
             if g is not None and (not isinstance(g, int) or g < 1):
                 raise LowbitError(f"{what} must be a positive integer or null, got {g!r}")
-        for what, n in (("residual", self.residual), ("sink", self.sink)):
+        for what, n in (("residual", self.residual), ("sink", self.sink), ("intact", self.intact)):
             if not isinstance(n, int) or n < 0:
                 raise LowbitError(f"{what} must be a non-negative integer, got {n!r}")
         if not 0.0 <= self.outliers < 0.5:
@@ -70,6 +74,11 @@ class KVCacheConfig:
             if head_dim % g:
                 raise LowbitError(f"{which}_group {g} does not divide the model's head_dim {head_dim}")
         return g  # type: ignore[return-value]
+
+    @property
+    def fp_head(self) -> int:
+        """First tokens kept in full precision: attention sinks and IntactKV's pivots."""
+        return max(self.sink, self.intact)
 
     @property
     def flush_multiple(self) -> int:

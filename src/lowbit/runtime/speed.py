@@ -95,20 +95,23 @@ def measure_speed(model: Any, prompt_ids: torch.Tensor, new_tokens: int = 64, re
 
 
 @torch.no_grad()
-def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, kv_cache: Any | None = None) -> str:
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, kv_cache: Any | None = None,
+                  pivot_model: Any | None = None) -> str:
     """Greedy continuation of ``prompt`` (packed layers use their measured kernels).  ``kv_cache``: a
-    quantized KV-cache setting (preset, mapping or config; default the model's own, ``"none"``: fp)."""
+    quantized KV-cache setting (preset, mapping or config; default the model's own, ``"none"``: fp);
+    ``pivot_model``: the full-precision model, for IntactKV pivots."""
     select_kernels(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                         **kv_cache_kwargs(model, kv_cache))
+                         **kv_cache_kwargs(model, ids, kv_cache, pivot_model))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def kv_cache_kwargs(model: Any, kv_cache: Any | None = None) -> dict[str, Any]:
-    """``{"past_key_values": cache}`` for ``generate`` when a KV-cache setting applies, else ``{}``."""
-    from lowbit.kvcache import QuantizedKVCache, kv_setting
+def kv_cache_kwargs(model: Any, ids: torch.Tensor, kv_cache: Any | None = None, pivot_model: Any | None = None
+                    ) -> dict[str, Any]:
+    """``{"past_key_values": cache}`` for generating from ``ids`` when a KV-cache setting applies, else ``{}``."""
+    from lowbit.kvcache import kv_setting, new_kv_cache
 
     cfg = kv_setting(model, kv_cache)
-    return {} if cfg is None else {"past_key_values": QuantizedKVCache(model, cfg)}
+    return {} if cfg is None else {"past_key_values": new_kv_cache(model, cfg, ids, pivot_model)}
