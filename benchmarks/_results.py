@@ -15,3 +15,20 @@ def write_results(name: str, data: Any, lines: list[str]) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def claim_lines(rows: dict[str, dict], fp: float, claims: list) -> list[str]:
+    """``- claim: yes/NO (+x.xx%)`` for each ``(row, text, ok(relative % vs fp))`` whose row was measured."""
+    out = []
+    for name, text, ok in claims:
+        if name in rows:
+            rel = 100 * (rows[name]["perplexity"] / fp - 1)
+            out.append(f"- {text}: {'yes' if ok(rel) else 'NO'} ({rel:+.2f}%)")
+    return out
+
+
+def table_lines(caption: list[str], header: list[str], body: list[list[str]]) -> list[str]:
+    """A blank line, the caption lines, a blank line, and a markdown table (first column left-aligned)."""
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return ["", *caption, "", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |",
+            *("| " + " | ".join(row) + " |" for row in body)]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from _results import RESULTS, write_results
+from _results import RESULTS, claim_lines, write_results
 
 CONFIGS = ["w8a8-static", "w8a8-rptq", "w8a8-olive", "w8a8-rtn", "w8a8-zeroquant", "w8a8-smoothquant-a05",
            "w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-os-plus", "w8a8-fp8", "w8a8-llmint8", "w4a8-zeroquant-rtn",
@@ -130,10 +130,7 @@ def write_tables(rows: dict[str, dict], windows: int) -> None:
                      f"{r['perplexity']:.3f} | {rel} | {r['quant_seconds']:.0f} |")
     if fp:
         lines += ["", "Claims (from the issue), read off the rows above:"]
-        for name, text, ok in CLAIMS:
-            if name in rows:
-                rel = 100 * (rows[name]["perplexity"] / fp - 1)
-                lines.append(f"- {text}: {'yes' if ok(rel) else 'NO'} ({rel:+.2f}%)")
+        lines += claim_lines(rows, fp, CLAIMS)
         for name, base, text in PAIRED_CLAIMS:
             if name in rows and base in rows:
                 a, b = rows[base]["perplexity"] / fp - 1, rows[name]["perplexity"] / fp - 1

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from _results import RESULTS, write_results
+from _results import RESULTS, claim_lines, table_lines, write_results
 
 PPL_SETTINGS = ["none", "KV8", "KV4", "KV2", "KIVI4", "KIVI2", "KVQUANT4", "KVQUANT3", "KVQUANT2"]
 GEN_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4"]
@@ -146,32 +146,29 @@ def write_tables(data: dict, windows: int) -> None:
                      f"{r['bytes_per_token'] / FP32_BYTES_PER_TOKEN:.3f} |")
     if fp:
         lines += ["", "Claims (from the issue), read off the rows above:"]
-        for s, text, ok in CLAIMS:
-            if s in ppl:
-                rel = 100 * (ppl[s]["perplexity"] / fp - 1)
-                lines.append(f"- {text}: {'yes' if ok(rel) else 'NO'} ({rel:+.2f}%)")
+        lines += claim_lines(ppl, fp, CLAIMS)
         if "KIVI2" in ppl and "KV2" in ppl:
             a, b = ppl["KV2"]["perplexity"], ppl["KIVI2"]["perplexity"]
             lines.append(f"- KIVI-2 far better than naive 2-bit: {'yes' if b < a / 2 else 'NO'} ({b:.2f} vs {a:.2f})")
     if data.get("gen"):
-        lines += ["", "Greedy generation, 20 new tokens after 512-token WikiText-2 prompts, against the fp32 cache:", "",
-                  "| KV cache | prompts | all 20 tokens agree | mean tokens before the first difference |",
-                  "| --- | ---: | ---: | ---: |"]
-        for s, r in data["gen"].items():
-            lines.append(f"| {s} | {r['prompts']} | {100 * r['all_20_agree']:.0f}% | {r['tokens_before_first_difference']:.1f} |")
+        lines += table_lines(
+            ["Greedy generation, 20 new tokens after 512-token WikiText-2 prompts, against the fp32 cache:"],
+            ["KV cache", "prompts", "all 20 tokens agree", "mean tokens before the first difference"],
+            [[s, str(r["prompts"]), f"{100 * r['all_20_agree']:.0f}%", f"{r['tokens_before_first_difference']:.1f}"]
+             for s, r in data["gen"].items()])
     if data.get("long"):
-        lines += ["", "Long generation: the fp32 model's 256-token greedy continuation of a 512-token prompt, decoded step",
-                  "by step through each cache:", "", "| KV cache | steps | mean KL(fp32 ‖ quantized) | max KL | top-1 agreement |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for s, r in data["long"].items():
-            lines.append(f"| {s} | {r['steps']} | {r['mean_kl']:.4f} | {r['max_kl']:.3f} | {100 * r['top1_agreement']:.1f}% |")
+        lines += table_lines(
+            ["Long generation: the fp32 model's 256-token greedy continuation of a 512-token prompt, decoded step",
+             "by step through each cache:"],
+            ["KV cache", "steps", "mean KL(fp32 ‖ quantized)", "max KL", "top-1 agreement"],
+            [[s, str(r["steps"]), f"{r['mean_kl']:.4f}", f"{r['max_kl']:.3f}", f"{100 * r['top1_agreement']:.1f}%"]
+             for s, r in data["long"].items()])
     if data.get("mem"):
-        lines += ["", "Memory of a long generation (batch 4, 1024-token prompts + 512 new tokens, one process each):", "",
-                  "| KV cache | cache MiB at the end | peak RSS MiB | RSS after loading MiB | seconds |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for s, r in data["mem"].items():
-            lines.append(f"| {s if s != 'none' else 'fp32'} | {r['cache_mb']:.1f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['rss_before_mb']:.0f} | {r['seconds']:.0f} |")
+        lines += table_lines(
+            ["Memory of a long generation (batch 4, 1024-token prompts + 512 new tokens, one process each):"],
+            ["KV cache", "cache MiB at the end", "peak RSS MiB", "RSS after loading MiB", "seconds"],
+            [[s if s != "none" else "fp32", f"{r['cache_mb']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['rss_before_mb']:.0f}",
+              f"{r['seconds']:.0f}"] for s, r in data["mem"].items()])
     write_results("kv_cache", data, lines)
 
 
