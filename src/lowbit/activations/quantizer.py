@@ -59,10 +59,12 @@ class ActQuantizer(torch.nn.Module):
             return
         if self.observer is None:
             self.observer = make_observer(self.spec)
+        self.observer.update(self.observed_rows(x))
+
+    def observed_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A calibration batch as the quantizer sees it: ``(tokens, features)`` fp32, OS+ shift taken off."""
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.shift is not None:
-            x2 = x2 - self.shift.to(x2.device)
-        self.observer.update(x2)
+        return x2 if self.shift is None else x2 - self.shift.to(x2.device)
 
     def freeze(self) -> None:
         """Fix the static range from what ``observe`` saw; the observer's memory is released."""
@@ -182,7 +184,7 @@ class ClusterActQuantizer(ActQuantizer):
         self._cmax: torch.Tensor | None = None
 
     def observe(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        x2 = self.observed_rows(x)
         if x2.shape[1] != self.clusters.numel():
             raise LowbitError(f"input has {x2.shape[1]} channels but the clusters cover {self.clusters.numel()}")
         lo, hi = x2.amin(0).cpu(), x2.amax(0).cpu()
@@ -203,11 +205,11 @@ class ClusterActQuantizer(ActQuantizer):
         self.xmax = torch.as_tensor(xmax, dtype=torch.float32).reshape(-1).clone()
         if self.xmin.numel() != self.num_clusters or self.xmax.numel() != self.num_clusters:
             raise LowbitError(f"cluster ranges need {self.num_clusters} values, got {self.xmin.numel()}")
+        scale, zero = spec_qparams(self.xmin, self.xmax, self.spec)
+        self._channel_qparams = (scale[self.clusters].view(1, -1), zero[self.clusters].view(1, -1))
 
     def quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
-        scale, zero = spec_qparams(self.xmin, self.xmax, self.spec)
-        ids = self.clusters.to(x2.device)
-        sc, zc = scale.to(x2.device)[ids].view(1, -1), zero.to(x2.device)[ids].view(1, -1)
+        sc, zc = (t.to(x2.device) for t in self._channel_qparams)
         return fake_quant_affine(x2, sc, zc, self.spec.qmin, self.spec.qmax)
 
     def extra_repr(self) -> str:
@@ -227,7 +229,7 @@ class PairActQuantizer(ActQuantizer):
         self._rows: list[torch.Tensor] = []
 
     def observe(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        x2 = self.observed_rows(x)
         kept = sum(r.shape[0] for r in self._rows)
         if kept < self.MAX_ROWS:
             step = max(1, x2.shape[0] // 256)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,8 @@ class KVCacheConfig:
     @property
     def flush_multiple(self) -> int:
         """Tokens leave the full-precision window in multiples of this (the channel-axis group)."""
-        gs = [g for axis, g in ((self.key_axis, self.key_group), (self.value_axis, self.value_group)) if axis == "channel"]
-        m = 1
-        for g in gs:
-            m = m * g // _gcd(m, g)
-        return m
+        return math.lcm(*(g for axis, g in ((self.key_axis, self.key_group), (self.value_axis, self.value_group))
+                          if axis == "channel"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,12 +101,6 @@ class KVCacheConfig:
             raise LowbitError(f"unknown KV-cache option(s) {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**d)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _kivi(bits: int) -> KVCacheConfig:

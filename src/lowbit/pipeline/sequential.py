@@ -202,21 +202,18 @@ def run_sequential(
         hessian = {n for n, m in mine.items() if m.needs_hessian}
         act = {n for n, m in mine.items() if m.needs_act_stats}
         layer_modules = {n: modules[n] for n in mine}
-        if hessian or act:
+        data_free = not (hessian or act)
+        stats: dict[str, LayerStats] = {}
+        if not data_free:
             collector = StatsCollector(layer_modules, hessian, act)
             with collector.attached():
                 _collect_stats(block, inputs, collector)
             stats = collector.finalize()
-            reports, _ = _quantize_layers(mine, modules, stats)
-            _quantize_inputs(block, inputs, mine, modules)
-            for method, ctx in contexts:
-                method.finish_block(ctx)
-            _propagate(block, inputs)
-        else:  # data-free layers: quantize first, sample inputs while propagating
-            reports, originals = _quantize_layers(mine, modules, {}, keep_originals=True)
-            _quantize_inputs(block, inputs, mine, modules)
-            for method, ctx in contexts:
-                method.finish_block(ctx)
+        reports, originals = _quantize_layers(mine, modules, stats, keep_originals=data_free)
+        _quantize_inputs(block, inputs, mine, modules)
+        for method, ctx in contexts:
+            method.finish_block(ctx)
+        if data_free:  # sample the layers' inputs while propagating, for their output errors
             collector = StatsCollector(layer_modules, set(), set())
             with collector.attached():
                 _propagate(block, inputs, collector)
@@ -224,6 +221,8 @@ def run_sequential(
             for r in reports:
                 wq = modules[r.name].weight.data
                 r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name], wq)
+        else:
+            _propagate(block, inputs)
         result.layers.extend(reports)
         errs = [r.output_error for r in reports if r.output_error is not None]
         if errs:
