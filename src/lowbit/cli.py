@@ -88,6 +88,28 @@ def _pivot_model(args: argparse.Namespace) -> Any:
     return load_model(args.pivot_model, dtype=args.dtype, cache=args.cache)[0]
 
 
+KV_CALIB_WINDOWS = 16  # KVQuant calibrates its level tables on 16 windows
+KV_CALIB_SEQLEN = 512
+
+
+def _ready_kv(model: Any, tok: Any, setting: Any, source: str, windows: Any = None) -> Any:
+    """The KV-cache setting to use, with KVQuant's non-uniform levels fitted now when it needs them
+    (on ``windows``, else on 16 windows of 512 tokens from ``source``)."""
+    from lowbit.kvcache import calibrate_kv_levels, kv_setting
+
+    cfg = kv_setting(model, setting)
+    if cfg is None or cfg.calibrated:
+        return cfg if cfg is not None else setting
+    if windows is None:
+        from lowbit.data import get_calibration
+
+        windows = get_calibration(source, tok, KV_CALIB_WINDOWS, KV_CALIB_SEQLEN, 0)
+    windows = windows[:KV_CALIB_WINDOWS]
+    print(f"calibrating {cfg.name} level tables on {windows.shape[0]} x {windows.shape[1]} tokens of {source}",
+          file=sys.stderr)
+    return calibrate_kv_levels(model, cfg, windows)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
     from lowbit.models.loading import load_model
@@ -99,8 +121,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference, _ = load_model(args.reference, dtype=args.dtype, device=args.device, cache=args.cache,
                                   trust_remote_code=args.trust_remote_code)
     pivot = _pivot_model(args)
+    kv = _ready_kv(model, tok, args.kv_cache, args.kv_calib)
     result = evaluate(model, tok, args.dataset, args.split, args.seqlen, args.max_windows, reference,
-                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=args.kv_cache,
+                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=kv,
                       pivot_model=pivot)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -183,6 +206,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               max_windows=args.max_windows, progress=progress, data_dir=args.data_dir)
     before = evaluate(model, tok, kv_cache="none", **ev) if args.eval else None
     report = quantize(model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    if recipe.kv_cache is not None and not recipe.kv_cache.calibrated:  # KVQuant levels, on the quantized model
+        recipe.kv_cache = _ready_kv(model, tok, recipe.kv_cache, args.calib, calib)
+        report.recipe["kv_cache"] = recipe.kv_cache.to_dict()
     model.lowbit_kv_cache = recipe.kv_cache  # evaluation after quantization reads the recipe's KV cache
     after = evaluate(model, tok, **ev) if args.eval else None
     if after is not None and before is not None:
@@ -202,7 +228,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.runtime.speed import generate_text
 
     model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
-    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, args.kv_cache, _pivot_model(args)))
+    kv = _ready_kv(model, tok, args.kv_cache, args.kv_calib)
+    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, kv, _pivot_model(args)))
     return 0
 
 
@@ -292,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
     p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
+    p.add_argument("--kv-calib", default="wikitext2",
+                   help="data for calibrating KVQuant's level tables when the KV preset needs them (16 x 512 tokens)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -334,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
     p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
+    p.add_argument("--kv-calib", default="wikitext2",
+                   help="data for calibrating KVQuant's level tables when the KV preset needs them (16 x 512 tokens)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="prefill / decode tokens/s, memory, size on disk, bits per weight")

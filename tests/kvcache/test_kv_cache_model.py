@@ -17,7 +17,7 @@ def _greedy(model, ids, n, cache=None):
 def test_generate_runs_with_every_preset_and_a_wide_residual_is_exact(tiny_llama, tiny_calib):
     ids = tiny_calib[:1, :16]
     ref = _greedy(tiny_llama, ids, 12)
-    for preset in ("KV8", "KV4", "KV2", "KIVI4", "KIVI2", "KVQUANT4"):
+    for preset in ("KV8", "KV4", "KV2", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM"):
         cache = QuantizedKVCache(tiny_llama, preset)
         out = _greedy(tiny_llama, ids, 12, cache)
         assert out.shape == ref.shape and cache.get_seq_length() == 16 + 11

@@ -41,12 +41,16 @@ def rope_undo(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's quantized cache (see module docstring)."""
 
-    def __init__(self, config: KVCacheConfig, rope: RopeFn | None = None) -> None:
+    def __init__(self, config: KVCacheConfig, rope: RopeFn | None = None, index: int = 0) -> None:
         super().__init__()
         if config.pre_rope and rope is None:
             raise LowbitError("pre-RoPE key quantization needs the model's rotary embedding")
         self.cfg = config
         self.rope = rope
+        self.key_levels = self.value_levels = None  # KVQuant's non-uniform tables of this layer
+        if config.key_levels is not None:
+            self.key_levels = torch.tensor(config.key_levels[index], dtype=torch.float32)
+            self.value_levels = torch.tensor(config.value_levels[index], dtype=torch.float32)
         self.cumulative_length = 0
         self.sink_k: torch.Tensor | None = None
         self.sink_v: torch.Tensor | None = None
@@ -63,8 +67,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys, self.values = empty, value_states[:, :, :0]  # transformers reads .keys for shape/device
         head_dim = key_states.shape[-1]
         c = self.cfg
-        self.body_k = PackedKV(c.bits, c.key_axis, c.group("key", head_dim), c.outliers)
-        self.body_v = PackedKV(c.bits, c.value_axis, c.group("value", head_dim), c.outliers)
+        self.body_k = PackedKV(c.bits, c.key_axis, c.group("key", head_dim), c.outliers, self.key_levels)
+        self.body_v = PackedKV(c.bits, c.value_axis, c.group("value", head_dim), c.outliers, self.value_levels)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -170,8 +174,16 @@ class QuantizedKVCache(Cache):
         mc = model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         cfg.group("key", head_dim), cfg.group("value", head_dim)  # group sizes that do not fit: error now
+        n_layers = model.config.num_hidden_layers
+        if not cfg.calibrated:
+            raise LowbitError(f"{cfg.name} uses non-uniform levels calibrated offline: fit them first with "
+                              "lowbit.kvcache.calibrate_kv_levels(model, config, windows) (the command line does "
+                              f"this itself), or use {cfg.name}_UNIFORM for plain integer codes")
+        if cfg.key_levels is not None and len(cfg.key_levels) != n_layers:
+            raise LowbitError(f"the KV-cache level tables were calibrated for {len(cfg.key_levels)} layers, but the "
+                              f"model has {n_layers}: recalibrate on this model")
         rope = _rope_fn(model) if cfg.pre_rope else None
-        super().__init__(layers=[QuantizedKVLayer(cfg, rope) for _ in range(model.config.num_hidden_layers)])
+        super().__init__(layers=[QuantizedKVLayer(cfg, rope, i) for i in range(n_layers)])
         self.kv_config = cfg
 
     def nbytes(self) -> int:

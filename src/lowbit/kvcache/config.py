@@ -5,7 +5,9 @@
   32, asymmetric, the most recent 128 tokens kept in full precision (``residual``);
 * KVQuant (``KVQUANT4``, ``KVQUANT3``, ``KVQUANT2``; Hooper et al., 2024): per-channel keys
   quantized before RoPE, 1% dense-and-sparse outliers kept in fp16, the first token (attention
-  sink) in full precision.
+  sink) in full precision, and a non-uniform level table per layer for keys and for values,
+  fitted offline by Fisher-weighted k-means (``lowbit.kvcache.calibrate``); the ``_UNIFORM``
+  variants keep plain integer codes (the paper's ablation).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class KVCacheConfig:
     embedding.  ``outliers``: fraction of each group's values kept exactly (fp16).  ``intact``:
     IntactKV (Liu et al., 2024): the first ``intact`` tokens (the pivot tokens: BOS, attention
     sinks) keep the lossless keys and values of the full-precision model, given to the cache by
-    ``set_pivots``."""
+    ``set_pivots``.  ``nuq``: KVQuant's non-uniform codes; ``key_levels`` / ``value_levels`` hold
+    one sorted table of ``2^bits`` code-unit levels per decoder layer, written by
+    ``lowbit.kvcache.calibrate.calibrate_kv_levels``."""
 
     bits: int = 8
     key_axis: str = "token"
@@ -46,6 +50,9 @@ class KVCacheConfig:
     pre_rope: bool = False
     outliers: float = 0.0
     intact: int = 0
+    nuq: bool = False
+    key_levels: tuple[tuple[float, ...], ...] | None = None
+    value_levels: tuple[tuple[float, ...], ...] | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -65,6 +72,27 @@ class KVCacheConfig:
         for what, axis, g in (("key", self.key_axis, self.key_group), ("value", self.value_axis, self.value_group)):
             if axis == "channel" and g is None:
                 raise LowbitError(f"per-channel {what}s are grouped along tokens: set {what}_group (e.g. 32)")
+        for what in ("key_levels", "value_levels"):
+            table = getattr(self, what)
+            if table is None:
+                continue
+            if not self.nuq:
+                raise LowbitError(f"{what} are non-uniform level tables: set nuq: true to use them")
+            table = tuple(tuple(float(v) for v in row) for row in table)
+            object.__setattr__(self, what, table)  # lists from JSON become hashable tuples
+            top = (1 << self.bits) - 1
+            for i, row in enumerate(table):
+                if len(row) != top + 1 or any(b < a for a, b in zip(row, row[1:])) or min(row) < 0 or max(row) > top:
+                    raise LowbitError(f"{what}[{i}] must be {top + 1} sorted levels in [0, {top}] for {self.bits} "
+                                      f"bits; recalibrate with lowbit.kvcache.calibrate_kv_levels")
+        if (self.key_levels is None) != (self.value_levels is None) or (
+                self.key_levels is not None and len(self.key_levels) != len(self.value_levels)):
+            raise LowbitError("key_levels and value_levels come together, one table per layer each")
+
+    @property
+    def calibrated(self) -> bool:
+        """True unless the setting needs level tables it does not have yet (``nuq`` without levels)."""
+        return not self.nuq or self.key_levels is not None
 
     def group(self, which: str, head_dim: int) -> int:
         """Group size of ``which`` (``key`` / ``value``) for a model with ``head_dim``."""
@@ -88,7 +116,12 @@ class KVCacheConfig:
                           if axis == "channel"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML types (level tables as lists of lists)."""
+        d = dataclasses.asdict(self)
+        for what in ("key_levels", "value_levels"):
+            if d[what] is not None:
+                d[what] = [list(row) for row in d[what]]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KVCacheConfig":
@@ -108,9 +141,9 @@ def _kivi(bits: int) -> KVCacheConfig:
                          residual=128, name=f"KIVI{bits}")
 
 
-def _kvquant(bits: int) -> KVCacheConfig:
+def _kvquant(bits: int, nuq: bool = True) -> KVCacheConfig:
     return KVCacheConfig(bits=bits, key_axis="channel", value_axis="token", key_group=128, residual=0, sink=1,
-                         pre_rope=True, outliers=0.01, name=f"KVQUANT{bits}")
+                         pre_rope=True, outliers=0.01, nuq=nuq, name=f"KVQUANT{bits}" + ("" if nuq else "_UNIFORM"))
 
 
 KV_PRESETS: dict[str, KVCacheConfig] = {
@@ -124,6 +157,9 @@ KV_PRESETS: dict[str, KVCacheConfig] = {
     "KVQUANT4": _kvquant(4),
     "KVQUANT3": _kvquant(3),
     "KVQUANT2": _kvquant(2),
+    "KVQUANT4_UNIFORM": _kvquant(4, nuq=False),
+    "KVQUANT3_UNIFORM": _kvquant(3, nuq=False),
+    "KVQUANT2_UNIFORM": _kvquant(2, nuq=False),
 }
 
 
