@@ -22,7 +22,7 @@ from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.kvcache.nuq import fit_levels
 from lowbit.kvcache.quant import code_units, grouped_kv
 
-MAX_VALUES = 1 << 18  # code-unit values sampled per table for the k-means fit
+MAX_VALUES = 1 << 16  # code-unit values sampled per table for the k-means fit
 
 
 class _RecordingLayer(DynamicLayer):
@@ -92,20 +92,17 @@ def _sample(u: torch.Tensor, w: torch.Tensor | None, n: int, gen: torch.Generato
     return u[idx], None if w is None else w[idx]
 
 
-def calibrate_kv_levels(model: Any, config: "KVCacheConfig | str | dict[str, Any]", windows: torch.Tensor,
-                        fisher: bool = True, max_values: int = MAX_VALUES, seed: int = 0) -> KVCacheConfig:
-    """``config`` with ``nuq`` on and one fitted level table per layer for keys and for values.
-
-    ``windows``: token ids ``(n, seqlen)`` (e.g. ``get_calibration("wikitext2", tok, 16, 512)``).
-    ``fisher``: weight each value by its squared loss gradient (KVQuant); False fits plain MSE."""
+def collect_code_values(model: Any, cfg: KVCacheConfig, windows: torch.Tensor, fisher: bool = True
+                        ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Per layer, ``{"key": (u, w), "value": (u, w)}``: the code-unit values the cache quantizes on
+    ``windows`` (token ids ``(n, seqlen)``) and their Fisher weights (None without ``fisher``)."""
     check_kv_model(model)
-    cfg = dataclasses.replace(as_kv_config(config), nuq=True, key_levels=None, value_levels=None)
     if windows.dim() != 2 or windows.shape[0] < 1:
         raise LowbitError(f"calibration windows are token ids (n, seqlen), got shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
     rope = _rope_fn(model) if cfg.pre_rope else None
-    n_layers = model.config.num_hidden_layers
-    parts: list[dict[str, list]] = [{"key": [], "value": [], "key_w": [], "value_w": []} for _ in range(n_layers)]
+    parts: list[dict[str, list]] = [{"key": [], "value": [], "key_w": [], "value_w": []}
+                                    for _ in range(model.config.num_hidden_layers)]
     for row in windows:
         ids = row.unsqueeze(0).to(device)
         for i, (k, v, gk, gv) in enumerate(_window_states(model, ids, fisher)):
@@ -117,13 +114,23 @@ def calibrate_kv_levels(model: Any, config: "KVCacheConfig | str | dict[str, Any
                 u, w = _table_values(x, g, cfg, which)
                 parts[i][which].append(u.cpu())
                 parts[i][which + "_w"].append(None if w is None else w.cpu())
+    return [{which: (torch.cat(p[which]), torch.cat(p[which + "_w"]) if fisher else None)
+             for which in ("key", "value")} for p in parts]
+
+
+def calibrate_kv_levels(model: Any, config: "KVCacheConfig | str | dict[str, Any]", windows: torch.Tensor,
+                        fisher: bool = True, max_values: int = MAX_VALUES, seed: int = 0) -> KVCacheConfig:
+    """``config`` with ``nuq`` on and one fitted level table per layer for keys and for values.
+
+    ``windows``: token ids ``(n, seqlen)`` (KVQuant: 16 windows, e.g. ``get_calibration("wikitext2",
+    tok, 16, 512)``).  ``fisher``: weight each value by its squared loss gradient (KVQuant); False
+    fits plain MSE."""
+    cfg = dataclasses.replace(as_kv_config(config), nuq=True, key_levels=None, value_levels=None)
     gen = torch.Generator().manual_seed(seed)
     tables: dict[str, list[tuple[float, ...]]] = {"key": [], "value": []}
-    for p in parts:
+    for layer in collect_code_values(model, cfg, windows, fisher):
         for which in ("key", "value"):
-            u = torch.cat(p[which])
-            w = None if not fisher else torch.cat(p[which + "_w"])
-            u, w = _sample(u, w, max_values, gen)
+            u, w = _sample(*layer[which], max_values, gen)
             if w is not None and not bool(w.sum() > 0):
                 w = None  # no gradient reached this layer's tensor: fall back to plain MSE
             tables[which].append(tuple(fit_levels(u, w, cfg.bits).tolist()))
