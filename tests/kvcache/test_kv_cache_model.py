@@ -76,6 +76,19 @@ def test_recipe_kv_cache_is_saved_and_used_after_loading(tiny_llama, tiny_calib,
                  tiny_calib, progress=False)
 
 
+@pytest.mark.parametrize("recipe,kv", [("w4a4kv4-quarot", "KV4_QUAROT"), ("gptq-w4g64-kivi4", "KIVI4")])
+def test_composed_recipes_quantize_weights_inputs_and_cache(recipe, kv, tiny_llama, tiny_calib):
+    from lowbit.kvcache import kv_setting
+    from lowbit.quantization import quantize
+
+    report = quantize(tiny_llama, recipe, tiny_calib, progress=False)
+    assert report.recipe["kv_cache"]["name"] == kv
+    tiny_llama.lowbit_kv_cache = kv_setting(None, report.recipe["kv_cache"])
+    ids = tiny_calib[:1]
+    out = _greedy(tiny_llama, ids, 8, QuantizedKVCache(tiny_llama, kv_setting(tiny_llama)))
+    assert out.shape == (8,)
+
+
 @pytest.mark.model
 def test_real_model_kv8_is_lossless_and_kivi2_beats_naive_2bit(smollm, data_dir):
     from lowbit.eval.perplexity import evaluate

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from lowbit.errors import LowbitError
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.kvcache.quant import PackedKV
+from lowbit.rotation.hadamard import random_hadamard
 
 KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # one full-attention cache layer per block, rotate-half RoPE
 
@@ -67,6 +68,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys, self.values = empty, value_states[:, :, :0]  # transformers reads .keys for shape/device
         head_dim = key_states.shape[-1]
         c = self.cfg
+        # QuaRot: a randomized Hadamard per head, applied before quantization and undone after
+        self.rotation = random_hadamard(head_dim, seed=0).float() if c.rotate else None
         self.body_k = PackedKV(c.bits, c.key_axis, c.group("key", head_dim), c.outliers, self.key_levels)
         self.body_v = PackedKV(c.bits, c.value_axis, c.group("value", head_dim), c.outliers, self.value_levels)
         self.is_initialized = True
@@ -101,20 +104,25 @@ class QuantizedKVLayer(DynamicLayer):
         if self.cfg.pre_rope:
             cos, sin = self.rope(self.cfg.fp_head + self.body_k.tokens, n, k)
             k = rope_undo(k.float(), cos, sin)
+        v = self.res_v[:, :, :n]
+        if self.rotation is not None:
+            k, v = k.float() @ self.rotation, v.float() @ self.rotation
         self.body_k.append(k)
-        self.body_v.append(self.res_v[:, :, :n])
+        self.body_v.append(v)
         self.res_k, self.res_v = self.res_k[:, :, n:], self.res_v[:, :, n:]
 
     def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.body_k.tokens:
             return torch.cat([self.sink_k, self.res_k], dim=-2), torch.cat([self.sink_v, self.res_v], dim=-2)
         k = self.body_k.dequantize(torch.float32)
+        v = self.body_v.dequantize(torch.float32)
+        if self.rotation is not None:
+            k, v = k @ self.rotation.T, v @ self.rotation.T
         if self.cfg.pre_rope:
             cos, sin = self.rope(self.cfg.fp_head, k.shape[2], k)
             k = rope_apply(k, cos, sin)
-        v = self.body_v.dequantize(self.dtype)
         return (torch.cat([self.sink_k, k.to(self.dtype), self.res_k], dim=-2),
-                torch.cat([self.sink_v, v, self.res_v], dim=-2))
+                torch.cat([self.sink_v, v.to(self.dtype), self.res_v], dim=-2))
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

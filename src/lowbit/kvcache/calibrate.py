@@ -21,6 +21,7 @@ from lowbit.kvcache.cache import _rope_fn, check_kv_model, rope_undo
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.kvcache.nuq import fit_levels
 from lowbit.kvcache.quant import code_units, grouped_kv
+from lowbit.rotation.hadamard import random_hadamard
 
 MAX_VALUES = 1 << 16  # code-unit values sampled per table for the k-means fit
 
@@ -101,6 +102,9 @@ def collect_code_values(model: Any, cfg: KVCacheConfig, windows: torch.Tensor, f
         raise LowbitError(f"calibration windows are token ids (n, seqlen), got shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
     rope = _rope_fn(model) if cfg.pre_rope else None
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    rotation = random_hadamard(head_dim, seed=0).float() if cfg.rotate else None  # as the cache rotates
     parts: list[dict[str, list]] = [{"key": [], "value": [], "key_w": [], "value_w": []}
                                     for _ in range(model.config.num_hidden_layers)]
     for row in windows:
@@ -110,6 +114,9 @@ def collect_code_values(model: Any, cfg: KVCacheConfig, windows: torch.Tensor, f
                 cos, sin = rope(0, k.shape[2], k)
                 k = rope_undo(k.float(), cos, sin)
                 gk = None if gk is None else rope_undo(gk.float(), cos, sin)
+            if rotation is not None:  # orthogonal: gradients rotate with the values
+                k, v = k.float() @ rotation, v.float() @ rotation
+                gk, gv = (None if g is None else g.float() @ rotation for g in (gk, gv))
             for which, x, g in (("key", k, gk), ("value", v, gv)):
                 u, w = _table_values(x, g, cfg, which)
                 parts[i][which].append(u.cpu())

@@ -3,6 +3,8 @@
 * plain (``KV8``, ``KV4``, ``KV2``): keys and values per token, one range per head vector;
 * KIVI (``KIVI4``, ``KIVI2``; Liu et al., 2024): keys per channel and values per token, groups of
   32, asymmetric, the most recent 128 tokens kept in full precision (``residual``);
+* QuaRot (``KV4_QUAROT``; Ashkboos et al., 2024): keys and values per token, one asymmetric range
+  per head vector, after a randomized Hadamard rotation of each head (``rotate``);
 * KVQuant (``KVQUANT4``, ``KVQUANT3``, ``KVQUANT2``; Hooper et al., 2024): per-channel keys
   quantized before RoPE, 1% dense-and-sparse outliers kept in fp16, the first token (attention
   sink) in full precision, and a non-uniform level table per layer for keys and for values,
@@ -36,7 +38,9 @@ class KVCacheConfig:
     embedding.  ``outliers``: fraction of each group's values kept exactly (fp16).  ``intact``:
     IntactKV (Liu et al., 2024): the first ``intact`` tokens (the pivot tokens: BOS, attention
     sinks) keep the lossless keys and values of the full-precision model, given to the cache by
-    ``set_pivots``.  ``nuq``: KVQuant's non-uniform codes; ``key_levels`` / ``value_levels`` hold
+    ``set_pivots``.  ``rotate``: QuaRot's KV treatment, keys (after RoPE) and values multiplied by a
+    randomized Hadamard matrix per head before quantization and by its transpose after (the same
+    attention as rotating queries and keys online, and values through v_proj / o_proj).  ``nuq``: KVQuant's non-uniform codes; ``key_levels`` / ``value_levels`` hold
     one sorted table of ``2^bits`` code-unit levels per decoder layer, written by
     ``lowbit.kvcache.calibrate.calibrate_kv_levels``."""
 
@@ -50,6 +54,7 @@ class KVCacheConfig:
     pre_rope: bool = False
     outliers: float = 0.0
     intact: int = 0
+    rotate: bool = False
     nuq: bool = False
     key_levels: tuple[tuple[float, ...], ...] | None = None
     value_levels: tuple[tuple[float, ...], ...] | None = None
@@ -152,6 +157,7 @@ KV_PRESETS: dict[str, KVCacheConfig] = {
     "KV2": KVCacheConfig(bits=2, name="KV2"),
     "KV4_CHANNEL": KVCacheConfig(bits=4, key_axis="channel", value_axis="channel", key_group=32, value_group=32,
                                  name="KV4_CHANNEL"),
+    "KV4_QUAROT": KVCacheConfig(bits=4, rotate=True, name="KV4_QUAROT"),
     "KIVI4": _kivi(4),
     "KIVI2": _kivi(2),
     "KVQUANT4": _kvquant(4),
