@@ -10,6 +10,7 @@ Sections (``--only`` picks some; finished rows are kept, so re-running resumes):
   first difference;
 * ``long``: the fp32 model's 256-token greedy continuation of a 512-token prompt, decoded token by
   token through each quantized cache: mean KL(fp32 || quantized) and top-1 agreement per step;
+* ``compose``: weight / activation recipes (W4A4 QuaRot, W4A16 GPTQ) composed with KV caches;
 * ``mem``: peak RSS of a long generation (batch 4, 1024-token prompts, 512 new tokens) in a fresh
   process per cache, and the cache's bytes at the end.
 
@@ -27,9 +28,13 @@ import time
 
 from _results import RESULTS, claim_lines, table_lines, write_results
 
-PPL_SETTINGS = ["none", "KV8", "KV4", "KV2", "KIVI4", "KIVI2", "KVQUANT4", "KVQUANT3", "KVQUANT2"]
-GEN_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4"]
+PPL_SETTINGS = ["none", "KV8", "KV4", "KV4_QUAROT", "KV2", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM", "KVQUANT4",
+                "KVQUANT3_UNIFORM", "KVQUANT3", "KVQUANT2_UNIFORM", "KVQUANT2"]
+GEN_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM"]
 LONG_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4"]
+# (recipe, KV settings): weight / activation recipes composed with KV caches, one quantization each
+COMPOSE = [("w4a4-quarot", ["none", "KV4", "KV4_QUAROT"]), ("gptq-w4g64", ["none", "KIVI4"])]
+KV_CALIB = (16, 512)  # KVQuant's level tables: 16 windows of 512 tokens of WikiText-2 validation, Fisher-weighted
 MEM_SETTINGS = ["none", "KV8", "KIVI4", "KIVI2"]
 FP32_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # layers x (keys, values) x kv heads x head_dim x 4 bytes = 46080
 CLAIMS = [
@@ -44,13 +49,41 @@ def _model():
     return load_model("smollm2-135m")
 
 
-def run_ppl(setting: str, windows: int) -> dict:
+def _ready(model, tok, setting: str):
+    """The setting, with KVQuant's level tables calibrated when it needs them."""
+    from lowbit.data import get_calibration
+    from lowbit.kvcache import calibrate_kv_levels, kv_setting
+
+    cfg = kv_setting(model, setting)
+    if cfg is None or cfg.calibrated:
+        return setting
+    return calibrate_kv_levels(model, cfg, get_calibration("wikitext2", tok, *KV_CALIB, 0))
+
+
+def _ppl_row(model, tok, setting: str, windows: int) -> dict:
     from lowbit.eval.perplexity import evaluate
 
-    model, tok = _model()
-    r = evaluate(model, tok, "wikitext2", "test", seqlen=2048, max_windows=windows, kv_cache=setting)
+    t0 = time.perf_counter()
+    kv = _ready(model, tok, setting)
+    calib_s = time.perf_counter() - t0
+    r = evaluate(model, tok, "wikitext2", "test", seqlen=2048, max_windows=windows, kv_cache=kv)
     return {"setting": setting, "perplexity": r.perplexity, "windows": r.windows,
-            "bytes_per_token": r.kv_bytes_per_token or float(FP32_BYTES_PER_TOKEN), "seconds": r.seconds}
+            "bytes_per_token": r.kv_bytes_per_token or float(FP32_BYTES_PER_TOKEN), "seconds": r.seconds,
+            "calibration_seconds": calib_s}
+
+
+def run_ppl(setting: str, windows: int) -> dict:
+    return _ppl_row(*_model(), setting, windows)
+
+
+def run_compose(recipe: str, settings: list[str], windows: int) -> dict:
+    """Quantize with ``recipe`` (128 x 512 calibration windows), then perplexity with each KV setting."""
+    from lowbit.data import get_calibration
+    from lowbit.quantization import quantize
+
+    model, tok = _model()
+    quantize(model, recipe, get_calibration("wikitext2", tok, 128, 512, 0), progress=False)
+    return {f"{recipe} + {s}": _ppl_row(model, tok, s, windows) for s in settings}
 
 
 def _prompts(tok, n: int, length: int):
@@ -138,9 +171,11 @@ def write_tables(data: dict, windows: int) -> None:
              f"Perplexity: WikiText-2 test, first {windows} windows of 2048; each window prefilled into a fresh cache and",
              "attention reading keys and values back from it. Bytes per token: everything the cache holds (codes,",
              "fp16 scales/minima, fp16 outliers with int32 positions, full-precision sink and residual tokens in the",
-             "model's fp32) over all 30 layers, averaged over the windows; fp32 cache: 46080.", "",
+             "model's fp32) over all 30 layers, averaged over the windows; fp32 cache: 46080. KVQUANT rows without",
+             "_UNIFORM use non-uniform level tables fitted per layer by Fisher-weighted k-means on 16 x 512 tokens of",
+             "WikiText-2 validation (the tables themselves, 2 x 30 x 2^bits floats, are not counted per token).", "",
              "| KV cache | perplexity | vs fp32 | bytes / token | vs fp32 cache |", "| --- | ---: | ---: | ---: | ---: |"]
-    for s, r in ppl.items():
+    for s, r in sorted(ppl.items(), key=lambda kv: PPL_SETTINGS.index(kv[0]) if kv[0] in PPL_SETTINGS else len(PPL_SETTINGS)):
         rel = f"{100 * (r['perplexity'] / fp - 1):+.2f}%" if fp else ""
         lines.append(f"| {s if s != 'none' else 'fp32'} | {r['perplexity']:.3f} | {rel} | {r['bytes_per_token']:.0f} | "
                      f"{r['bytes_per_token'] / FP32_BYTES_PER_TOKEN:.3f} |")
@@ -150,6 +185,22 @@ def write_tables(data: dict, windows: int) -> None:
         if "KIVI2" in ppl and "KV2" in ppl:
             a, b = ppl["KV2"]["perplexity"], ppl["KIVI2"]["perplexity"]
             lines.append(f"- KIVI-2 far better than naive 2-bit: {'yes' if b < a / 2 else 'NO'} ({b:.2f} vs {a:.2f})")
+        for bits in (4, 3, 2):
+            u, n = ppl.get(f"KVQUANT{bits}_UNIFORM"), ppl.get(f"KVQUANT{bits}")
+            if u and n:
+                lines.append(f"- KVQuant {bits}-bit non-uniform levels better than uniform codes: "
+                             f"{'yes' if n['perplexity'] < u['perplexity'] else 'NO'} "
+                             f"({n['perplexity']:.3f} vs {u['perplexity']:.3f})")
+    if data.get("compose"):
+        comp = data["compose"]
+        lines += table_lines(
+            ["Composed with weight and activation quantization (perplexity, same windows; vs the recipe without a",
+             "KV cache, then vs the fp32 model):"],
+            ["recipe + KV cache", "perplexity", "vs recipe alone", "bytes / token"],
+            [[name, f"{r['perplexity']:.3f}",
+              f"{100 * (r['perplexity'] / comp[name.split(' + ')[0] + ' + none']['perplexity'] - 1):+.2f}%"
+              if name.split(" + ")[0] + " + none" in comp else "", f"{r['bytes_per_token']:.0f}"]
+             for name, r in comp.items()])
     if data.get("gen"):
         lines += table_lines(
             ["Greedy generation, 20 new tokens after 512-token WikiText-2 prompts, against the fp32 cache:"],
@@ -182,11 +233,13 @@ def _subprocess(args: list[str]) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=["ppl", "gen", "long", "mem"], help="run only these sections")
+    parser.add_argument("--only", nargs="*", choices=["ppl", "gen", "long", "mem", "compose"],
+                        help="run only these sections")
     parser.add_argument("--settings", nargs="*", help="re-run only these KV settings")
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--ppl-one", help=argparse.SUPPRESS)
     parser.add_argument("--mem-one", help=argparse.SUPPRESS)
+    parser.add_argument("--compose-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ppl_one:
         print(json.dumps(run_ppl(args.ppl_one, args.windows)))
@@ -194,9 +247,12 @@ def main() -> None:
     if args.mem_one:
         print(json.dumps(run_mem_one(args.mem_one)))
         return
+    if args.compose_one:
+        print(json.dumps(run_compose(args.compose_one, dict(COMPOSE)[args.compose_one], args.windows)))
+        return
     path = RESULTS / "kv_cache.json"
     data: dict = json.loads(path.read_text()) if path.exists() else {}
-    sections = args.only or ["ppl", "gen", "long", "mem"]
+    sections = args.only or ["ppl", "gen", "long", "mem", "compose"]
     pick = (lambda all_: [s for s in all_ if not args.settings or s in args.settings])
     if "ppl" in sections:
         rows = data.setdefault("ppl", {})
@@ -214,6 +270,12 @@ def main() -> None:
     if "long" in sections:
         data.setdefault("long", {}).update(run_long(pick(LONG_SETTINGS)))
         write_tables(data, args.windows)
+    if "compose" in sections:
+        for recipe, _ in COMPOSE:
+            r = _subprocess(["--compose-one", recipe, "--windows", str(args.windows)])
+            if r:
+                data.setdefault("compose", {}).update(r)
+                write_tables(data, args.windows)
     if "mem" in sections:
         rows = data.setdefault("mem", {})
         for s in pick(MEM_SETTINGS):
