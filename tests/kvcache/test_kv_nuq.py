@@ -151,3 +151,13 @@ def test_real_model_levels_lower_the_error_on_held_out_text(smollm, data_dir):
     # Fisher-weighted fit, Fisher-weighted error 0.967 (squared gradients are heavy-tailed: 2 windows of
     # calibration generalise only a little); plain MSE fit, plain error 0.895
     assert mean_ratio[True] < 1.0 and mean_ratio[False] < 0.95, mean_ratio
+
+
+def test_command_line_calibrates_a_setting_that_needs_levels(tiny_llama, tiny_calib, capsys):
+    from lowbit.cli import _ready_kv
+
+    ready = _ready_kv(tiny_llama, None, TINY_KVQUANT, "wikitext2", tiny_calib)
+    assert ready.calibrated and len(ready.key_levels) == 2
+    assert "calibrating tiny-kvquant3 level tables on 8 x 32 tokens" in capsys.readouterr().err
+    assert _ready_kv(tiny_llama, None, "KIVI4", "wikitext2") == kv_preset("KIVI4")  # nothing to calibrate
+    assert _ready_kv(tiny_llama, None, "none", "wikitext2") == "none"
