@@ -54,7 +54,12 @@ NOTES = [
     "a poor one (QuaRot-RTN 254, QuaRot-GPTQ 46.7); Atom's 8-bit outlier channels do better still.",
     "RPTQ's 32 static ranges per input beat even dynamic per-token ranges here (+1.1% vs +3.4%); OliVe's",
     "pairs halve static int8's loss but a pruned victim per outlier still costs (+21%); ZeroQuant's LKD",
-    "(32 Adam steps per block against the fp block) halves W4A8's loss (+48.8% -> +23.3%).",
+    "(32 Adam steps per block against the fp block) halves W4A8's loss (+48.8% -> +23.3%). OliVe W4A4",
+    "(static per-tensor inputs) is far less broken than plain W4A4 but still unusable (1700). ZeroQuant-FP",
+    "W4A8 (FP4 E2M1 weights, power-of-two scales, rank-8 LoRC, FP8 inputs: 30.3) lands beside INT4 RTN W4A8",
+    "(29.6). w4a8-qoq (42.6) is worse than plain RTN W4A8 although its progressive weights alone measure only",
+    "~10% more weight error than RTN g64 on sampled layers: the rotation + smoothing it composes with is the",
+    "suspect, not yet isolated.",
 ]
 
 
