@@ -69,7 +69,7 @@ class QuantizedKVLayer(DynamicLayer):
         head_dim = key_states.shape[-1]
         c = self.cfg
         # QuaRot: a randomized Hadamard per head, applied before quantization and undone after
-        self.rotation = random_hadamard(head_dim, seed=0).float() if c.rotate else None
+        self.rotation = kv_rotation(head_dim) if c.rotate else None
         self.body_k = PackedKV(c.bits, c.key_axis, c.group("key", head_dim), c.outliers, self.key_levels)
         self.body_v = PackedKV(c.bits, c.value_axis, c.group("value", head_dim), c.outliers, self.value_levels)
         self.is_initialized = True
@@ -147,7 +147,7 @@ class QuantizedKVLayer(DynamicLayer):
         raise LowbitError("selecting batch rows of a quantized KV cache is not supported")
 
 
-def _rope_fn(model: Any) -> RopeFn:
+def rope_fn(model: Any) -> RopeFn:
     rotary = model.get_submodule("model.rotary_emb")
 
     def fn(start: int, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +156,17 @@ def _rope_fn(model: Any) -> RopeFn:
         return cos.unsqueeze(1).float(), sin.unsqueeze(1).float()  # (1, 1, n, head_dim)
 
     return fn
+
+
+def kv_rotation(head_dim: int) -> torch.Tensor:
+    """The fixed randomized Hadamard matrix (float32) that ``rotate`` applies to every head."""
+    return random_hadamard(head_dim, seed=0).float()
+
+
+def head_dim_of(model: Any) -> int:
+    """Channels per attention head of ``model``."""
+    mc = model.config
+    return getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
 
 
 def check_kv_model(model: Any) -> None:
@@ -179,8 +190,7 @@ class QuantizedKVCache(Cache):
         if ctx and cfg.residual + cfg.fp_head >= ctx:
             raise LowbitError(f"the full-precision window ({cfg.residual} recent + {cfg.fp_head} first tokens) is not "
                               f"smaller than the model's context of {ctx} tokens: nothing would be quantized")
-        mc = model.config
-        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        head_dim = head_dim_of(model)
         cfg.group("key", head_dim), cfg.group("value", head_dim)  # group sizes that do not fit: error now
         n_layers = model.config.num_hidden_layers
         if not cfg.calibrated:
@@ -190,7 +200,7 @@ class QuantizedKVCache(Cache):
         if cfg.key_levels is not None and len(cfg.key_levels) != n_layers:
             raise LowbitError(f"the KV-cache level tables were calibrated for {len(cfg.key_levels)} layers, but the "
                               f"model has {n_layers}: recalibrate on this model")
-        rope = _rope_fn(model) if cfg.pre_rope else None
+        rope = rope_fn(model) if cfg.pre_rope else None
         super().__init__(layers=[QuantizedKVLayer(cfg, rope, i) for i in range(n_layers)])
         self.kv_config = cfg
 

@@ -17,11 +17,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lowbit.errors import LowbitError
-from lowbit.kvcache.cache import _rope_fn, check_kv_model, rope_undo
+from lowbit.kvcache.cache import check_kv_model, head_dim_of, kv_rotation, rope_fn, rope_undo
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.kvcache.nuq import fit_levels
 from lowbit.kvcache.quant import code_units, grouped_kv
-from lowbit.rotation.hadamard import random_hadamard
 
 MAX_VALUES = 1 << 16  # code-unit values sampled per table for the k-means fit
 
@@ -101,10 +100,8 @@ def collect_code_values(model: Any, cfg: KVCacheConfig, windows: torch.Tensor, f
     if windows.dim() != 2 or windows.shape[0] < 1:
         raise LowbitError(f"calibration windows are token ids (n, seqlen), got shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
-    rope = _rope_fn(model) if cfg.pre_rope else None
-    mc = model.config
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    rotation = random_hadamard(head_dim, seed=0).float() if cfg.rotate else None  # as the cache rotates
+    rope = rope_fn(model) if cfg.pre_rope else None
+    rotation = kv_rotation(head_dim_of(model)) if cfg.rotate else None  # as the cache rotates
     parts: list[dict[str, list]] = [{"key": [], "value": [], "key_w": [], "value_w": []}
                                     for _ in range(model.config.num_hidden_layers)]
     for row in windows:
