@@ -119,9 +119,10 @@ def run_gen(settings: list[str], prompts: int = 8, new: int = 20) -> dict:
     gen = dict(max_new_tokens=new, do_sample=False, pad_token_id=tok.eos_token_id)
     refs = [model.generate(p, **gen)[0, p.shape[1]:] for p in ps]
     for s in settings:
+        kv = _ready(model, tok, s)
         full, prefix = 0, 0
         for p, ref in zip(ps, refs):
-            out = model.generate(p, past_key_values=QuantizedKVCache(model, s), **gen)[0, p.shape[1]:]
+            out = model.generate(p, past_key_values=QuantizedKVCache(model, kv), **gen)[0, p.shape[1]:]
             same = (out == ref).long()
             full += int(bool(same.all()))
             prefix += int(same.cumprod(0).sum())
@@ -143,7 +144,7 @@ def run_long(settings: list[str], prompt_len: int = 512, new: int = 256) -> dict
         ref_logp = torch.log_softmax(model(ids).logits[0, prompt_len - 1:-1].float(), -1)
         rows = {}
         for s in settings:
-            cache = QuantizedKVCache(model, s)
+            cache = QuantizedKVCache(model, _ready(model, tok, s))
             out = model(ids[:, :prompt_len], past_key_values=cache, use_cache=True)
             logits = [out.logits[0, -1]]
             for t in range(prompt_len, ids.shape[1] - 1):  # decode step by step, as generate does
@@ -165,7 +166,7 @@ def run_mem_one(setting: str, batch: int = 4, prompt_len: int = 1024, new: int =
     model, tok = _model()
     ps = torch.cat(_prompts(tok, batch, prompt_len))
     base = peak_rss_mb()
-    kw = {} if setting == "none" else {"past_key_values": QuantizedKVCache(model, setting)}
+    kw = {} if setting == "none" else {"past_key_values": QuantizedKVCache(model, _ready(model, tok, setting))}
     t0 = time.perf_counter()
     out = model.generate(ps, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.eos_token_id,
                          return_dict_in_generate=True, **kw)
