@@ -17,6 +17,16 @@ def write_results(name: str, data: Any, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
+def in_order(rows: dict[str, dict], order: list[str]) -> list[tuple[str, dict]]:
+    """``rows`` as (name, row) pairs in the order of ``order``; names not in it come last."""
+    return sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
+def vs(value: float, ref: float | None) -> str:
+    """``value`` against ``ref`` as a signed percentage (``+1.23%``), or "" without a reference."""
+    return f"{100 * (value / ref - 1):+.2f}%" if ref else ""
+
+
 def claim_lines(rows: dict[str, dict], fp: float, claims: list) -> list[str]:
     """``- claim: yes/NO (+x.xx%)`` for each ``(row, text, ok(relative % vs fp))`` whose row was measured."""
     out = []

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from _results import RESULTS, claim_lines, write_results
+from _results import RESULTS, claim_lines, in_order, vs, write_results
 
 CONFIGS = ["w8a8-static", "w8a8-rptq", "w8a8-olive", "w8a8-rtn", "w8a8-zeroquant", "w8a8-smoothquant-a05",
            "w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-os-plus", "w8a8-fp8", "w8a8-llmint8", "w4a8-zeroquant-rtn",
@@ -132,11 +132,9 @@ def write_tables(rows: dict[str, dict], windows: int) -> None:
              "times were taken while other jobs shared the 2 cores: upper bounds.", "",
              "| config | weights bits | inputs | perplexity | vs fp32 | quant time s |",
              "| --- | ---: | --- | ---: | ---: | ---: |"]
-    order = ["fp32", *CONFIGS, *PEERS]
-    for name, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        rel = f"{100 * (r['perplexity'] / fp - 1):+.2f}%" if fp else ""
+    for name, r in in_order(rows, ["fp32", *CONFIGS, *PEERS]):
         lines.append(f"| {name} | {r['bits_per_weight']:.3f} | {_act_label(name, r.get('activations'))} | "
-                     f"{r['perplexity']:.3f} | {rel} | {r['quant_seconds']:.0f} |")
+                     f"{r['perplexity']:.3f} | {vs(r['perplexity'], fp)} | {r['quant_seconds']:.0f} |")
     if fp:
         lines += ["", "Claims (from the issue), read off the rows above:"]
         lines += claim_lines(rows, fp, CLAIMS)

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from _results import RESULTS, claim_lines, table_lines, write_results
+from _results import RESULTS, claim_lines, in_order, table_lines, vs, write_results
 
 PPL_SETTINGS = ["none", "KV8", "KV4", "KV4_QUAROT", "KV2", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM", "KVQUANT4",
                 "KVQUANT3_UNIFORM", "KVQUANT3", "KVQUANT2_UNIFORM", "KVQUANT2"]
@@ -34,7 +34,6 @@ GEN_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM"]
 LONG_SETTINGS = ["KV8", "KV4", "KIVI4", "KIVI2", "KVQUANT4"]
 # (recipe, KV settings): weight / activation recipes composed with KV caches, one quantization each
 COMPOSE = [("w4a4-quarot", ["none", "KV4", "KV4_QUAROT"]), ("gptq-w4g64", ["none", "KIVI4"])]
-KV_CALIB = (16, 512)  # KVQuant's level tables: 16 windows of 512 tokens of WikiText-2 validation, Fisher-weighted
 MEM_SETTINGS = ["none", "KV8", "KIVI4", "KIVI2"]
 FP32_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # layers x (keys, values) x kv heads x head_dim x 4 bytes = 46080
 CLAIMS = [
@@ -63,14 +62,10 @@ def _model():
 
 
 def _ready(model, tok, setting: str):
-    """The setting, with KVQuant's level tables calibrated when it needs them."""
-    from lowbit.data import get_calibration
-    from lowbit.kvcache import calibrate_kv_levels, kv_setting
+    """The setting, with KVQuant's level tables calibrated (16 x 512 WikiText-2 validation) when it needs them."""
+    from lowbit.kvcache.calibrate import ready_kv_setting
 
-    cfg = kv_setting(model, setting)
-    if cfg is None or cfg.calibrated:
-        return setting
-    return calibrate_kv_levels(model, cfg, get_calibration("wikitext2", tok, *KV_CALIB, 0))
+    return ready_kv_setting(model, tok, setting)
 
 
 def _ppl_row(model, tok, setting: str, windows: int) -> dict:
@@ -189,9 +184,9 @@ def write_tables(data: dict, windows: int) -> None:
              "_UNIFORM use non-uniform level tables fitted per layer by Fisher-weighted k-means on 16 x 512 tokens of",
              "WikiText-2 validation (the tables themselves, 2 x 30 x 2^bits floats, are not counted per token).", "",
              "| KV cache | perplexity | vs fp32 | bytes / token | vs fp32 cache |", "| --- | ---: | ---: | ---: | ---: |"]
-    for s, r in sorted(ppl.items(), key=lambda kv: PPL_SETTINGS.index(kv[0]) if kv[0] in PPL_SETTINGS else len(PPL_SETTINGS)):
-        rel = f"{100 * (r['perplexity'] / fp - 1):+.2f}%" if fp else ""
-        lines.append(f"| {s if s != 'none' else 'fp32'} | {r['perplexity']:.3f} | {rel} | {r['bytes_per_token']:.0f} | "
+    for s, r in in_order(ppl, PPL_SETTINGS):
+        lines.append(f"| {s if s != 'none' else 'fp32'} | {r['perplexity']:.3f} | {vs(r['perplexity'], fp)} | "
+                     f"{r['bytes_per_token']:.0f} | "
                      f"{r['bytes_per_token'] / FP32_BYTES_PER_TOKEN:.3f} |")
     if fp:
         lines += ["", "Claims (from the issue), read off the rows above:"]
@@ -212,9 +207,8 @@ def write_tables(data: dict, windows: int) -> None:
              "KV cache, then vs the fp32 model):"],
             ["recipe + KV cache", "perplexity", "vs recipe alone", "bytes / token"],
             [[name, f"{r['perplexity']:.3f}",
-              f"{100 * (r['perplexity'] / comp[name.split(' + ')[0] + ' + none']['perplexity'] - 1):+.2f}%"
-              if name.split(" + ")[0] + " + none" in comp else "", f"{r['bytes_per_token']:.0f}"]
-             for name, r in comp.items()])
+              vs(r["perplexity"], comp.get(name.split(" + ")[0] + " + none", {}).get("perplexity")),
+              f"{r['bytes_per_token']:.0f}"] for name, r in comp.items()])
     if data.get("gen"):
         lines += table_lines(
             ["Greedy generation, 20 new tokens after 512-token WikiText-2 prompts, against the fp32 cache:"],

@@ -88,26 +88,11 @@ def _pivot_model(args: argparse.Namespace) -> Any:
     return load_model(args.pivot_model, dtype=args.dtype, cache=args.cache)[0]
 
 
-KV_CALIB_WINDOWS = 16  # KVQuant calibrates its level tables on 16 windows
-KV_CALIB_SEQLEN = 512
-
-
 def _ready_kv(model: Any, tok: Any, setting: Any, source: str, windows: Any = None) -> Any:
-    """The KV-cache setting to use, with KVQuant's non-uniform levels fitted now when it needs them
-    (on ``windows``, else on 16 windows of 512 tokens from ``source``)."""
-    from lowbit.kvcache import calibrate_kv_levels, kv_setting
+    """The KV-cache setting to use, KVQuant's level tables fitted now when it needs them (told on stderr)."""
+    from lowbit.kvcache.calibrate import ready_kv_setting
 
-    cfg = kv_setting(model, setting)
-    if cfg is None or cfg.calibrated:
-        return cfg if cfg is not None else setting
-    if windows is None:
-        from lowbit.data import get_calibration
-
-        windows = get_calibration(source, tok, KV_CALIB_WINDOWS, KV_CALIB_SEQLEN, 0)
-    windows = windows[:KV_CALIB_WINDOWS]
-    print(f"calibrating {cfg.name} level tables on {windows.shape[0]} x {windows.shape[1]} tokens of {source}",
-          file=sys.stderr)
-    return calibrate_kv_levels(model, cfg, windows)
+    return ready_kv_setting(model, tok, setting, source, windows, log=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ precision and the dense-and-sparse outliers are left out, and ``fit_levels`` fit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -23,6 +23,7 @@ from lowbit.kvcache.nuq import fit_levels
 from lowbit.kvcache.quant import code_units, grouped_kv
 
 MAX_VALUES = 1 << 16  # code-unit values sampled per table for the k-means fit
+CALIB_WINDOWS, CALIB_SEQLEN = 16, 512  # KVQuant calibrates its level tables on 16 windows
 
 
 class _RecordingLayer(DynamicLayer):
@@ -139,3 +140,23 @@ def calibrate_kv_levels(model: Any, config: "KVCacheConfig | str | dict[str, Any
                 w = None  # no gradient reached this layer's tensor: fall back to plain MSE
             tables[which].append(tuple(fit_levels(u, w, cfg.bits).tolist()))
     return dataclasses.replace(cfg, key_levels=tuple(tables["key"]), value_levels=tuple(tables["value"]))
+
+
+def ready_kv_setting(model: Any, tokenizer: Any, setting: Any = None, source: str = "wikitext2",
+                     windows: torch.Tensor | None = None, log: Callable[[str], None] | None = None) -> Any:
+    """The KV-cache setting to use (``setting``, else the model's own), with KVQuant's level tables
+    fitted now when it needs them: on the first 16 of ``windows``, else on 16 windows of 512 tokens
+    of ``source``.  A setting that turns the cache off comes back as given."""
+    from lowbit.kvcache.config import kv_setting
+
+    cfg = kv_setting(model, setting)
+    if cfg is None or cfg.calibrated:
+        return setting if cfg is None else cfg
+    if windows is None:
+        from lowbit.data import get_calibration
+
+        windows = get_calibration(source, tokenizer, CALIB_WINDOWS, CALIB_SEQLEN, 0)
+    windows = windows[:CALIB_WINDOWS]
+    if log is not None:
+        log(f"calibrating {cfg.name} level tables on {windows.shape[0]} x {windows.shape[1]} tokens of {source}")
+    return calibrate_kv_levels(model, cfg, windows)
