@@ -214,7 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model, dtype=args.dtype, cache=args.cache)
     kv = _ready_kv(model, tok, args.kv_cache, args.kv_calib)
-    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, kv, _pivot_model(args)))
+    print(args.prompt + generate_text(model, tok, args.prompt, args.max_new_tokens, kv, _pivot_model(args),
+                                             prefill_chunk=args.prefill_chunk))
     return 0
 
 
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
     p.add_argument("--kv-calib", default="wikitext2",
                    help="data for calibrating KVQuant's level tables when the KV preset needs them (16 x 512 tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill the prompt N tokens at a time (bounds activation memory for long prompts)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="prefill / decode tokens/s, memory, size on disk, bits per weight")

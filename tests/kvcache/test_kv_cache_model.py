@@ -25,6 +25,26 @@ def test_generate_runs_with_every_preset_and_a_wide_residual_is_exact(tiny_llama
     assert torch.equal(_greedy(tiny_llama, ids, 12, QuantizedKVCache(tiny_llama, "KIVI2")), ref)
 
 
+def test_chunked_prefill_generates_the_same_text(tiny_llama, tiny_calib):
+    from lowbit.runtime.speed import generate_text
+
+    class Tok:  # token ids as text: the tiny model has no tokenizer
+        eos_token_id = pad_token_id = 0
+
+        def __call__(self, text, return_tensors):
+            return type("Enc", (), {"input_ids": torch.tensor([[int(t) for t in text.split()]])})
+
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(str(int(i)) for i in ids)
+
+    prompt = " ".join(str(int(t)) for t in tiny_calib[0, :24])
+    for kv in ("none", "KV4", "KIVI2"):
+        whole = generate_text(tiny_llama, Tok(), prompt, 10, kv)
+        assert generate_text(tiny_llama, Tok(), prompt, 10, kv, prefill_chunk=5) == whole
+    with pytest.raises(LowbitError, match="positive number of tokens"):
+        generate_text(tiny_llama, Tok(), prompt, 10, "KV4", prefill_chunk=0)
+
+
 def test_cache_bytes_shrink_with_the_bits(tiny_llama, tiny_calib):
     sizes = {}
     for preset in ("KV8", "KV4", "KV2"):

@@ -8,7 +8,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.kvcache import KVCacheConfig, QuantizedKVLayer, kv_preset
 from lowbit.kvcache.cache import rope_apply, rope_undo
-from lowbit.kvcache.quant import PackedKV, dequantize_kv, fake_quant_kv, quantize_kv
+from lowbit.kvcache.quant import GrowingTensor, PackedKV, dequantize_kv, fake_quant_kv, quantize_kv
 
 
 def _naive(x: torch.Tensor, bits: int, axis: str, group: int) -> torch.Tensor:
@@ -68,6 +68,26 @@ def test_packed_store_appends_like_one_block():
         assert torch.equal(store.dequantize(torch.float32), fake_quant_kv(x, 4, axis, group, outliers=0.05))
 
 
+def test_packed_store_dequantizes_in_chunks_like_at_once():
+    x = torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(2))
+    for axis in ("token", "channel"):
+        store = PackedKV(3, axis, 8, outliers=0.03)
+        store.append(x)
+        out = torch.full((2, 2, 50, 16), 7.0)  # a view into a bigger buffer, as the cache passes
+        store.dequantize_into(out[:, :, 5:45], chunk_tokens=16)
+        assert torch.equal(out[:, :, 5:45], fake_quant_kv(x, 3, axis, 8, outliers=0.03))
+        assert (out[:, :, :5] == 7).all() and (out[:, :, 45:] == 7).all()
+
+
+def test_growing_tensor_appends_like_cat_and_keeps_spare_room_small():
+    grow, parts = GrowingTensor(2), []
+    for n in (3, 1, 1, 7, 1, 20):
+        parts.append(torch.randn(1, 2, n, 4))
+        grow.append(parts[-1])
+    assert torch.equal(grow.view(), torch.cat(parts, dim=2))
+    assert grow.nbytes() == 33 * 8 * 4 and grow.data.shape[2] <= 33 * 5 // 4
+
+
 def test_rope_undo_inverts_rope():
     x = torch.randn(1, 2, 5, 8)
     theta = torch.rand(1, 1, 5, 4) * 6
@@ -88,6 +108,22 @@ def test_layer_keeps_sink_and_residual_in_full_precision():
         out_k, out_v = layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
     assert layer.get_seq_length() == 20 and out_k.shape[2] == 20
     assert layer.body_k.tokens == 12 and layer.res_k.shape[2] == 7
+
+
+def test_layers_share_one_output_buffer_without_autograd():
+    from lowbit.kvcache.cache import KVScratch
+
+    cfg = KVCacheConfig(bits=4, key_axis="channel", value_axis="token", key_group=4, value_group=8, residual=4)
+    scratch = KVScratch()
+    k, v = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    with torch.enable_grad():
+        fresh = QuantizedKVLayer(cfg).update(k, v)
+    with torch.no_grad():
+        first = QuantizedKVLayer(cfg, scratch=scratch).update(k, v)
+        assert torch.equal(first[0], fresh[0]) and torch.equal(first[1], fresh[1]) and first[0].is_contiguous()
+        second = QuantizedKVLayer(cfg, scratch=scratch).update(k * 2, v)
+    assert first[0].data_ptr() == second[0].data_ptr()  # the next layer writes over the same memory
+    assert fresh[0].data_ptr() != first[0].data_ptr()
 
 
 def test_hadamard_rotation_spreads_an_outlier_channel():

@@ -39,11 +39,38 @@ def rope_undo(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return x * cos - _rotate_half(x) * sin
 
 
+class KVScratch:
+    """The buffers a cache's layers return their keys and values in.  Layers run one after another
+    and attention consumes what ``update`` returns before the next layer's ``update``, so under
+    ``torch.no_grad`` every layer reuses the same two buffers (grown a quarter at a time) instead of
+    allocating its full keys and values at every step; with autograd each call gets fresh tensors.
+    The buffers are flat, so every view handed out is contiguous."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def take(self, b: int, h: int, t: int, d: int, dtype: torch.dtype, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``(b, h, t, d)`` tensors to fill (views of the shared buffers when autograd is off)."""
+        if torch.is_grad_enabled():
+            return (torch.empty(b, h, t, d, dtype=dtype, device=device),
+                    torch.empty(b, h, t, d, dtype=dtype, device=device))
+        n, k = b * h * t * d, self.keys
+        if k is None or k.numel() < n or k.dtype != dtype or k.device != device:
+            cap = max(n, 0 if k is None else k.numel() * 5 // 4)
+            self.keys = torch.empty(cap, dtype=dtype, device=device)
+            self.values = torch.empty(cap, dtype=dtype, device=device)
+        return self.keys[:n].view(b, h, t, d), self.values[:n].view(b, h, t, d)  # contiguous, as attention likes
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's quantized cache (see module docstring)."""
 
-    def __init__(self, config: KVCacheConfig, rope: RopeFn | None = None, index: int = 0) -> None:
+    def __init__(self, config: KVCacheConfig, rope: RopeFn | None = None, index: int = 0,
+                 scratch: "KVScratch | None" = None) -> None:
         super().__init__()
+        self.scratch = scratch or KVScratch()
         if config.pre_rope and rope is None:
             raise LowbitError("pre-RoPE key quantization needs the model's rotary embedding")
         self.cfg = config
@@ -112,17 +139,32 @@ class QuantizedKVLayer(DynamicLayer):
         self.res_k, self.res_v = self.res_k[:, :, n:], self.res_v[:, :, n:]
 
     def _full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every token held: sink, dequantized body, residual window."""
         if not self.body_k.tokens:
             return torch.cat([self.sink_k, self.res_k], dim=-2), torch.cat([self.sink_v, self.res_v], dim=-2)
-        k = self.body_k.dequantize(torch.float32)
-        v = self.body_v.dequantize(torch.float32)
-        if self.rotation is not None:
-            k, v = k @ self.rotation.T, v @ self.rotation.T
-        if self.cfg.pre_rope:
-            cos, sin = self.rope(self.cfg.fp_head, k.shape[2], k)
-            k = rope_apply(k, cos, sin)
-        return (torch.cat([self.sink_k, k.to(self.dtype), self.res_k], dim=-2),
-                torch.cat([self.sink_v, v.to(self.dtype), self.res_v], dim=-2))
+        s, n, r = self.sink_k.shape[-2], self.body_k.tokens, self.res_k.shape[-2]
+        b, h, _, d = self.res_k.shape
+        k, v = self.scratch.take(b, h, s + n + r, d, self.dtype, self.device)
+        k[:, :, :s], v[:, :, :s] = self.sink_k, self.sink_v
+        k[:, :, s + n:], v[:, :, s + n:] = self.res_k, self.res_v
+        body_k, body_v = k[:, :, s:s + n], v[:, :, s:s + n]
+        self.body_k.dequantize_into(body_k)
+        self.body_v.dequantize_into(body_v)
+        if self.rotation is not None or self.cfg.pre_rope:
+            self._restore(body_k, body_v)
+        return k, v
+
+    def _restore(self, body_k: torch.Tensor, body_v: torch.Tensor, chunk: int = 256) -> None:
+        """Undo the rotation and re-apply RoPE to the dequantized body in place, ``chunk`` tokens at a time."""
+        for a in range(0, body_k.shape[2], chunk):
+            k, v = body_k[:, :, a:a + chunk].float(), body_v[:, :, a:a + chunk]
+            if self.rotation is not None:
+                k = k @ self.rotation.T
+                body_v[:, :, a:a + chunk] = v.float() @ self.rotation.T
+            if self.cfg.pre_rope:
+                cos, sin = self.rope(self.cfg.fp_head + a, k.shape[2], k)
+                k = rope_apply(k, cos, sin)
+            body_k[:, :, a:a + chunk] = k
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -201,7 +243,8 @@ class QuantizedKVCache(Cache):
             raise LowbitError(f"the KV-cache level tables were calibrated for {len(cfg.key_levels)} layers, but the "
                               f"model has {n_layers}: recalibrate on this model")
         rope = rope_fn(model) if cfg.pre_rope else None
-        super().__init__(layers=[QuantizedKVLayer(cfg, rope, i) for i in range(n_layers)])
+        scratch = KVScratch()  # one pair of output buffers shared by all layers
+        super().__init__(layers=[QuantizedKVLayer(cfg, rope, i, scratch) for i in range(n_layers)])
         self.kv_config = cfg
 
     def nbytes(self) -> int:

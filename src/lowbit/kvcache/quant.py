@@ -134,6 +134,37 @@ def fake_quant_kv(x: torch.Tensor, bits: int, axis: str, group: int, outliers: f
     return out.to(x.dtype)
 
 
+class GrowingTensor:
+    """A tensor that grows along ``dim`` into spare capacity (a quarter more each time it is full),
+    so appending a few tokens does not reallocate and copy everything held."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.data: torch.Tensor | None = None
+        self.size = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[self.dim]
+        if self.data is None or self.size + n > self.data.shape[self.dim]:
+            held = 0 if self.data is None else self.data.shape[self.dim]
+            shape = list(x.shape)
+            shape[self.dim] = max(self.size + n, held + held // 4)
+            grown = torch.empty(shape, dtype=x.dtype, device=x.device)
+            if self.size:
+                grown.narrow(self.dim, 0, self.size).copy_(self.view())
+            self.data = grown
+        self.data.narrow(self.dim, self.size, n).copy_(x)
+        self.size += n
+
+    def view(self) -> torch.Tensor | None:
+        """The appended part (None before the first append)."""
+        return None if self.data is None else self.data.narrow(self.dim, 0, self.size)
+
+    def nbytes(self) -> int:
+        """Bytes of the appended part (the spare capacity is at most a quarter more)."""
+        return 0 if self.data is None else self.size * (self.data.numel() // self.data.shape[self.dim]) * self.data.element_size()
+
+
 class PackedKV:
     """One growing quantized cache tensor (keys or values of one layer): packed codes, fp16 scales
     and minima, and the fp16 outliers as flat positions in ``(token, batch, head, channel)`` order
@@ -142,11 +173,8 @@ class PackedKV:
     def __init__(self, bits: int, axis: str, group: int, outliers: float = 0.0,
                  levels: torch.Tensor | None = None) -> None:
         self.bits, self.axis, self.group, self.outliers, self.levels = bits, axis, group, outliers, levels
-        self.codes: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.minimum: torch.Tensor | None = None
-        self.sparse_index: torch.Tensor | None = None
-        self.sparse_value: torch.Tensor | None = None
+        self.codes, self.scale, self.minimum = GrowingTensor(2), GrowingTensor(2), GrowingTensor(2)
+        self.sparse_index, self.sparse_value = GrowingTensor(0), GrowingTensor(0)
         self.tokens = 0
 
     def append(self, x: torch.Tensor) -> None:
@@ -157,28 +185,45 @@ class PackedKV:
             tbhd = mask.permute(2, 0, 1, 3)
             local = torch.nonzero(tbhd.reshape(-1)).reshape(-1)
             index = local + self.tokens * tbhd[0].numel()
-            value = x.permute(2, 0, 1, 3).reshape(-1)[local].half()
-            self.sparse_index = index if self.sparse_index is None else torch.cat([self.sparse_index, index])
-            self.sparse_value = value if self.sparse_value is None else torch.cat([self.sparse_value, value])
-        cat = (lambda a, b: b if a is None else torch.cat([a, b], dim=2))
-        self.codes, self.scale, self.minimum = cat(self.codes, codes), cat(self.scale, scale), cat(self.minimum, minimum)
+            if index.numel() and int(index[-1]) >= 2**31:
+                raise ValueError("KV outlier positions past 2^31 (batch x heads x tokens x head_dim): use a smaller "
+                                 "batch or no outliers")
+            self.sparse_index.append(index.to(torch.int32))
+            self.sparse_value.append(x.permute(2, 0, 1, 3).reshape(-1)[local].half())
+        self.codes.append(codes)
+        self.scale.append(scale)
+        self.minimum.append(minimum)
         self.tokens += x.shape[2]
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        out = dequantize_kv(self.codes, self.scale, self.minimum, self.bits, self.axis, self.group, torch.float32,
-                            self.levels)
-        if self.sparse_index is not None:
-            tbhd = out.permute(2, 0, 1, 3).contiguous()
-            tbhd.view(-1)[self.sparse_index] = self.sparse_value.float()
-            out = tbhd.permute(1, 2, 0, 3)
-        return out.to(dtype)
+        """The ``(b, h, tokens, d)`` tensor held, outliers restored."""
+        codes = self.codes.view()
+        b, h = codes.shape[:2]
+        d = self.scale.view().shape[3] if self.axis == "channel" else self.scale.view().shape[3] * self.group
+        out = torch.empty(b, h, self.tokens, d, dtype=dtype, device=codes.device)
+        self.dequantize_into(out)
+        return out
+
+    def dequantize_into(self, out: torch.Tensor, chunk_tokens: int = 256) -> None:
+        """Write the tensor held into ``out`` ``(b, h, tokens, d)`` (a view is fine), ``chunk_tokens``
+        at a time so the float temporaries stay small, then put the outliers back."""
+        step = self.group * max(1, chunk_tokens // self.group) if self.axis == "channel" else chunk_tokens
+        per_block = self.group if self.axis == "channel" else 1  # tokens per entry of the codes' dim 2
+        codes, scale, minimum = self.codes.view(), self.scale.view(), self.minimum.view()
+        for a in range(0, self.tokens, step):
+            n = min(step, self.tokens - a)
+            i, m = a // per_block, n // per_block
+            out[:, :, a:a + n] = dequantize_kv(codes[:, :, i:i + m], scale[:, :, i:i + m], minimum[:, :, i:i + m],
+                                               self.bits, self.axis, self.group, torch.float32, self.levels)
+        index = self.sparse_index.view()
+        if index is not None and index.numel():
+            b, h, _, d = out.shape
+            index = index.long()
+            t, rest = index // (b * h * d), index % (b * h * d)
+            out[rest // (h * d), rest // d % h, t, rest % d] = self.sparse_value.view().to(out.dtype)
 
     def nbytes(self) -> int:
         """Stored bytes: codes, scales, minima, and each outlier's fp16 value plus its int32 position
         (a non-uniform level table is per layer, not per token: not counted)."""
-        if self.codes is None:
-            return 0
-        n = sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
-        if self.sparse_index is not None:
-            n += self.sparse_value.numel() * (2 + 4)
-        return n
+        n = self.codes.nbytes() + self.scale.nbytes() + self.minimum.nbytes()
+        return n + self.sparse_value.size * (2 + 4)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.packed.qlinear import QuantLinear
 
@@ -96,22 +97,31 @@ def measure_speed(model: Any, prompt_ids: torch.Tensor, new_tokens: int = 64, re
 
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, kv_cache: Any | None = None,
-                  pivot_model: Any | None = None) -> str:
+                  pivot_model: Any | None = None, prefill_chunk: int | None = None) -> str:
     """Greedy continuation of ``prompt`` (packed layers use their measured kernels).  ``kv_cache``: a
     quantized KV-cache setting (preset, mapping or config; default the model's own, ``"none"``: fp);
-    ``pivot_model``: the full-precision model, for IntactKV pivots."""
+    ``pivot_model``: the full-precision model, for IntactKV pivots; ``prefill_chunk``: prefill the
+    prompt that many tokens at a time (peak memory then follows the cache, not the prompt's activations)."""
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise LowbitError(f"prefill chunk must be a positive number of tokens, got {prefill_chunk}")
     select_kernels(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                         **kv_cache_kwargs(model, ids, kv_cache, pivot_model))
+                         **kv_cache_kwargs(model, ids, kv_cache, pivot_model, prefill_chunk is not None),
+                         **({} if prefill_chunk is None else {"prefill_chunk_size": prefill_chunk}))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def kv_cache_kwargs(model: Any, ids: torch.Tensor, kv_cache: Any | None = None, pivot_model: Any | None = None
-                    ) -> dict[str, Any]:
-    """``{"past_key_values": cache}`` for generating from ``ids`` when a KV-cache setting applies, else ``{}``."""
+def kv_cache_kwargs(model: Any, ids: torch.Tensor, kv_cache: Any | None = None, pivot_model: Any | None = None,
+                    always: bool = False) -> dict[str, Any]:
+    """``{"past_key_values": cache}`` for generating from ``ids`` when a KV-cache setting applies, else ``{}``
+    (``always``: an fp ``DynamicCache`` then, as chunked prefill needs a cache passed in)."""
+    from transformers import DynamicCache
+
     from lowbit.kvcache import kv_setting, new_kv_cache
 
     cfg = kv_setting(model, kv_cache)
-    return {} if cfg is None else {"past_key_values": new_kv_cache(model, cfg, ids, pivot_model)}
+    if cfg is None:
+        return {"past_key_values": DynamicCache(config=model.config)} if always else {}
+    return {"past_key_values": new_kv_cache(model, cfg, ids, pivot_model)}
