@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -208,6 +209,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lowbit.analysis.executors import make_executor
+    from lowbit.analysis.sweep import SweepData, expand, parse_group, parse_list, run_sweep
+
+    configs = expand(parse_list(args.methods, "method"), parse_list(args.bits, "bits", int),
+                     parse_list(args.group_sizes, "group size", parse_group))
+    data = SweepData(args.calib, args.nsamples, args.seqlen, args.seed, args.eval_dataset, args.eval_seqlen,
+                     args.max_windows)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
+    executor = make_executor(args.executor, args.workers, args.ray_address, threads)
+    sweep = run_sweep(args.model, configs, args.out, executor, data, args.cache, threads)
+    failed = [r["config"] for r in sweep["rows"] if r.get("status") != "ok"]
+    print(f"wrote {args.out}/sweep.json and sweep.md ({len(sweep['rows'])} configurations"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + ")")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lowbit.models.loading import load_model
     from lowbit.runtime.speed import generate_text
@@ -363,6 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="quantize + evaluate every method x bits x group size on the same data; resumable")
+    _add_model_options(p)
+    p.add_argument("--methods", required=True, help="comma-separated weight methods, e.g. rtn,gptq,awq,hqq")
+    p.add_argument("--bits", default="8,4,3,2", help="comma-separated bit widths (default 8,4,3,2)")
+    p.add_argument("--group-sizes", default="64", help="comma-separated group sizes, 'channel' for per channel (default 64)")
+    p.add_argument("--out", required=True, help="results directory (sweep.json, sweep.md); re-running resumes")
+    p.add_argument("--calib", default="wikitext2")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-dataset", default="wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=10, help="evaluation windows (a fixed prefix of the test split)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes, or Ray tasks (extra 'ray')")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--workers", type=int, default=1, help="configurations run at once on this machine")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per configuration (default: cores / workers)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
     p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")

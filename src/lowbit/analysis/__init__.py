@@ -1,0 +1,1 @@
+"""Trade-off analysis: sweeps, per-layer sensitivity, mixed-precision allocation, statistics, plots, reports."""

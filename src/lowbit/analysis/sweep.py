@@ -1,0 +1,238 @@
+"""Sweeps: every (method, bits, group size) configuration quantized on the same calibration windows
+and evaluated on the same windows, one row each in ``sweep.json`` (and ``sweep.md``) of a results
+directory.  Finished rows are kept, so a re-run does only what is missing; each configuration runs
+in a worker of a pluggable executor (``lowbit.analysis.executors``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lowbit.analysis.executors import Executor, InlineExecutor
+from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
+from lowbit.atomic import atomic_file
+from lowbit.errors import LowbitError
+
+SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
+TABLE_COLUMNS = ["config", "method", "bits", "group", "bits/weight", "size MB", "perplexity", "KL to fp",
+                 "top-1 agreement", "quant s", "peak RSS MiB"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One point of a sweep: ``method`` at ``bits`` with groups of ``group_size`` (None: per channel)."""
+
+    method: str
+    bits: int
+    group_size: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-w{self.bits}" + (f"g{self.group_size}" if self.group_size else "-channel")
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe dict: asymmetric integer weights, every decoder linear, lm_head left alone."""
+        spec: dict[str, Any] = {"type": "int", "bits": self.bits, "symmetric": False}
+        spec |= {"granularity": "group", "group_size": self.group_size} if self.group_size else {"granularity": "channel"}
+        return {"name": self.name, "methods": [{"method": self.method, "spec": spec}]}
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """The shared data of a sweep: calibration windows and evaluation windows."""
+
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    eval_dataset: str = "wikitext2"
+    eval_seqlen: int = 2048
+    eval_windows: int = 10
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """Everything a worker needs to run one configuration (picklable)."""
+
+    model: str
+    config: SweepConfig
+    data: SweepData
+    cache: str | None = None
+    threads: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list[Any]:
+    """A comma-separated command-line list; LowbitError when it is empty or an item does not parse."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise LowbitError(f"the {what} list is empty: give at least one, comma-separated")
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise LowbitError(f"cannot read the {what} list {text!r}") from None
+
+
+def parse_group(text: str) -> int | None:
+    return None if text in ("channel", "none", "0") else int(text)
+
+
+def expand(methods: list[str], bits: list[int], group_sizes: list[int | None]) -> list[SweepConfig]:
+    """Every combination, validated before anything runs."""
+    if not methods:
+        raise LowbitError("the method list is empty: give at least one method (e.g. --methods rtn,gptq)")
+    if not bits or not group_sizes:
+        raise LowbitError("give at least one bit width and one group size")
+    unknown = [m for m in methods if m not in SWEEP_METHODS]
+    if unknown:
+        raise LowbitError(f"cannot sweep method(s) {', '.join(unknown)}: sweepable weight-only methods are "
+                          f"{', '.join(SWEEP_METHODS)}")
+    bad = [b for b in bits if not 1 <= b <= 8]
+    if bad:
+        raise LowbitError(f"bit widths must lie in 1..8, got {bad}")
+    if any(g is not None and g < 1 for g in group_sizes):
+        raise LowbitError(f"group sizes must be positive (or 'channel'), got {group_sizes}")
+    return [SweepConfig(m, b, g) for m in methods for b in bits for g in group_sizes]
+
+
+def run_job(job: SweepJob) -> dict[str, Any]:
+    """Quantize and evaluate one configuration in this process: the sweep row (status "failed" with
+    the error's message when lowbit refuses the configuration)."""
+    import torch
+
+    from lowbit.data import get_calibration
+    from lowbit.eval.memory import peak_rss_mb
+    from lowbit.eval.perplexity import evaluate
+    from lowbit.models.loading import load_model
+    from lowbit.quantization import quantize
+
+    os.environ.update(job.env)
+    torch.set_num_threads(job.threads)
+    c, d = job.config, job.data
+    row: dict[str, Any] = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size}
+    try:
+        fp, tok = load_model(job.model, cache=job.cache)
+        model, _ = load_model(job.model, cache=job.cache)
+        calib = get_calibration(d.calib, tok, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed)
+        t0 = time.perf_counter()
+        report = quantize(model, c.recipe(), calib, progress=False)
+        seconds = time.perf_counter() - t0
+        res = evaluate(model, tok, d.eval_dataset, "test", seqlen=d.eval_seqlen, max_windows=d.eval_windows,
+                       reference=fp)
+    except LowbitError as exc:
+        return row | {"status": "failed", "error": str(exc)}
+    size_mb = report.model_bits_per_weight * report.model_params / 8 / 2**20
+    return row | {"status": "ok", "bits_per_weight": report.bits_per_weight,
+                  "model_bits_per_weight": report.model_bits_per_weight, "size_mb": size_mb,
+                  "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1_agreement,
+                  "eval_windows": res.windows, "quant_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                  "threads": job.threads}
+
+
+def fp_row(model: Any, tok: Any, data: SweepData) -> dict[str, Any]:
+    """The unquantized model's perplexity and size on the sweep's evaluation windows."""
+    from lowbit.eval.perplexity import evaluate
+
+    res = evaluate(model, tok, data.eval_dataset, "test", seqlen=data.eval_seqlen, max_windows=data.eval_windows)
+    params = sum(p.numel() for p in model.parameters())
+    bits = 8 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"perplexity": res.perplexity, "eval_windows": res.windows, "bits_per_weight": bits / params,
+            "size_mb": bits / 8 / 2**20}
+
+
+def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, executor: Executor | None = None,
+              data: SweepData = SweepData(), cache: str | None = None, threads: int = 1,
+              runner: Callable[[SweepJob], dict[str, Any]] = run_job,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the configurations of ``configs`` not yet finished in ``out`` and return the sweep results.
+
+    The fp model is loaded here once: its identity guards the directory (results of another model
+    are refused) and its perplexity is the reference row.  A directory swept with other data is
+    refused too.  ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.
+    """
+    from lowbit.models.loading import load_model
+
+    if not configs:
+        raise LowbitError("nothing to sweep: the configuration list is empty")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"{out} is a file: give a directory for the sweep results")
+    model, tok = load_model(model_ref, cache=cache)
+    identity = model_identity(model, model_ref)
+    stored = read_results(out, "sweep")
+    if stored is not None:
+        check_same_model(stored, identity, out)
+        if stored.get("data") != asdict(data):
+            raise LowbitError(f"{out} holds a sweep with other data settings ({stored.get('data')}); use another "
+                              "results directory or the same settings")
+    sweep = stored or {"kind": "sweep", "model": identity, "data": asdict(data), "rows": []}
+    if "fp" not in sweep:
+        sweep["fp"] = fp_row(model, tok, data)
+    del model
+    done = {r["config"] for r in sweep["rows"] if r.get("status") == "ok"}
+    todo = [c for c in configs if c.name not in done]
+    log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configurations already done, {len(todo)} to run "
+        f"on the {(executor or InlineExecutor()).name} executor")
+    _save(out, sweep)
+    env = {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_") or k.startswith("HF_")}
+    jobs = [SweepJob(model_ref, c, data, cache, threads, env) for c in todo]
+    for job, row in (executor or InlineExecutor()).run(runner, jobs):
+        if isinstance(row, BaseException):
+            c = job.config
+            row = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size,
+                   "status": "failed", "error": f"{type(row).__name__}: {row}"}
+        sweep["rows"] = [r for r in sweep["rows"] if r["config"] != row["config"]] + [row]
+        _save(out, sweep)
+        log(_row_line(row))
+    return sweep
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return f"{row['config']}: failed: {row.get('error')}"
+    return (f"{row['config']}: {row['bits_per_weight']:.3f} bits/weight, perplexity {row['perplexity']:.3f}, "
+            f"KL {row['kl']:.4f}, {row['quant_seconds']:.0f} s")
+
+
+def table_rows(sweep: dict[str, Any]) -> list[list[str]]:
+    """The sweep's table (fp first, then by method and bits per weight)."""
+    fp = sweep.get("fp")
+    rows = []
+    if fp:
+        rows.append(["fp", "-", "-", "-", f"{fp['bits_per_weight']:.3f}", f"{fp['size_mb']:.1f}",
+                     f"{fp['perplexity']:.3f}", "0", "100.0%", "0", "-"])
+    ok = sorted((r for r in sweep["rows"] if r.get("status") == "ok"), key=lambda r: (r["method"], r["bits_per_weight"]))
+    for r in ok:
+        rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
+                     f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}", _num(r["perplexity"]), f"{r['kl']:.4f}",
+                     f"{100 * r['top1']:.1f}%", f"{r['quant_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+    for r in sweep["rows"]:
+        if r.get("status") != "ok":
+            rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
+                         "failed: " + str(r.get("error", ""))[:80]] + [""] * 6)
+    return rows
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) and x < 1e6 else f"{x:.3g}"
+
+
+def sweep_markdown(sweep: dict[str, Any]) -> str:
+    d, m = sweep["data"], sweep["model"]
+    head = [f"# Sweep of {m['name']}", "",
+            f"Calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calib']} (seed {d['seed']}); evaluation: "
+            f"first {d['eval_windows']} windows of {d['eval_seqlen']} of {d['eval_dataset']} test. KL and top-1 "
+            "agreement against the unquantized model; bits/weight over the quantized linears (scales and zeros "
+            "included); size: the whole model's weights at their storage width.", "",
+            "| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join(["---"] * len(TABLE_COLUMNS)) + " |"]
+    return "\n".join(head + ["| " + " | ".join(r) + " |" for r in table_rows(sweep)]) + "\n"
+
+
+def _save(out: Path, sweep: dict[str, Any]) -> None:
+    write_results(out, "sweep", sweep)
+    with atomic_file(out / "sweep.md") as tmp:
+        Path(tmp).write_text(sweep_markdown(sweep))

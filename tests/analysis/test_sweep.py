@@ -1,0 +1,80 @@
+"""Sweeps: configuration lists, resuming, refusing another model's directory, and a real two-point sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.analysis.executors import InlineExecutor, LocalExecutor, make_executor
+from lowbit.analysis.sweep import SweepConfig, SweepData, expand, parse_group, parse_list, run_sweep, sweep_markdown
+from lowbit.errors import LowbitError
+
+TINY_DATA = SweepData(nsamples=4, seqlen=128, eval_seqlen=256, eval_windows=1)
+
+
+def test_expand_names_every_combination_and_refuses_bad_lists():
+    configs = expand(["rtn", "gptq"], [4, 3], [64, None])
+    assert [c.name for c in configs] == ["rtn-w4g64", "rtn-w4-channel", "rtn-w3g64", "rtn-w3-channel",
+                                         "gptq-w4g64", "gptq-w4-channel", "gptq-w3g64", "gptq-w3-channel"]
+    assert configs[1].recipe()["methods"][0]["spec"] == {"type": "int", "bits": 4, "symmetric": False,
+                                                         "granularity": "channel"}
+    with pytest.raises(LowbitError, match="method list is empty"):
+        parse_list(" , ", "method")
+    with pytest.raises(LowbitError, match="method list is empty"):
+        expand([], [4], [64])
+    with pytest.raises(LowbitError, match="sweepable weight-only methods"):
+        expand(["smoothquant"], [8], [64])
+    with pytest.raises(LowbitError, match="1..8"):
+        expand(["rtn"], [16], [64])
+    with pytest.raises(LowbitError, match="cannot read the bits list"):
+        parse_list("4,x", "bits", int)
+    assert parse_list("64,channel", "group size", parse_group) == [64, None]
+    with pytest.raises(LowbitError, match="unknown executor"):
+        make_executor("slurm")
+    with pytest.raises(LowbitError, match="at least 1"):
+        LocalExecutor(0)
+
+
+def _fake_runner(calls):
+    def run(job):
+        calls.append(job.config.name)
+        c = job.config
+        return {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size, "status": "ok",
+                "bits_per_weight": c.bits + 0.5, "size_mb": 1.0, "perplexity": 20.0 + 10.0 / c.bits, "kl": 0.1,
+                "top1": 0.9, "quant_seconds": 1.0, "peak_rss_mb": 100.0}
+    return run
+
+
+@pytest.mark.model
+def test_sweep_resumes_and_refuses_other_models_and_data(smollm, tmp_path):
+    calls: list[str] = []
+    out = tmp_path / "sweep"
+    run_sweep("smollm2-135m", expand(["rtn"], [4, 3], [64]), out, InlineExecutor(), TINY_DATA,
+              runner=_fake_runner(calls), log=lambda s: None)
+    sweep = run_sweep("smollm2-135m", expand(["rtn"], [4, 3, 2], [64]), out, InlineExecutor(), TINY_DATA,
+                      runner=_fake_runner(calls), log=lambda s: None)
+    assert calls == ["rtn-w4g64", "rtn-w3g64", "rtn-w2g64"]  # the second run only did what was missing
+    assert [r["config"] for r in sweep["rows"]] == ["rtn-w4g64", "rtn-w3g64", "rtn-w2g64"]
+    assert sweep["fp"]["perplexity"] > 1 and (out / "sweep.md").read_text() == sweep_markdown(sweep)
+    with pytest.raises(LowbitError, match="other data settings"):
+        run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(),
+                  SweepData(nsamples=8, seqlen=128, eval_seqlen=256, eval_windows=1), runner=_fake_runner(calls))
+    stored = json.loads((out / "sweep.json").read_text())
+    stored["model"] |= {"name": "llama-7b", "fingerprint": "0123456789abcdef"}
+    (out / "sweep.json").write_text(json.dumps(stored))
+    with pytest.raises(LowbitError, match="not of 'smollm2-135m'"):
+        run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(), TINY_DATA,
+                  runner=_fake_runner(calls))
+
+
+@pytest.mark.model
+def test_real_sweep_in_a_worker_process(smollm, tmp_path):
+    sweep = run_sweep("smollm2-135m", [SweepConfig("rtn", 3, 64)], tmp_path, LocalExecutor(1), TINY_DATA, threads=2,
+                      log=lambda s: None)
+    (row,) = sweep["rows"]
+    assert row["status"] == "ok" and row["config"] == "rtn-w3g64"
+    assert row["bits_per_weight"] == pytest.approx(3 + 35 / 64)  # an fp32 scale and a 3-bit zero per 64 weights
+    assert row["perplexity"] > 1.2 * sweep["fp"]["perplexity"]  # measured 102 (one 256-token window)
+    assert 0.01 < row["kl"] and row["top1"] < 0.95  # measured KL 1.30, top-1 42%
+    assert row["size_mb"] < sweep["fp"]["size_mb"] / 3  # measured 153 MB vs 513 (embedding still fp32)
