@@ -179,19 +179,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.quantization import quantize, save_quantized
     from lowbit.recipe import resolve_targets
 
-    recipe = _recipe_from_args(args)
+    mixed = args.target_bpw is not None or args.target_mb is not None  # per-layer formats by sensitivity
+    if mixed:
+        from lowbit.analysis.mixed import check_cli_args, recipe_for_cli, summary_rows
+
+        check_cli_args(args)
+    recipe = None if mixed else _recipe_from_args(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache,
                             trust_remote_code=args.trust_remote_code)
-    resolve_targets(model, recipe)  # every recipe error surfaces before any work
+    if recipe is not None:
+        resolve_targets(model, recipe)  # every recipe error surfaces before any work
     check_seqlen(model, args.seqlen)
     if args.eval:
         check_seqlen(model, args.eval_seqlen)
     calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed, model=model)
     progress = not args.json and sys.stderr.isatty()
+    allocation = None
+    if mixed:  # validates the target and candidates first, then measures sensitivity and allocates
+        recipe, allocation = recipe_for_cli(args, model, tok, calib, progress)
     ev = dict(dataset=args.eval_dataset, split=args.eval_split, seqlen=args.eval_seqlen,
               max_windows=args.max_windows, progress=progress, data_dir=args.data_dir)
     before = evaluate(model, tok, kv_cache="none", **ev) if args.eval else None
     report = quantize(model, recipe, calib, batch_size=args.batch_size, progress=progress)
+    if allocation is not None:
+        report.extra["mixed_precision"] = allocation
     if recipe.kv_cache is not None and not recipe.kv_cache.calibrated:  # KVQuant levels, on the quantized model
         recipe.kv_cache = _ready_kv(model, tok, recipe.kv_cache, args.calib, calib)
         report.recipe["kv_cache"] = recipe.kv_cache.to_dict()
@@ -205,7 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
     else:
-        print_table(_quant_rows(report, before, after, args.out))
+        print_table(_quant_rows(report, before, after, args.out) + (summary_rows(allocation) if allocation else []))
     return 0
 
 
@@ -338,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--activations", default=None, metavar="PRESET",
                    help="also quantize the layers' inputs (A8_TOKEN, A4_TOKEN, A8_TENSOR, FP8_E4M3_TOKEN ...)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
+                        help="mixed precision: pick each layer's format from --candidates by measured sensitivity so the "
+                             "quantized linears average at most BPW bits per weight (scales/zeros included); "
+                             "--method quantizes them (default gptq), --bits/--group-size are not used")
+    target.add_argument("--target-mb", type=float, default=None, metavar="MB",
+                        help="mixed precision with a size budget: MB (10^6 bytes) of the quantized linears")
+    p.add_argument("--candidates", default="2:64,3:64,4:64,8", metavar="BITS[:GROUP],...",
+                   help="formats --target-bpw/--target-mb choose from (no group: per channel; --asym applies)")
+    p.add_argument("--sensitivity", default=None, metavar="DIR",
+                   help="results directory: reuse its sensitivity.json (same model and candidates), else write it there")
     p.add_argument("--kv-cache", default=None, metavar="PRESET",
                    help="KV-cache setting saved with the model and used by --eval after quantization (overrides the recipe's)")
     p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, selfgen or a .txt/.jsonl file")
@@ -410,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-type", default="Q8_0", help="GGUF type of the token embedding / untied output head")
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=cmd_export)
+    from lowbit.analysis.cli_analysis import add_analyze_parser, add_report_parser
+
+    add_analyze_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
