@@ -57,9 +57,16 @@ NOTES = [
     "(32 Adam steps per block against the fp block) halves W4A8's loss (+48.8% -> +23.3%). OliVe W4A4",
     "(static per-tensor inputs) is far less broken than plain W4A4 but still unusable (1700). ZeroQuant-FP",
     "W4A8 (FP4 E2M1 weights, power-of-two scales, rank-8 LoRC, FP8 inputs: 30.3) lands beside INT4 RTN W4A8",
-    "(29.6). w4a8-qoq (42.6) is worse than plain RTN W4A8 although its progressive weights alone measure only",
-    "~10% more weight error than RTN g64 on sampled layers: the rotation + smoothing it composes with is the",
-    "suspect, not yet isolated.",
+    "(29.6). w4a8-qoq (42.6) is worse than plain RTN W4A8, and the Hadamard rotation is why: this model's",
+    "linear weights are dequantized Q4_1 (groups of 32), so unrotated they sit almost on a 4-bit grid that",
+    "round-to-nearest g64 partly recovers, while rotated weights are generic. Measured on the same data:",
+    "RTN W4 g64 asym weights alone 26.35 unrotated vs 39.67 after the QuaRot rotation; QoQ W4A8 without",
+    "rotation and smoothing 26.28 (beside the 29.64 of ZeroQuant RTN W4A8). The shipped w4a8-qoq keeps the",
+    "paper's rotation + smoothing; this model cannot show what they gain on ordinary fp weights (the same",
+    "grid loss also weighs on the QuaRot W4A4 rows).",
+    "llm-compressor's SmoothQuant (strength 0.5) + W8A8 (int8 weights per channel, dynamic per-token int8",
+    "inputs) on the same calibration: 20.423 (+2.52%), against lowbit's 20.142 (searched alpha) and 20.299",
+    "(alpha 0.5).",
 ]
 
 
@@ -106,6 +113,7 @@ def run_one(name: str, windows: int, nsamples: int) -> dict:
 
 
 INPUT_LABELS = {  # methods that quantize inputs their own way (no activation spec in the recipe)
+    "llmcompressor-smoothquant-w8a8": "int8 dynamic per-token (llm-compressor)",
     "w8a8-llmint8": "int8 per token, columns >= 6.0 in fp32",
     "w4a16-nvfp4": "fp32",
     "w4a4-atom": "int4 per token-group of 64 + 32 int8 outlier channels",

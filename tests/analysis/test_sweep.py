@@ -78,3 +78,12 @@ def test_real_sweep_in_a_worker_process(smollm, tmp_path):
     assert row["perplexity"] > 1.2 * sweep["fp"]["perplexity"]  # measured 102 (one 256-token window)
     assert 0.01 < row["kl"] and row["top1"] < 0.95  # measured KL 1.30, top-1 42%
     assert row["size_mb"] < sweep["fp"]["size_mb"] / 3  # measured 153 MB vs 513 (embedding still fp32)
+
+
+def test_executors_return_results_and_failures_per_job():
+    import math
+
+    for ex in (InlineExecutor(), LocalExecutor(2)):
+        got = dict(ex.run(math.sqrt, [4.0, -1.0, 9.0]))  # a picklable function a spawned worker can import
+        assert got[4.0] == 2.0 and got[9.0] == 3.0
+        assert isinstance(got[-1.0], ValueError)  # the failed job only

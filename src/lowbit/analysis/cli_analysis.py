@@ -56,6 +56,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.quantized and not _is_checkpoint(args.quantized):
         recipe = load_recipe(args.quantized)  # LowbitError naming the shipped recipes when it is neither
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"--out {out} is a file: give a directory for the analysis results")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache,
                             trust_remote_code=args.trust_remote_code)
     _check_results_dir(out, model_identity(model, args.model))  # every check before any long work

@@ -8,6 +8,7 @@ torch threads, so a configuration gives the same numbers whichever executor ran 
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Protocol
@@ -50,13 +51,17 @@ class LocalExecutor:
         if not jobs:
             return
         ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same start as Ray's workers
-        with ProcessPoolExecutor(self.workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: workers are reused
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, **fresh)
+        try:
             pending = {pool.submit(fn, job): job for job in jobs}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     exc = fut.exception()
                     yield pending.pop(fut), exc if exc is not None else fut.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # an abandoned sweep does not wait for the queue
 
 
 class RayExecutor:

@@ -214,6 +214,9 @@ def check_cli_args(args: Any) -> None:
                           "--candidates, --option)")
     if args.activations:
         raise LowbitError("--target-bpw / --target-mb allocate weight formats only; drop --activations")
+    if args.sensitivity and Path(args.sensitivity).exists() and not Path(args.sensitivity).is_dir():
+        raise LowbitError(f"--sensitivity {args.sensitivity} is a file: give the results directory that holds (or "
+                          "will hold) sensitivity.json")
 
 
 def recipe_for_cli(args: Any, model: torch.nn.Module, tok: Any, calib: torch.Tensor, progress: bool

@@ -27,12 +27,12 @@ def load_all(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     d = Path(results_dir)
     if not d.is_dir():
         raise LowbitError(f"{d} is not a directory; give the --out directory of 'lowbit sweep', "
-                          "'lowbit sensitivity' or 'lowbit analyze'")
+                          "'lowbit quantize --target-bpw ... --sensitivity DIR' or 'lowbit analyze'")
     found = {k: r for k in KINDS if (r := read_results(d, k)) is not None}
     if not found:
         names = ", ".join(results_path(d, k).name for k in KINDS)
         raise LowbitError(f"no results in {d}: expected at least one of {names} (written by 'lowbit sweep', "
-                          "'lowbit sensitivity' or 'lowbit analyze')")
+                          "'lowbit quantize --target-bpw ... --sensitivity DIR' or 'lowbit analyze')")
     prints = {k: r.get("model", {}).get("fingerprint") for k, r in found.items()}
     if len(set(prints.values())) > 1:
         detail = ", ".join(f"{k}.json: {r.get('model', {}).get('name')!r} ({prints[k]})" for k, r in found.items())
@@ -170,8 +170,8 @@ def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
                    r.get("size_mb"), r["perplexity"], (r["perplexity"] - fp_ppl) if fp_ppl is not None else None,
                    r.get("kl"), r.get("top1"), r.get("quant_seconds"), r.get("peak_rss_mb"), r["config"] in front]
                   for r in good]
-        doc.table(["config", "method", "bits", "group", "bits/weight", "size MB", "perplexity", "Δ ppl", "KL",
-                   "top-1", "quant s", "peak RSS MB", "Pareto"], table)
+        doc.table(["config", "method", "bits", "group", "bits/weight", "size MiB", "perplexity", "Δ ppl", "KL",
+                   "top-1", "quant s", "peak RSS MiB", "Pareto"], table)
         doc.para("Pareto: no other configuration is at most as large and at most as perplexed (one strictly).")
         doc.image(plot_ppl_vs_bpw(good, plots / "ppl_vs_bpw.png", fp_ppl), "perplexity vs bits per weight")
         if len(ok_rows(good, "kl")) == len(good):

@@ -18,7 +18,7 @@ from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 
 SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
-TABLE_COLUMNS = ["config", "method", "bits", "group", "bits/weight", "size MB", "perplexity", "KL to fp",
+TABLE_COLUMNS = ["config", "method", "bits", "group", "bits/weight", "size MiB", "perplexity", "KL to fp",
                  "top-1 agreement", "quant s", "peak RSS MiB"]
 
 
@@ -96,12 +96,14 @@ def expand(methods: list[str], bits: list[int], group_sizes: list[int | None]) -
         raise LowbitError(f"bit widths must lie in 1..8, got {bad}")
     if any(g is not None and g < 1 for g in group_sizes):
         raise LowbitError(f"group sizes must be positive (or 'channel'), got {group_sizes}")
-    return [SweepConfig(m, b, g) for m in methods for b in bits for g in group_sizes]
+    combos = [SweepConfig(m, b, g) for m in methods for b in bits for g in group_sizes]
+    return list(dict.fromkeys(combos))  # a repeated item runs once
 
 
 def run_job(job: SweepJob) -> dict[str, Any]:
     """Quantize and evaluate one configuration in this process: the sweep row (status "failed" with
     the error's message when lowbit refuses the configuration)."""
+    os.environ.update(job.env)  # before the imports below read their settings (HF_*, LOWBIT_*)
     import torch
 
     from lowbit.data import get_calibration
@@ -110,7 +112,6 @@ def run_job(job: SweepJob) -> dict[str, Any]:
     from lowbit.models.loading import load_model
     from lowbit.quantization import quantize
 
-    os.environ.update(job.env)
     torch.set_num_threads(job.threads)
     c, d = job.config, job.data
     row: dict[str, Any] = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size}
@@ -178,7 +179,7 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configurations already done, {len(todo)} to run "
         f"on the {(executor or InlineExecutor()).name} executor")
     _save(out, sweep)
-    env = {k: v for k, v in os.environ.items() if k.startswith("LOWBIT_") or k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("LOWBIT_", "HF_", "XDG_CACHE_HOME"))}
     jobs = [SweepJob(model_ref, c, data, cache, threads, env) for c in todo]
     for job, row in (executor or InlineExecutor()).run(runner, jobs):
         if isinstance(row, BaseException):

@@ -58,7 +58,8 @@ class KVScratch:
                     torch.empty(b, h, t, d, dtype=dtype, device=device))
         n, k = b * h * t * d, self.keys
         if k is None or k.numel() < n or k.dtype != dtype or k.device != device:
-            cap = max(n, 0 if k is None else k.numel() * 5 // 4)
+            grow = k is not None and k.numel() < n  # a longer context: room for a quarter more
+            cap = max(n, k.numel() * 5 // 4) if grow else max(n, 0 if k is None else k.numel())
             self.keys = torch.empty(cap, dtype=dtype, device=device)
             self.values = torch.empty(cap, dtype=dtype, device=device)
         return self.keys[:n].view(b, h, t, d), self.values[:n].view(b, h, t, d)  # contiguous, as attention likes

@@ -162,7 +162,10 @@ class GrowingTensor:
 
     def nbytes(self) -> int:
         """Bytes of the appended part (the spare capacity is at most a quarter more)."""
-        return 0 if self.data is None else self.size * (self.data.numel() // self.data.shape[self.dim]) * self.data.element_size()
+        if self.data is None:
+            return 0
+        per_step = math.prod(n for i, n in enumerate(self.data.shape) if i != self.dim)
+        return self.size * per_step * self.data.element_size()
 
 
 class PackedKV:
