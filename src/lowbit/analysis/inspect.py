@@ -26,11 +26,7 @@ from lowbit.analysis.stats import (
 )
 from lowbit.errors import LowbitError
 from lowbit.models.arch import architecture_of, decoder_blocks
-from lowbit.pipeline.capture import BlockInputs, capture_block_inputs, run_block
-
-
-class _Stop(Exception):
-    """Raised after the last decoder block: the head's output is not needed."""
+from lowbit.pipeline.capture import BlockInputs, _Stop, capture_block_inputs, forward_until_stop, run_block
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -87,13 +83,8 @@ def channel_absmax(model: torch.nn.Module, calib: torch.Tensor, batch_size: int 
 
     handles = [m.register_forward_hook(grab(name)) for name, (_, m) in layers.items()]
     handles.append(decoder_blocks(model)[-1].register_forward_hook(stop))
-    device = next(model.parameters()).device
     try:
-        for batch in calib.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        forward_until_stop(model, calib, batch_size)
     finally:
         for h in handles:
             h.remove()

@@ -8,33 +8,34 @@ import sys
 import torch
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """``field`` (e.g. ``VmHWM``) of ``/proc/self/status`` in MiB; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 
     Linux: ``VmHWM`` of ``/proc/self/status`` (``ru_maxrss`` is inherited from the parent across
     fork and exec, so a child started by a big process would report the parent's peak).
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024**2 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def current_rss_mb() -> float | None:
     """Resident set size of this process now, in MiB (Linux ``VmRSS``; None elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
+    return _proc_status_mb("VmRSS")
 
 
 def reset_device_peak(device: torch.device) -> None:

@@ -36,6 +36,16 @@ def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def forward_until_stop(model: torch.nn.Module, calib: torch.Tensor, batch_size: int) -> None:
+    """Run ``model`` on ``calib`` in batches; a hook raising ``_Stop`` ends each batch's forward early."""
+    device = next(model.parameters()).device
+    for batch in calib.split(batch_size):
+        try:
+            model(input_ids=batch.to(device), use_cache=False)
+        except _Stop:
+            pass
+
+
 def capture_block_inputs(
     model: torch.nn.Module, first_block: torch.nn.Module, calib: torch.Tensor, batch_size: int
 ) -> BlockInputs:
@@ -50,14 +60,9 @@ def capture_block_inputs(
         kwargs.append(_clean_kwargs(kw))
         raise _Stop
 
-    device = next(model.parameters()).device
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in calib.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        forward_until_stop(model, calib, batch_size)
     finally:
         handle.remove()
     return BlockInputs(hidden, kwargs)
