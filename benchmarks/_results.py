@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,13 @@ def table_lines(caption: list[str], header: list[str], body: list[list[str]]) ->
     align = ["---"] + ["---:"] * (len(header) - 1)
     return ["", *caption, "", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |",
             *("| " + " | ".join(row) + " |" for row in body)]
+
+
+def run_child(script: str, args: list[str]) -> dict | None:
+    """Run ``script`` with ``args`` in a fresh Python process and parse the JSON on its last stdout
+    line (None when it fails; its errors go to this process's stderr): one process per measured row."""
+    proc = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        print(f"{args}: failed (exit {proc.returncode})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])

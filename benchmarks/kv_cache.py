@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
-from _results import RESULTS, claim_lines, in_order, table_lines, vs, write_results
+from _results import RESULTS, run_child, claim_lines, in_order, table_lines, vs, write_results
 
 PPL_SETTINGS = ["none", "KV8", "KV4", "KV4_QUAROT", "KV2", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM", "KVQUANT4",
                 "KVQUANT3_UNIFORM", "KVQUANT3", "KVQUANT2_UNIFORM", "KVQUANT2"]
@@ -246,13 +244,6 @@ def write_tables(data: dict, windows: int) -> None:
     write_results("kv_cache", data, lines + ["", *NOTES])
 
 
-def _subprocess(args: list[str]) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{args}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,7 +273,7 @@ def main() -> None:
         for s in pick(PPL_SETTINGS):
             if s in rows and not args.settings:
                 continue
-            r = _subprocess(["--ppl-one", s, "--windows", str(args.windows)])
+            r = run_child(__file__, ["--ppl-one", s, "--windows", str(args.windows)])
             if r:
                 rows[s] = r
                 print(f"ppl {s:10s} {r['perplexity']:.3f}", flush=True)
@@ -295,14 +286,14 @@ def main() -> None:
         write_tables(data, args.windows)
     if "compose" in sections:
         for recipe, _ in COMPOSE:
-            r = _subprocess(["--compose-one", recipe, "--windows", str(args.windows)])
+            r = run_child(__file__, ["--compose-one", recipe, "--windows", str(args.windows)])
             if r:
                 data.setdefault("compose", {}).update(r)
                 write_tables(data, args.windows)
     if "mem" in sections:
         rows = data.setdefault("mem", {})
         for s in pick(MEM_SETTINGS):
-            r = _subprocess(["--mem-one", s])
+            r = run_child(__file__, ["--mem-one", s])
             if r:
                 rows[s] = r
                 write_tables(data, args.windows)

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
-from _results import RESULTS, table_lines, write_results
+from _results import RESULTS, run_child, table_lines, write_results
 
 FULL = {"method": "gptq", "candidates": [[2, 64], [3, 64], [4, 64], [8, None]], "sens_windows": 4,
         "sens_seqlen": 128, "nsamples": 128, "seqlen": 512, "eval_windows": 10, "eval_seqlen": 2048,
@@ -182,13 +181,6 @@ def write_tables(data: dict, name: str) -> None:
     write_results(name, data, lines + _sens_lines(data))
 
 
-def _subprocess(args: list[str]) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        print(f"{args}: failed (exit {proc.returncode})", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +214,7 @@ def main() -> None:
         key = f"seed{seed}"
         if key in sens and key not in args.redo:
             continue
-        r = _subprocess(["--sens-one", str(seed), *flags])
+        r = run_child(__file__, ["--sens-one", str(seed), *flags])
         if r is None:
             return  # the rows need the seed-0 sensitivity
         sens[key] = r
@@ -236,7 +228,7 @@ def main() -> None:
     for row in row_names(cfg):
         if row in rows and row not in args.redo:
             continue
-        r = _subprocess(["--row-one", row, *flags])
+        r = run_child(__file__, ["--row-one", row, *flags])
         if r:
             rows[row] = r
             print(f"{row:18s} bpw {r['bits_per_weight']:.4f}  ppl {r['perplexity']:.3f}  {r['quant_seconds']:.0f} s",

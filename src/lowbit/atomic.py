@@ -48,3 +48,10 @@ def atomic_file(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, so no reader sees half of it."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

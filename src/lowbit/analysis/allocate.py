@@ -190,6 +190,11 @@ def dp_allocate(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]
     return choice, exact
 
 
+def cost_range(costs: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(smallest, largest) total bits of any allocation: every layer at its cheapest / dearest option."""
+    return sum(min(int(x) for x in c) for c in costs), sum(max(int(x) for x in c) for c in costs)
+
+
 def allocate(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], budget: float,
              method: str = "auto", max_cells: int = MAX_CELLS) -> Allocation:
     """Minimise the summed loss within ``budget`` bits (see the module docstring)."""
@@ -197,8 +202,7 @@ def allocate(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], 
         raise LowbitError(f"unknown allocation method {method!r}; use auto, dp or greedy")
     _check(costs, losses)
     budget_bits = math.floor(budget)
-    low = sum(min(int(x) for x in c) for c in costs)
-    high = sum(max(int(x) for x in c) for c in costs)
+    low, high = cost_range(costs)
     if budget_bits < low:
         raise LowbitError(f"budget of {budget:,.0f} bits is below the smallest allocation ({low:,} bits, every layer "
                           "at its cheapest option); raise the target or add a cheaper candidate")

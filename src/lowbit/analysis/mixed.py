@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lowbit.analysis.allocate import allocate
+from lowbit.analysis.allocate import allocate, cost_range
 from lowbit.analysis.candidates import DEFAULT_CANDIDATES, Candidate, as_candidates
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
 from lowbit.analysis.sensitivity import measure_sensitivity, target_linears
@@ -59,8 +59,7 @@ def budget_bits(table: dict[str, tuple[int, list[int]]], candidates: Sequence[Ca
     budget = target_bpw * weights if target_bpw is not None else target_mb * 8e6
     if not budget > 0 or not math.isfinite(budget):
         raise LowbitError(f"the target must be a positive number, got {target_bpw if target_mb is None else target_mb}")
-    low = sum(min(c) for c in costs)
-    high = sum(max(c) for c in costs)
+    low, high = cost_range(costs)
     totals = [sum(c[k] for c in costs) for k in range(len(candidates))]
     cheapest, widest = candidates[totals.index(min(totals))], candidates[totals.index(max(totals))]
     what = f"{target_bpw} bits per weight" if target_bpw is not None else f"{target_mb} MB"

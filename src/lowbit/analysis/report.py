@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowbit.analysis.sweep import data_line
 from lowbit.analysis.results import KINDS, read_results, results_path
-from lowbit.atomic import atomic_file
+from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
 PLOTS_DIR = "plots"
@@ -160,7 +161,7 @@ def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
     rows = sweep.get("rows", [])
     fp = sweep.get("fp") or {}
     fp_ppl = fp.get("perplexity")
-    doc.para(_sweep_data_line(sweep.get("data") or {}))
+    doc.para(data_line(dict(sweep.get("data") or {})))
     good = sorted(ok_rows(rows), key=lambda r: (str(r["method"]), r["bits_per_weight"]))
     if good:
         front = pareto_front(good)
@@ -183,17 +184,6 @@ def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
         doc.para(f"{len(failed)} configuration(s) did not complete:")
         doc.table(["config", "status", "error"],
                   [[r.get("config"), r.get("status"), r.get("error", "")] for r in failed])
-
-
-def _sweep_data_line(d: Mapping[str, Any]) -> str:
-    """What the sweep measured on, from its ``data`` entry (``lowbit.analysis.sweep.SweepData`` fields)."""
-    keys = ("calib", "nsamples", "seqlen", "seed", "eval_dataset", "eval_seqlen", "eval_windows")
-    if all(k in d for k in keys):
-        return (f"Calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calib']} (seed {d['seed']}); "
-                f"evaluation: first {d['eval_windows']} windows of {d['eval_seqlen']} tokens of {d['eval_dataset']} "
-                "test. KL and top-1 agreement against the unquantized model; bits/weight over the quantized linears, "
-                "scales and zeros included.")
-    return "Data: " + (", ".join(f"{k} {v}" for k, v in d.items()) or "not recorded") + "."
 
 
 def _sensitivity_section(doc: Doc, sens: Mapping[str, Any], plots: Path) -> None:
@@ -268,11 +258,6 @@ def _analysis_section(doc: Doc, ana: Mapping[str, Any], plots: Path) -> None:
         doc.image(plot_error_along_depth(blocks, plots / "error_along_depth.png"), "error along depth")
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
 def write_report(results_dir: str | Path) -> tuple[Path, Path]:
     """Render the plots into ``results_dir/plots/`` and write ``report.md`` and a self-contained
     ``report.html``; returns both paths."""
@@ -293,6 +278,6 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path]:
     if "analysis" in found:
         _analysis_section(doc, found["analysis"], plots)
     md, page = d / "report.md", d / "report.html"
-    _write_text(md, doc.markdown(d))
-    _write_text(page, doc.html())
+    write_text_atomic(md, doc.markdown(d))
+    write_text_atomic(page, doc.html())
     return md, page

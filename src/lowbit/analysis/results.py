@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lowbit.atomic import atomic_file
+from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
 KINDS = ("sweep", "sensitivity", "analysis")
@@ -50,10 +50,7 @@ def read_results(directory: str | Path, kind: str) -> dict[str, Any] | None:
 
 def write_results(directory: str | Path, kind: str, data: dict[str, Any]) -> Path:
     """Write ``data`` as the ``kind`` results of ``directory`` (atomically)."""
-    path = results_path(directory, kind)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    return path
+    return write_text_atomic(results_path(directory, kind), json.dumps(data, indent=1) + "\n")
 
 
 def check_same_model(stored: dict[str, Any], identity: dict[str, Any], where: str | Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.analysis.candidates import Candidate
+from lowbit.analysis.inspect import decoder_linears
 from lowbit.analysis.results import check_same_model, model_identity
 from lowbit.analysis.sensitivity_math import (
     diag_hessian_error,
@@ -40,19 +41,14 @@ from lowbit.analysis.sensitivity_math import (
 )
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
-from lowbit.models.arch import architecture_of, decoder_blocks
+from lowbit.models.arch import decoder_blocks
 
 PROXY = "sum_j E[x_j^2] ||dW[:, j]||^2 (diagonal of GPTQ's layer Hessian 2 E[x x^T], halved; RTN dW)"
 
 
 def target_linears(model: torch.nn.Module, names: Sequence[str] | None = None) -> dict[str, tuple[int, torch.nn.Linear]]:
     """Decoder-block linears (full name -> (block index, module)) in depth order; ``names`` picks some."""
-    prefix = architecture_of(model).blocks
-    found: dict[str, tuple[int, torch.nn.Linear]] = {}
-    for i, block in enumerate(decoder_blocks(model)):
-        for sub, m in block.named_modules():
-            if isinstance(m, torch.nn.Linear):
-                found[f"{prefix}.{i}.{sub}"] = (i, m)
+    found = {n: (i, m) for n, (i, m) in decoder_linears(model).items() if isinstance(m, torch.nn.Linear)}
     if names is None:
         if not found:
             raise LowbitError(f"no nn.Linear inside the decoder blocks of {type(model).__name__}")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from lowbit.analysis.executors import Executor, InlineExecutor
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
-from lowbit.atomic import atomic_file
+from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
 
 SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
@@ -222,18 +222,22 @@ def _num(x: float) -> str:
     return f"{x:.3f}" if math.isfinite(x) and x < 1e6 else f"{x:.3g}"
 
 
+def data_line(d: dict[str, Any]) -> str:
+    """What a sweep measured on, from its ``data`` entry (the ``SweepData`` fields)."""
+    if not all(k in d for k in SweepData.__dataclass_fields__):
+        return "Data: " + (", ".join(f"{k} {v}" for k, v in d.items()) or "not recorded") + "."
+    return (f"Calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calib']} (seed {d['seed']}); evaluation: "
+            f"first {d['eval_windows']} windows of {d['eval_seqlen']} tokens of {d['eval_dataset']} test. KL and "
+            "top-1 agreement against the unquantized model; bits/weight over the quantized linears (scales and "
+            "zeros included); size: the whole model's weights at their storage width.")
+
+
 def sweep_markdown(sweep: dict[str, Any]) -> str:
-    d, m = sweep["data"], sweep["model"]
-    head = [f"# Sweep of {m['name']}", "",
-            f"Calibration: {d['nsamples']} x {d['seqlen']} tokens of {d['calib']} (seed {d['seed']}); evaluation: "
-            f"first {d['eval_windows']} windows of {d['eval_seqlen']} of {d['eval_dataset']} test. KL and top-1 "
-            "agreement against the unquantized model; bits/weight over the quantized linears (scales and zeros "
-            "included); size: the whole model's weights at their storage width.", "",
+    head = [f"# Sweep of {sweep['model']['name']}", "", data_line(sweep["data"]), "",
             "| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join(["---"] * len(TABLE_COLUMNS)) + " |"]
     return "\n".join(head + ["| " + " | ".join(r) + " |" for r in table_rows(sweep)]) + "\n"
 
 
 def _save(out: Path, sweep: dict[str, Any]) -> None:
     write_results(out, "sweep", sweep)
-    with atomic_file(out / "sweep.md") as tmp:
-        Path(tmp).write_text(sweep_markdown(sweep))
+    write_text_atomic(out / "sweep.md", sweep_markdown(sweep))
