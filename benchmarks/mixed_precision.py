@@ -19,6 +19,7 @@ and writes ``results/mixed_precision_quick.*`` instead.  On cores other jobs als
     python benchmarks/mixed_precision.py
     python benchmarks/mixed_precision.py --targets 3.5 3.75 4.0 4.25
     python benchmarks/mixed_precision.py --quick
+    python benchmarks/mixed_precision.py --device cuda   # results/mixed_precision_cuda.*
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _setup(cfg: dict):
     from lowbit.data import get_calibration
     from lowbit.models.loading import load_model
 
-    model, tok = load_model(MODEL)
+    model, tok = load_model(MODEL, device=cfg.get("device", "cpu"))
     calib = get_calibration("wikitext2", tok, cfg["nsamples"], cfg["seqlen"], 0)
     return model, tok, calib, as_candidates([tuple(c) for c in cfg["candidates"]])
 
@@ -148,7 +149,9 @@ def _f(v: float | None) -> str:
 def write_tables(data: dict, name: str) -> None:
     cfg, rows = data["settings"], data.get("rows", {})
     fp = rows.get("fp32", {}).get("perplexity")
-    lines = [f"# Mixed precision on {MODEL}{' (quick check, not a result)' if name.endswith('quick') else ''}", "",
+    where = "" if cfg.get("device", "cpu") == "cpu" else f", measured on {cfg['device']}"
+    quick = " (quick check, not a result)" if "quick" in name else ""
+    lines = [f"# Mixed precision on {MODEL}{where}{quick}", "",
              f"{cfg['method'].upper()} per layer at the format a knapsack allocation picks from "
              f"{', '.join('w%d' % b + ('g%d' % g if g else '') for b, g in cfg['candidates'])} (symmetric, fp32 scales)",
              "to minimise the summed per-layer KL within the bits-per-weight budget (KL assumed additive over layers).",
@@ -186,13 +189,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-minute check of the whole path (RTN, tiny sets)")
     parser.add_argument("--targets", nargs="*", type=float, help="mixed-precision targets in bpw (default 3.5 4.0)")
+    parser.add_argument("--device", default="cpu", help="where to measure (cpu, cuda); cuda writes *_cuda.*")
     parser.add_argument("--redo", nargs="*", default=[], help="measure these pieces again (seed0, seed1, row names)")
     parser.add_argument("--sens-one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--row-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    name = "mixed_precision_quick" if args.quick else "mixed_precision"
+    name = ("mixed_precision_quick" if args.quick else "mixed_precision") + ("" if args.device == "cpu" else "_cuda")
     path = RESULTS / f"{name}.json"
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = dict(QUICK if args.quick else FULL) | {"device": args.device}
     if args.targets:
         cfg["targets"] = args.targets
     if args.sens_one is not None:
@@ -208,7 +212,7 @@ def main() -> None:
         print(f"{path.name} was measured with other settings; starting over", file=sys.stderr)
         data = {}
     data["settings"] = cfg
-    flags = ["--quick"] if args.quick else []
+    flags = (["--quick"] if args.quick else []) + ["--device", args.device]
     sens = data.setdefault("sensitivity", {})
     for seed in cfg["seeds"]:
         key = f"seed{seed}"

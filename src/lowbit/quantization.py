@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from lowbit.atomic import atomic_dir
+from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
 from lowbit.eval.memory import peak_rss_mb
@@ -88,8 +89,7 @@ def quantize(
     if calib is None:
         raise LowbitError("quantize() needs calibration windows (lowbit.data.get_calibration(...)), even for "
                           "data-free methods: they are used to measure each layer's output error")
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
-        raise LowbitError("calibration must be a 2-D tensor of token ids (nsamples, seqlen)")
+    check_token_windows(calib, "quantization's calibration")
     _check_static_calibration(rec, calib)
     transforms = rec.build_transforms()
     for t in transforms:

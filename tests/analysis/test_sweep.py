@@ -61,6 +61,17 @@ def test_sweep_resumes_and_refuses_other_models_and_data(smollm, tmp_path):
         run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(),
                   SweepData(nsamples=8, seqlen=128, eval_seqlen=256, eval_windows=1), runner=_fake_runner(calls))
     stored = json.loads((out / "sweep.json").read_text())
+    assert stored["device"] == "cpu"
+    (out / "sweep.json").write_text(json.dumps(stored | {"device": "cuda"}))
+    with pytest.raises(LowbitError, match="run on cuda, not cpu"):  # GPU timings beside CPU ones would mislead
+        run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(), TINY_DATA,
+                  runner=_fake_runner(calls))
+    older = {k: v for k, v in stored.items() if k != "device"}  # written before the entry: read from the rows
+    older["rows"] = [r | {"device": "cuda:0"} for r in stored["rows"]]
+    (out / "sweep.json").write_text(json.dumps(older))
+    with pytest.raises(LowbitError, match="run on cuda, not cpu"):
+        run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(), TINY_DATA,
+                  runner=_fake_runner(calls))
     stored["model"] |= {"name": "llama-7b", "fingerprint": "0123456789abcdef"}
     (out / "sweep.json").write_text(json.dumps(stored))
     with pytest.raises(LowbitError, match="not of 'smollm2-135m'"):
@@ -87,3 +98,14 @@ def test_executors_return_results_and_failures_per_job():
         got = dict(ex.run(math.sqrt, [4.0, -1.0, 9.0]))  # a picklable function a spawned worker can import
         assert got[4.0] == 2.0 and got[9.0] == 3.0
         assert isinstance(got[-1.0], ValueError)  # the failed job only
+
+
+def test_sweep_refuses_a_device_this_machine_lacks(tmp_path):
+    import torch
+
+    with pytest.raises(LowbitError, match="unknown device"):
+        run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), tmp_path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match="sees no CUDA GPU"):
+            run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), tmp_path, device="cuda")
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -52,6 +52,9 @@ def test_cache_bytes_shrink_with_the_bits(tiny_llama, tiny_calib):
         with torch.no_grad():
             tiny_llama(tiny_calib[:1], past_key_values=cache, use_cache=True)
         sizes[preset] = cache.nbytes()
+        # allocated: the same packed blocks (sized exactly by one prefill) plus the one shared pair of
+        # fp32 output buffers, 1 x 2 heads x 32 tokens x 16 dims each
+        assert cache.allocated_nbytes() == sizes[preset] + 2 * (2 * 32 * 16 * 4)
     fp32 = 2 * 2 * 32 * 2 * 16 * 4  # layers x (k, v) x tokens x kv heads x head_dim x 4 bytes = 16384
     # codes plus an fp16 scale and minimum per 16-value head vector: 8 bits -> 4096 + 1024 ...
     assert sizes == {"KV8": 4096 + 1024, "KV4": 2048 + 1024, "KV2": 1024 + 1024}

@@ -86,6 +86,7 @@ def test_growing_tensor_appends_like_cat_and_keeps_spare_room_small():
         grow.append(parts[-1])
     assert torch.equal(grow.view(), torch.cat(parts, dim=2))
     assert grow.nbytes() == 33 * 8 * 4 and grow.data.shape[2] <= 33 * 5 // 4
+    assert grow.allocated_nbytes() == grow.data.shape[2] * 8 * 4 >= grow.nbytes()  # spare room counted here only
 
 
 def test_rope_undo_inverts_rope():

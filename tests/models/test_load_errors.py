@@ -94,3 +94,10 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_bad_device(run_cli, clean_error, tmp_path):
+    code, _, err = run_cli("eval", str(tmp_path / "missing"), "--device", "tpu")
+    clean_error(code, err, "unknown device 'tpu'", "cpu, cuda or cuda:N")
+    code, _, err = run_cli("eval", str(tmp_path / "missing"), "--device", "meta")
+    clean_error(code, err, "device type 'meta' is not supported")

@@ -24,6 +24,7 @@ from lowbit.analysis.stats import (
     update_absmax,
     weight_summary,
 )
+from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.capture import BlockInputs, _Stop, capture_block_inputs, forward_until_stop, run_block
@@ -55,11 +56,7 @@ def _layer_weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _check_ids(ids: torch.Tensor) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-        raise LowbitError("analysis needs a 2-D tensor of token ids (nsamples, seqlen), e.g. from "
-                          "lowbit.data.get_calibration(...)")
-    if ids.numel() == 0:
-        raise LowbitError("analysis needs at least one calibration token")
+    check_token_windows(ids, "analysis")
 
 
 @torch.no_grad()

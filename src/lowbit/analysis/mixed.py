@@ -26,6 +26,7 @@ from lowbit.analysis.allocate import allocate, cost_range
 from lowbit.analysis.candidates import DEFAULT_CANDIDATES, Candidate, as_candidates
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
 from lowbit.analysis.sensitivity import measure_sensitivity, target_linears
+from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.methods import get_method
 
@@ -115,8 +116,7 @@ def get_sensitivity(model: torch.nn.Module, calib: torch.Tensor, candidates: Seq
 
 def eval_ids(calib: torch.Tensor, windows: int, seqlen: int) -> torch.Tensor:
     """The first ``windows`` calibration windows cut to ``seqlen`` tokens (LowbitError when too few)."""
-    if not isinstance(calib, torch.Tensor) or calib.dim() != 2:
-        raise LowbitError("calibration must be a 2-D tensor of token ids (nsamples, seqlen)")
+    check_token_windows(calib, "sensitivity")
     if calib.shape[0] < windows or calib.shape[1] < seqlen:
         raise LowbitError(f"sensitivity needs {windows} calibration windows of at least {seqlen} tokens, got "
                           f"{calib.shape[0]} x {calib.shape[1]}; pass more or longer windows")

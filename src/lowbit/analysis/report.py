@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.analysis.sweep import data_line
+from lowbit.analysis.sweep import TABLE_COLUMNS, data_line, table_rows
 from lowbit.analysis.results import KINDS, read_results, results_path
 from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
@@ -164,15 +164,7 @@ def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
     doc.para(data_line(dict(sweep.get("data") or {})))
     good = sorted(ok_rows(rows), key=lambda r: (str(r["method"]), r["bits_per_weight"]))
     if good:
-        front = pareto_front(good)
-        table = [] if fp_ppl is None else [["fp", "—", None, None, fp.get("bits_per_weight"), fp.get("size_mb"),
-                                            fp_ppl, 0.0, 0.0, 1.0, None, None, False]]
-        table += [[r["config"], r["method"], r.get("bits"), r.get("group_size") or "channel", r["bits_per_weight"],
-                   r.get("size_mb"), r["perplexity"], (r["perplexity"] - fp_ppl) if fp_ppl is not None else None,
-                   r.get("kl"), r.get("top1"), r.get("quant_seconds"), r.get("peak_rss_mb"), r["config"] in front]
-                  for r in good]
-        doc.table(["config", "method", "bits", "group", "bits/weight", "size MiB", "perplexity", "Δ ppl", "KL",
-                   "top-1", "quant s", "peak RSS MiB", "Pareto"], table)
+        doc.table(TABLE_COLUMNS + ["Pareto"], table_rows(dict(sweep), pareto_front(good), failed=False))
         doc.para("Pareto: no other configuration is at most as large and at most as perplexed (one strictly).")
         doc.image(plot_ppl_vs_bpw(good, plots / "ppl_vs_bpw.png", fp_ppl), "perplexity vs bits per weight")
         if len(ok_rows(good, "kl")) == len(good):

@@ -40,6 +40,7 @@ from lowbit.analysis.sensitivity_math import (
     spearman,
 )
 from lowbit.core.quant import dequantize, quantize
+from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.models.arch import decoder_blocks
 
@@ -189,10 +190,7 @@ def quantized_weight(layer: torch.nn.Linear, candidate: Candidate) -> Iterator[t
 
 def _check_inputs(model: torch.nn.Module, ids: torch.Tensor, candidates: Sequence[Candidate],
                   targets: dict[str, tuple[int, torch.nn.Linear]]) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-        raise LowbitError("sensitivity needs a 2-D tensor of token ids (windows, seqlen)")
-    if ids.shape[1] < 2:
-        raise LowbitError(f"sensitivity windows need at least 2 tokens, got {ids.shape[1]}")
+    check_token_windows(ids, "sensitivity", min_tokens=2)
     if not candidates:
         raise LowbitError("sensitivity needs at least one candidate format")
     for name, (_, m) in targets.items():

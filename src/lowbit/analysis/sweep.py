@@ -64,6 +64,7 @@ class SweepJob:
     cache: str | None = None
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
 
 
 def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list[Any]:
@@ -107,7 +108,7 @@ def run_job(job: SweepJob) -> dict[str, Any]:
     import torch
 
     from lowbit.data import get_calibration
-    from lowbit.eval.memory import peak_rss_mb
+    from lowbit.eval.memory import device_peak_mb, peak_rss_mb, reset_device_peak
     from lowbit.eval.perplexity import evaluate
     from lowbit.models.loading import load_model
     from lowbit.quantization import quantize
@@ -116,22 +117,30 @@ def run_job(job: SweepJob) -> dict[str, Any]:
     c, d = job.config, job.data
     row: dict[str, Any] = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size}
     try:
-        fp, tok = load_model(job.model, cache=job.cache)
-        model, _ = load_model(job.model, cache=job.cache)
+        fp, tok = load_model(job.model, device=job.device, cache=job.cache)
+        model, _ = load_model(job.model, device=job.device, cache=job.cache)
+        device = next(model.parameters()).device
         calib = get_calibration(d.calib, tok, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed)
+        reset_device_peak(device)
         t0 = time.perf_counter()
         report = quantize(model, c.recipe(), calib, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
+        peak_device = device_peak_mb(device)
         res = evaluate(model, tok, d.eval_dataset, "test", seqlen=d.eval_seqlen, max_windows=d.eval_windows,
                        reference=fp)
     except LowbitError as exc:
         return row | {"status": "failed", "error": str(exc)}
     size_mb = report.model_bits_per_weight * report.model_params / 8 / 2**20
-    return row | {"status": "ok", "bits_per_weight": report.bits_per_weight,
-                  "model_bits_per_weight": report.model_bits_per_weight, "size_mb": size_mb,
-                  "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1_agreement,
-                  "eval_windows": res.windows, "quant_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                  "threads": job.threads}
+    row |= {"status": "ok", "bits_per_weight": report.bits_per_weight,
+            "model_bits_per_weight": report.model_bits_per_weight, "size_mb": size_mb,
+            "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1_agreement,
+            "eval_windows": res.windows, "quant_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+            "threads": job.threads, "device": str(device)}
+    if peak_device is not None:
+        row["peak_device_mb"] = peak_device
+    return row
 
 
 def fp_row(model: Any, tok: Any, data: SweepData) -> dict[str, Any]:
@@ -148,21 +157,23 @@ def fp_row(model: Any, tok: Any, data: SweepData) -> dict[str, Any]:
 def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, executor: Executor | None = None,
               data: SweepData = SweepData(), cache: str | None = None, threads: int = 1,
               runner: Callable[[SweepJob], dict[str, Any]] = run_job,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
     """Run the configurations of ``configs`` not yet finished in ``out`` and return the sweep results.
 
     The fp model is loaded here once: its identity guards the directory (results of another model
     are refused) and its perplexity is the reference row.  A directory swept with other data is
-    refused too.  ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.
+    refused too, and so is one swept on another kind of device (its timings would not compare).
+    ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.
     """
-    from lowbit.models.loading import load_model
+    from lowbit.models.loading import check_device, load_model
 
+    check_device(device)
     if not configs:
         raise LowbitError("nothing to sweep: the configuration list is empty")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LowbitError(f"{out} is a file: give a directory for the sweep results")
-    model, tok = load_model(model_ref, cache=cache)
+    model, tok = load_model(model_ref, device=device, cache=cache)
     identity = model_identity(model, model_ref)
     stored = read_results(out, "sweep")
     if stored is not None:
@@ -170,7 +181,11 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
         if stored.get("data") != asdict(data):
             raise LowbitError(f"{out} holds a sweep with other data settings ({stored.get('data')}); use another "
                               "results directory or the same settings")
-    sweep = stored or {"kind": "sweep", "model": identity, "data": asdict(data), "rows": []}
+        if _stored_device(stored) != _device_kind(device):
+            raise LowbitError(f"{out} holds a sweep run on {_stored_device(stored)}, not {_device_kind(device)}: use "
+                              "another results directory (its timings would not compare)")
+    sweep = stored or {"kind": "sweep", "model": identity, "data": asdict(data), "device": _device_kind(device),
+                       "rows": []}
     if "fp" not in sweep:
         sweep["fp"] = fp_row(model, tok, data)
     del model
@@ -180,7 +195,7 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
         f"on the {(executor or InlineExecutor()).name} executor")
     _save(out, sweep)
     env = {k: v for k, v in os.environ.items() if k.startswith(("LOWBIT_", "HF_", "XDG_CACHE_HOME"))}
-    jobs = [SweepJob(model_ref, c, data, cache, threads, env) for c in todo]
+    jobs = [SweepJob(model_ref, c, data, cache, threads, env, device) for c in todo]
     for job, row in (executor or InlineExecutor()).run(runner, jobs):
         if isinstance(row, BaseException):
             c = job.config
@@ -192,6 +207,18 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     return sweep
 
 
+def _device_kind(device: str) -> str:
+    """"cpu" or "cuda" (any CUDA index): what decides whether two sweeps' timings compare."""
+    return str(device).split(":")[0]
+
+
+def _stored_device(sweep: dict[str, Any]) -> str:
+    """The device kind a stored sweep ran on (from its rows when it predates the ``device`` entry)."""
+    if "device" in sweep:
+        return sweep["device"]
+    return next((_device_kind(r["device"]) for r in sweep["rows"] if "device" in r), "cpu")
+
+
 def _row_line(row: dict[str, Any]) -> str:
     if row.get("status") != "ok":
         return f"{row['config']}: failed: {row.get('error')}"
@@ -199,22 +226,24 @@ def _row_line(row: dict[str, Any]) -> str:
             f"KL {row['kl']:.4f}, {row['quant_seconds']:.0f} s")
 
 
-def table_rows(sweep: dict[str, Any]) -> list[list[str]]:
-    """The sweep's table (fp first, then by method and bits per weight)."""
+def table_rows(sweep: dict[str, Any], pareto: set[str] | None = None, failed: bool = True) -> list[list[str]]:
+    """The sweep's table (fp first, then by method and bits per weight), ``TABLE_COLUMNS`` wide; with
+    ``pareto`` (config names) one more column marks them; ``failed=False`` leaves failed rows out."""
     fp = sweep.get("fp")
+    mark = (lambda name: ["yes" if name in pareto else ""]) if pareto is not None else (lambda name: [])
     rows = []
     if fp:
         rows.append(["fp", "-", "-", "-", f"{fp['bits_per_weight']:.3f}", f"{fp['size_mb']:.1f}",
-                     f"{fp['perplexity']:.3f}", "0", "100.0%", "0", "-"])
+                     f"{fp['perplexity']:.3f}", "0", "100.0%", "0", "-"] + mark("fp"))
     ok = sorted((r for r in sweep["rows"] if r.get("status") == "ok"), key=lambda r: (r["method"], r["bits_per_weight"]))
     for r in ok:
         rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
                      f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}", _num(r["perplexity"]), f"{r['kl']:.4f}",
-                     f"{100 * r['top1']:.1f}%", f"{r['quant_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}"])
-    for r in sweep["rows"]:
+                     f"{100 * r['top1']:.1f}%", f"{r['quant_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}"] + mark(r["config"]))
+    for r in sweep["rows"] if failed else ():
         if r.get("status") != "ok":
             rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
-                         "failed: " + str(r.get("error", ""))[:80]] + [""] * 6)
+                         "failed: " + str(r.get("error", ""))[:80]] + [""] * 6 + mark(""))
     return rows
 
 

@@ -16,6 +16,18 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     return ids.reshape(-1).to(torch.long)
 
 
+def check_token_windows(ids: Any, what: str, min_tokens: int = 1) -> None:
+    """LowbitError unless ``ids`` is a 2-D integer tensor of token ids ``(windows, seqlen)`` holding at
+    least one window of at least ``min_tokens`` tokens; ``what`` names the step that needs them."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        got = f"shape {tuple(ids.shape)}, {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LowbitError(f"{what} needs a 2-D tensor of token ids (windows, seqlen), got {got}; make one with "
+                          "lowbit.data.get_calibration(...)")
+    if ids.shape[0] < 1 or ids.shape[1] < min_tokens:
+        raise LowbitError(f"{what} needs at least one window of at least {min_tokens} token(s), got "
+                          f"{ids.shape[0]} x {ids.shape[1]}")
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``(n, seqlen)`` from the start of ``ids`` (the tail that does not fill one is dropped)."""
     if seqlen < 2:

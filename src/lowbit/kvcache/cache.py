@@ -174,8 +174,17 @@ class QuantizedKVLayer(DynamicLayer):
         """Bytes held: packed blocks with their scales and outliers, plus the full-precision tokens."""
         if not self.is_initialized:
             return 0
-        fp = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.res_k, self.res_v))
-        return fp + self.body_k.nbytes() + self.body_v.nbytes()
+        return self._fp_nbytes() + self.body_k.nbytes() + self.body_v.nbytes()
+
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for this layer's cache: ``nbytes`` plus the packed blocks' spare capacity
+        (the shared output buffers are the whole cache's: ``QuantizedKVCache.allocated_nbytes``)."""
+        if not self.is_initialized:
+            return 0
+        return self._fp_nbytes() + self.body_k.allocated_nbytes() + self.body_v.allocated_nbytes()
+
+    def _fp_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.res_k, self.res_v))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LowbitError("a quantized KV cache cannot be cropped (assisted or speculative decoding); use the fp cache")
@@ -249,7 +258,15 @@ class QuantizedKVCache(Cache):
         self.kv_config = cfg
 
     def nbytes(self) -> int:
+        """Bytes the cache's content takes (what a packed cache must store)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_nbytes(self) -> int:
+        """Bytes the cache holds allocated: ``nbytes``, the packed blocks' spare capacity, and the one
+        pair of dequantized output buffers all layers share."""
+        scratch = self.layers[0].scratch if self.layers else None
+        buffers = sum(t.numel() * t.element_size() for t in (scratch.keys, scratch.values) if t is not None) if scratch else 0
+        return sum(layer.allocated_nbytes() for layer in self.layers) + buffers
 
     @torch.no_grad()
     def set_pivots(self, fp_model: Any, ids: torch.Tensor) -> None:

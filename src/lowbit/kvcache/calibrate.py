@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.kvcache.cache import check_kv_model, head_dim_of, kv_rotation, rope_fn, rope_undo
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
@@ -98,8 +99,7 @@ def collect_code_values(model: Any, cfg: KVCacheConfig, windows: torch.Tensor, f
     """Per layer, ``{"key": (u, w), "value": (u, w)}``: the code-unit values the cache quantizes on
     ``windows`` (token ids ``(n, seqlen)``) and their Fisher weights (None without ``fisher``)."""
     check_kv_model(model)
-    if windows.dim() != 2 or windows.shape[0] < 1:
-        raise LowbitError(f"calibration windows are token ids (n, seqlen), got shape {tuple(windows.shape)}")
+    check_token_windows(windows, "KV-cache calibration")
     device = next(model.parameters()).device
     rope = rope_fn(model) if cfg.pre_rope else None
     rotation = kv_rotation(head_dim_of(model)) if cfg.rotate else None  # as the cache rotates

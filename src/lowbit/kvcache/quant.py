@@ -167,6 +167,10 @@ class GrowingTensor:
         per_step = math.prod(n for i, n in enumerate(self.data.shape) if i != self.dim)
         return self.size * per_step * self.data.element_size()
 
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated, the spare capacity included."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
 
 class PackedKV:
     """One growing quantized cache tensor (keys or values of one layer): packed codes, fp16 scales
@@ -230,3 +234,8 @@ class PackedKV:
         (a non-uniform level table is per layer, not per token: not counted)."""
         n = self.codes.nbytes() + self.scale.nbytes() + self.minimum.nbytes()
         return n + self.sparse_value.size * (2 + 4)
+
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for what ``nbytes`` counts, the spare capacity of each part included."""
+        parts = (self.codes, self.scale, self.minimum, self.sparse_index, self.sparse_value)
+        return sum(p.allocated_nbytes() for p in parts)

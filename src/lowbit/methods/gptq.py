@@ -106,30 +106,35 @@ def gptq_quantize(
     h = h[perm][:, perm]
     hinv, damp_used = _inverse_cholesky(h, damp)
 
-    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
+    qcols = torch.empty(rows, cols, device=w.device)  # codes as floats, in sweep order
     scale = torch.zeros(rows, n_groups, device=w.device)
     zero = torch.zeros(rows, n_groups, device=w.device)
-    g_idx = torch.zeros(cols, dtype=torch.int32, device=w.device)
+    order = perm.tolist()  # python ints: no tensor read (a GPU sync) per column
+    groups = [0] * cols  # group of each original column
     params: list[torch.Tensor] = []  # current (scale, zero)
 
     def quantize_column(col: int, x: torch.Tensor, peek: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        orig = int(perm[col])
+        orig = order[col]
         if static:
             g = orig // group
-            params[:] = static[g if len(static) > 1 else 0]
+            s, z = static[g if len(static) > 1 else 0]
         else:
             g = col // group  # groups follow the sweep order (= original order without act-order)
             if col % group == 0:
                 params[:] = _qparams(peek(group), spec)
-        s, z = params
-        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        codes[:, orig] = q.to(codes.dtype)
-        scale[:, g], zero[:, g] = s, z
-        g_idx[orig] = g
+                scale[:, g], zero[:, g] = params
+            s, z = params
+        q = torch.div(x, s, out=qcols[:, col]).round_().add_(z).clamp_(qmin, qmax)
+        groups[orig] = g
         return s * (q - z)
 
     gptq_sweep(w, hinv, quantize_column, block_size)
+    if static:
+        for g, (s, z) in enumerate(static):
+            scale[:, g], zero[:, g] = s, z
     inv = torch.argsort(perm)
+    codes = qcols[:, inv].to(code_dtype(qmin, qmax))
+    g_idx = torch.tensor(groups, dtype=torch.int32, device=w.device)
     return GPTQResult(w[:, inv], codes, scale, zero, g_idx, damp_used)
 
 
@@ -157,13 +162,13 @@ def gptq_sweep(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        diag = hinv1.diagonal()  # divide by its entries as tensors: a python float divisor is a reciprocal on CUDA
         for i in range(i2 - i1):
             x = w1[:, i]
             deq = quantize_column(i1 + i, x, lambda n: _current_columns(w, w1, err1, hinv, i1, i2, i, n))
-            e = (x - deq) / hinv1[i, i]
+            e = torch.div(x - deq, diag[i], out=err1[:, i])
             w1[:, i] = deq
-            w1[:, i + 1 :] -= e.unsqueeze(1) * hinv1[i, i + 1 :].unsqueeze(0)
-            err1[:, i] = e
+            w1[:, i + 1 :] -= torch.outer(e, hinv1[i, i + 1 :])
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w

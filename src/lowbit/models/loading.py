@@ -232,6 +232,24 @@ def _has_tokenizer_files(path: Path) -> bool:
     return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named by ``device``; LowbitError when it is malformed or absent here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LowbitError(f"unknown device {device!r}: give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LowbitError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                              "use --device cpu, or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LowbitError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                              "visible")
+    elif dev.type not in ("cpu", "mps"):
+        raise LowbitError(f"device type {dev.type!r} is not supported: give cpu, cuda or cuda:N")
+    return dev
+
+
 def load_model(
     ref: str | os.PathLike[str],
     dtype: str | torch.dtype = torch.float32,
@@ -250,6 +268,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    device = check_device(device)
     source = resolve_model(ref, cache)
     if source.kind == "gguf":
         assert source.path is not None
