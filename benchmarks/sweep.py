@@ -31,7 +31,7 @@ MODEL = "smollm2-135m"
 COMPARED = ["bits_per_weight", "size_mb", "perplexity", "kl", "top1"]
 
 
-def run_full(windows: int, device: str = "cpu", workers: int = 1, threads: int = 2) -> dict:
+def run_full(windows: int, device: str = "cpu", workers: int = 1, threads: int = 2, redo: tuple[str, ...] = ()) -> dict:
     from lowbit.analysis.executors import LocalExecutor
     from lowbit.analysis.report import write_report
     from lowbit.analysis.sweep import SweepData, expand, run_sweep
@@ -39,7 +39,7 @@ def run_full(windows: int, device: str = "cpu", workers: int = 1, threads: int =
     out = RESULTS / ("sweep_smollm2" if device == "cpu" else "sweep_smollm2_cuda")
     configs = expand(["rtn", "gptq", "awq", "hqq"], [8, 4, 3, 2], [64])
     sweep = run_sweep(MODEL, configs, out, LocalExecutor(workers), SweepData(eval_windows=windows), threads=threads,
-                      device=device)
+                      device=device, redo=redo)
     write_report(out)
     return sweep
 
@@ -147,10 +147,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of the full sweep (cpu, cuda)")
     parser.add_argument("--workers", type=int, default=1, help="configurations at once in the full sweep")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per configuration")
+    parser.add_argument("--redo", nargs="*", default=[], help="configurations or methods of the full sweep to run again")
     args = parser.parse_args()
     sections = args.only or ["full", "summary", "executors"]
     if "full" in sections:
-        run_full(args.windows, args.device, args.workers, args.threads)
+        run_full(args.windows, args.device, args.workers, args.threads, tuple(args.redo))
     if "summary" in sections:
         summarize()
     if "executors" in sections:

@@ -230,7 +230,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      args.max_windows)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
     executor = make_executor(args.executor, args.workers, args.ray_address, threads)
-    sweep = run_sweep(args.model, configs, args.out, executor, data, args.cache, threads, device=args.device)
+    redo = tuple(parse_list(args.redo, "redo")) if args.redo else ()
+    sweep = run_sweep(args.model, configs, args.out, executor, data, args.cache, threads, device=args.device,
+                      redo=redo)
     failed = [r["config"] for r in sweep["rows"] if r.get("status") != "ok"]
     print(f"wrote {args.out}/sweep.json and sweep.md ({len(sweep['rows'])} configurations"
           + (f"; failed: {', '.join(failed)}" if failed else "") + ")")
@@ -423,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="configurations run at once on this machine")
     p.add_argument("--threads", type=int, default=None, help="torch threads per configuration (default: cores / workers)")
     p.add_argument("--device", default="cpu", help="where each configuration quantizes and evaluates (cpu, cuda, cuda:N)")
+    p.add_argument("--redo", default=None, metavar="NAMES",
+                   help="comma-separated configurations (e.g. awq-w4g64) or methods (awq) to run again though finished")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")

@@ -57,6 +57,9 @@ def test_sweep_resumes_and_refuses_other_models_and_data(smollm, tmp_path):
     assert calls == ["rtn-w4g64", "rtn-w3g64", "rtn-w2g64"]  # the second run only did what was missing
     assert [r["config"] for r in sweep["rows"]] == ["rtn-w4g64", "rtn-w3g64", "rtn-w2g64"]
     assert sweep["fp"]["perplexity"] > 1 and (out / "sweep.md").read_text() == sweep_markdown(sweep)
+    run_sweep("smollm2-135m", expand(["rtn"], [4, 3, 2], [64]), out, InlineExecutor(), TINY_DATA,
+              runner=_fake_runner(calls), log=lambda s: None, redo=("rtn-w3g64",))
+    assert calls[3:] == ["rtn-w3g64"]  # finished, but named in redo
     with pytest.raises(LowbitError, match="other data settings"):
         run_sweep("smollm2-135m", expand(["rtn"], [4], [64]), out, InlineExecutor(),
                   SweepData(nsamples=8, seqlen=128, eval_seqlen=256, eval_windows=1), runner=_fake_runner(calls))

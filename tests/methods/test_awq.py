@@ -336,3 +336,33 @@ def test_options_and_shipped_recipes():
             for a, sym in (("", True), ("-asym", False)):
                 spec = load_recipe(f"awq-w{b}g{g}{a}").entries[0].spec
                 assert (spec.bits, spec.group_size, spec.symmetric) == (b, g, sym)
+
+
+def test_capture_shares_an_input_only_between_linears_fed_that_very_tensor():
+    """Linears fed the same tensor share one stored copy; a buffer rewritten in place between two
+    linears (same address, shape and stride) and a tensor freed mid-forward whose address is reused
+    must not be mistaken for it (a stale memo gave gate/up the attention input in about one run in
+    three on smollm2-135m, and AWQ then picked other scales)."""
+    from lowbit.methods.awq import _Capture
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a1, self.a2, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            buf = torch.empty_like(x)
+            h = buf.copy_(x * 2)
+            y = self.a1(h) + self.a2(h)  # fed the same tensor: one copy
+            h = buf.copy_(x * 3)  # the same buffer rewritten in place
+            y = y + self.b(h)
+            return y + self.c(torch.exp(x))  # a new tensor, perhaps at a freed address
+
+    block = Block()
+    x = torch.randn(4, 8)
+    with _Capture(block, set(), {"a1": block.a1, "a2": block.a2, "b": block.b, "c": block.c}) as cap:
+        block(x)
+        cap.end_batch()
+    assert cap.inputs["a1"] is cap.inputs["a2"] and torch.equal(cap.inputs["a1"], x * 2)
+    assert torch.equal(cap.inputs["b"], x * 3)
+    assert torch.equal(cap.inputs["c"], torch.exp(x))

@@ -157,13 +157,15 @@ def fp_row(model: Any, tok: Any, data: SweepData) -> dict[str, Any]:
 def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, executor: Executor | None = None,
               data: SweepData = SweepData(), cache: str | None = None, threads: int = 1,
               runner: Callable[[SweepJob], dict[str, Any]] = run_job,
-              log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
+              log: Callable[[str], None] = print, device: str = "cpu", redo: tuple[str, ...] = ()
+              ) -> dict[str, Any]:
     """Run the configurations of ``configs`` not yet finished in ``out`` and return the sweep results.
 
     The fp model is loaded here once: its identity guards the directory (results of another model
     are refused) and its perplexity is the reference row.  A directory swept with other data is
     refused too, and so is one swept on another kind of device (its timings would not compare).
-    ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.
+    ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.  Configurations
+    named in ``redo`` (or whose method is named there) run again even when finished.
     """
     from lowbit.models.loading import check_device, load_model
 
@@ -189,7 +191,7 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     if "fp" not in sweep:
         sweep["fp"] = fp_row(model, tok, data)
     del model
-    done = {r["config"] for r in sweep["rows"] if r.get("status") == "ok"}
+    done = {r["config"] for r in sweep["rows"] if r.get("status") == "ok" and not {r["config"], r["method"]} & set(redo)}
     todo = [c for c in configs if c.name not in done]
     log(f"sweep: {len(configs) - len(todo)} of {len(configs)} configurations already done, {len(todo)} to run "
         f"on the {(executor or InlineExecutor()).name} executor")

@@ -108,8 +108,11 @@ def _keep(obj: Any, clone: bool) -> Any:
 class _Capture:
     """Pre-hooks that keep the calls of inspected sub-modules and the inputs of target linears.
 
-    Linears fed the same tensor (q/k/v, gate/up) share one stored copy; call ``end_batch``
-    after each forward so that the memo never outlives the tensors it was keyed on.
+    Linears fed the same tensor (q/k/v, gate/up) share one stored copy, found by the tensor's
+    address; the memo holds the tensor itself until ``end_batch`` (call it after each forward), so
+    a tensor freed within the forward (q/k/v's input, once attention is done) cannot hand its
+    address to another one (gate/up's input) and be mistaken for it; the key includes the tensor's
+    version counter, so a buffer rewritten in place is not mistaken for its old content either.
     """
 
     def __init__(self, block: torch.nn.Module, inspect: set[str], linears: dict[str, torch.nn.Module]):
@@ -118,7 +121,7 @@ class _Capture:
         self.linears = linears
         self.calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = {p: [] for p in inspect}
         self._inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-        self._memo: dict[tuple, torch.Tensor] = {}
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (tensor kept alive, copy)
         self.inputs: dict[str, torch.Tensor] = {}
 
     def end_batch(self) -> None:
@@ -133,10 +136,10 @@ class _Capture:
         for n, m in self.linears.items():
             def in_hook(module, args, n=n):
                 x = args[0].detach()
-                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)  # _version: in-place writes
                 if key not in self._memo:
-                    self._memo[key] = x.reshape(-1, x.shape[-1]).clone()
-                self._inputs[n].append(self._memo[key])
+                    self._memo[key] = (x, x.reshape(-1, x.shape[-1]).clone())
+                self._inputs[n].append(self._memo[key][1])
             self._handles.append(m.register_forward_pre_hook(in_hook))
         return self
 

@@ -27,7 +27,8 @@ class StatsCollector:
         self._absum: dict[str, torch.Tensor] = {}
         self._samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         # shared-input memo: holds the input tensor itself so its memory cannot be reused
-        self._memo: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        # and keyed with its version counter so a buffer rewritten in place is not mistaken for its old content
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _hook(self, name: str):
         def fn(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -36,7 +37,7 @@ class StatsCollector:
             st = self.stats[name]
             st.nsamples += x2.shape[0]
             if name in self.want_hessian:
-                key = (x.data_ptr(), tuple(x.shape))
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
                 hit = self._memo.get(key)
                 if hit is None:
                     hit = (x, x2.T @ x2)
