@@ -47,6 +47,7 @@ def run_full(windows: int, device: str = "cpu", workers: int = 1, threads: int =
 def check_plot(out: Path, rows: list[dict]) -> dict:
     """Does ``out/plots/ppl_vs_bpw.png`` hold one curve per method?  Counted twice: the labelled lines
     of the figure built from ``rows``, and each method's line colour among the PNG's rendered pixels."""
+    from matplotlib.colors import to_rgb
     from matplotlib.image import imread
 
     from lowbit.analysis.plots import ok_rows, ppl_vs_bpw_figure
@@ -55,12 +56,7 @@ def check_plot(out: Path, rows: list[dict]) -> dict:
     ax = ppl_vs_bpw_figure(rows).axes[0]
     curves = {l.get_label(): l.get_color() for l in ax.get_lines() if not l.get_label().startswith("_")}
     png = imread(out / "plots" / "ppl_vs_bpw.png")[..., :3]
-    pixels = {}
-    for method, colour in curves.items():
-        import matplotlib.colors as mcolors
-
-        rgb = mcolors.to_rgb(colour)
-        pixels[method] = int((abs(png - rgb).max(axis=-1) < 0.02).sum())
+    pixels = {m: int((abs(png - to_rgb(colour)).max(axis=-1) < 0.02).sum()) for m, colour in curves.items()}
     ok = sorted(curves) == methods and all(n > 200 for n in pixels.values())
     return {"methods": methods, "curves": sorted(curves), "pixels_per_curve": pixels, "one_curve_per_method": ok}
 
