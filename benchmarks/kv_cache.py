@@ -24,7 +24,7 @@ import argparse
 import json
 import time
 
-from _results import RESULTS, run_child, claim_lines, in_order, table_lines, vs, write_results
+from _results import RESULTS, claim_lines, in_order, run_child, table_lines, vs, write_results
 
 PPL_SETTINGS = ["none", "KV8", "KV4", "KV4_QUAROT", "KV2", "KIVI4", "KIVI2", "KVQUANT4_UNIFORM", "KVQUANT4",
                 "KVQUANT3_UNIFORM", "KVQUANT3", "KVQUANT2_UNIFORM", "KVQUANT2"]

@@ -64,6 +64,10 @@ class KVScratch:
             self.values = torch.empty(cap, dtype=dtype, device=device)
         return self.keys[:n].view(b, h, t, d), self.values[:n].view(b, h, t, d)  # contiguous, as attention likes
 
+    def nbytes(self) -> int:
+        """Bytes of the two shared buffers (0 before the first ``take`` without autograd)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
 
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's quantized cache (see module docstring)."""
@@ -253,8 +257,8 @@ class QuantizedKVCache(Cache):
             raise LowbitError(f"the KV-cache level tables were calibrated for {len(cfg.key_levels)} layers, but the "
                               f"model has {n_layers}: recalibrate on this model")
         rope = rope_fn(model) if cfg.pre_rope else None
-        scratch = KVScratch()  # one pair of output buffers shared by all layers
-        super().__init__(layers=[QuantizedKVLayer(cfg, rope, i, scratch) for i in range(n_layers)])
+        self.scratch = KVScratch()  # one pair of output buffers shared by all layers
+        super().__init__(layers=[QuantizedKVLayer(cfg, rope, i, self.scratch) for i in range(n_layers)])
         self.kv_config = cfg
 
     def nbytes(self) -> int:
@@ -264,9 +268,7 @@ class QuantizedKVCache(Cache):
     def allocated_nbytes(self) -> int:
         """Bytes the cache holds allocated: ``nbytes``, the packed blocks' spare capacity, and the one
         pair of dequantized output buffers all layers share."""
-        scratch = self.layers[0].scratch if self.layers else None
-        buffers = sum(t.numel() * t.element_size() for t in (scratch.keys, scratch.values) if t is not None) if scratch else 0
-        return sum(layer.allocated_nbytes() for layer in self.layers) + buffers
+        return sum(layer.allocated_nbytes() for layer in self.layers) + self.scratch.nbytes()
 
     @torch.no_grad()
     def set_pivots(self, fp_model: Any, ids: torch.Tensor) -> None:
