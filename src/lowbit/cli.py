@@ -13,6 +13,7 @@ from typing import Any
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
 from lowbit.models.aliases import DEFAULT_MODEL
+from lowbit.outputs import check_output, input_paths
 
 
 def _fmt_bytes(n: int) -> str:
@@ -28,6 +29,12 @@ def print_table(rows: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _add_overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output even when lowbit did not write it (a non-empty directory is deleted "
+                        "first; the working directory, home, the input and their parents never are)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -119,14 +126,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    import yaml
+    from lowbit.safeio import load_yaml
 
     out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise LowbitError(f"--option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        if key in out:
+            raise LowbitError(f"--option {key} is given twice; give each option once")
+        out[key] = load_yaml(value, f"--option {key}")
     return out
 
 
@@ -172,14 +182,26 @@ def _quant_rows(report: Any, before: Any, after: Any, out: str | None) -> list[t
     return rows
 
 
+def _check_quantize_outputs(args: argparse.Namespace) -> None:
+    """``--out`` and ``--sensitivity`` are safe to write (nothing of the user's is lost), before any work."""
+    if args.out is not None:
+        inputs = input_paths(args.model, args.recipe, args.calib, args.eval_dataset, args.data_dir, cache=args.cache)
+        check_output(args.out, "dir", args.overwrite, inputs, "--out")
+    if args.sensitivity is not None:
+        check_output(args.sensitivity, "results", option="--sensitivity")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.data import get_calibration
+    from lowbit.data.windows import check_batch_size
     from lowbit.eval.perplexity import check_seqlen, evaluate
     from lowbit.models.loading import load_model
     from lowbit.quantization import quantize, save_quantized
     from lowbit.recipe import resolve_targets
 
+    check_batch_size(args.batch_size, "--batch-size")
     mixed = args.target_bpw is not None or args.target_mb is not None  # per-layer formats by sensitivity
+    _check_quantize_outputs(args)
     if mixed:
         from lowbit.analysis.mixed import check_cli_args, recipe_for_cli, summary_rows
 
@@ -210,8 +232,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     after = evaluate(model, tok, **ev) if args.eval else None
     if after is not None and before is not None:
         report.extra["eval"] = {"before": before.to_dict(), "after": after.to_dict()}
-    if args.out:
-        _, written = save_quantized(model, tok, report, args.out, args.format)
+    if args.out is not None:
+        _, written = save_quantized(model, tok, report, args.out, args.format, overwrite=args.overwrite)
         report.extra["format"] = written
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
@@ -226,6 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     configs = expand(parse_list(args.methods, "method"), parse_list(args.bits, "bits", int),
                      parse_list(args.group_sizes, "group size", parse_group))
+    check_output(args.out, "results", option="--out")
     data = SweepData(args.calib, args.nsamples, args.seqlen, args.seed, args.eval_dataset, args.eval_seqlen,
                      args.max_windows)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
@@ -303,12 +326,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.input)
     if not src.is_dir():
         raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
+    check_output(args.output, "file" if args.format == "gguf" else "dir", args.overwrite, [src], "OUTPUT")
     model, tok = load_model(src, dtype=args.dtype, require_tokenizer=False)
     attach_codes(model, src)
     if args.format == "gguf":
         return _export_gguf(model, tok, args)
     extra = {n: (src / n).read_text() for n in ("recipe.yaml", SUMMARY_FILE) if (src / n).is_file()}
-    out, written = save_quantized(model, tok, None, args.output, args.format, extra)
+    out, written = save_quantized(model, tok, None, args.output, args.format, extra, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     print_table([("format", written), ("written to", str(out)), ("size on disk", _fmt_bytes(size))])
     return 0
@@ -375,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--data-dir", default=None, help="local data directory (default $LOWBIT_DATA_DIR)")
-    p.add_argument("--out", default=None, help="write the quantized model + summary here")
+    p.add_argument("--out", default=None, help="write the quantized model + summary here (a new directory, or one "
+                                               "lowbit wrote, which is replaced)")
+    _add_overwrite_option(p)
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                    help="checkpoint format for --out (auto: compressed-tensors when every layer fits, else fake-quant)")
     p.add_argument("--dtype", default="float32")
@@ -431,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
     p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")
-    p.add_argument("output", help="directory to write (replaced atomically)")
+    p.add_argument("output", metavar="OUTPUT", help="directory (a .gguf file for --format gguf) to write; an output "
+                                                    "lowbit wrote before is replaced atomically")
+    _add_overwrite_option(p)
     p.add_argument("--format", default="compressed-tensors", choices=[*FORMATS, "gguf"])
     p.add_argument("--type", default="Q4_0", help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, F32)")
     p.add_argument("--embed-type", default="Q8_0", help="GGUF type of the token embedding / untied output head")

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 import yaml
 
-from lowbit.atomic import atomic_dir
-from lowbit.data.windows import check_token_windows
+from lowbit.atomic import absolute, allow_replace, atomic_dir, check_replaceable
+from lowbit.data.windows import check_batch_size, check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
+from lowbit.jsonable import to_jsonable
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
 from lowbit.recipe import Recipe, load_recipe, resolve_targets
@@ -38,7 +39,8 @@ class QuantizationReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Plain JSON values (methods' records may be dataclasses or tensors)."""
+        return to_jsonable(dict(self.__dict__))
 
     def mean_output_error(self) -> float | None:
         errs = [l["output_error"] for l in self.layers if l["output_error"] is not None]
@@ -84,6 +86,7 @@ def quantize(
 
     All input is validated (recipe, targets, group sizes, calibration shape) before any work.
     """
+    check_batch_size(batch_size)
     rec = load_recipe(recipe)
     assignments = resolve_targets(model, rec)
     if calib is None:
@@ -124,7 +127,8 @@ def _records(transforms: list[Any], methods: Any) -> dict[str, Any]:
 
 
 def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport | None, out: str | Path,
-                   format: str = "auto", extra_files: dict[str, str] | None = None) -> tuple[Path, str]:
+                   format: str = "auto", extra_files: dict[str, str] | None = None, overwrite: bool = False,
+                   ) -> tuple[Path, str]:
     """Write the quantized model, tokenizer, recipe and summary to ``out`` atomically.
 
     ``format``: ``compressed-tensors`` (packed int weights, loadable by transformers / vLLM and by
@@ -133,23 +137,32 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     when their inputs are quantized), or ``auto`` (the first when
     every quantized layer fits it).  ``extra_files`` (name -> text) are written beside.
     Returns ``(out, format written)``.  The directory appears
-    only when everything is written.
+    only when everything is written.  An existing ``out`` is replaced only when it is empty or
+    lowbit wrote it, or with ``overwrite``; never the working directory, home or the root
+    (``lowbit.atomic``): LowbitError before anything is written.
     """
     from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
     from lowbit.kvcache.config import KV_CACHE_FILE
     from lowbit.export.codes import CODES_FILE, write_codes
+    from lowbit.export.dense import dense_state_dict
     from lowbit.export.compressed_tensors import collect_exportable, write_compressed_tensors
     from lowbit.packed.qlinear import int_weights
 
     if format not in ("auto", *FORMATS):
         raise LowbitError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
     out = Path(out)
+    if overwrite:
+        allow_replace(out)
+    check_replaceable(absolute(out))
     extra = dict(extra_files or {})
     if report is not None:
         extra.update({"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),
                       SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)})
-        if report.recipe.get("kv_cache"):
-            extra[KV_CACHE_FILE] = json.dumps(report.recipe["kv_cache"], indent=1)
+    kv = report.recipe.get("kv_cache") if report is not None else None
+    if kv is None and getattr(model, "lowbit_kv_cache", None) is not None:  # a loaded checkpoint's setting
+        kv = model.lowbit_kv_cache.to_dict()
+    if kv:
+        extra[KV_CACHE_FILE] = json.dumps(kv, indent=1)
     ct_weights, ct_inputs, problem = collect_exportable(model)
     if format == "auto":
         format = "compressed-tensors" if problem is None else "fake-quant"
@@ -161,7 +174,7 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
         return out, format
     weights = int_weights(model, strict=False)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=dense_state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in extra.items():

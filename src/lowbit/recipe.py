@@ -19,16 +19,19 @@ Shipped recipes live in ``lowbit/recipes/*.yaml`` and are found by name.
 
 from __future__ import annotations
 
+import functools
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
 
 from lowbit.errors import LowbitError
+from lowbit.safeio import load_yaml, read_yaml
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.methods import get_method
 from lowbit.methods.base import WeightMethod
@@ -47,6 +50,10 @@ class MethodEntry:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     options: dict[str, Any] = field(default_factory=dict)
     activations: QuantSpec | None = None  # input activation spec (W8A8, W4A8 ...); None: weight-only
+
+    def __post_init__(self) -> None:
+        self.targets = layer_patterns(self.targets, "targets")
+        self.ignore = layer_patterns(self.ignore, "ignore")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method, "spec": self.spec.to_dict(), "targets": list(self.targets),
@@ -95,7 +102,50 @@ class Recipe:
         return [get_method(e.method, e.spec, e.options, e.activations) for e in self.entries]
 
 
-def _parse_spec(value: Any, where: str) -> QuantSpec:
+ENTRY_FIELDS = ("method", "spec", "targets", "ignore", "options", "activations")
+TRANSFORM_FIELDS = ("transform", "options")
+RECIPE_FIELDS = ("name", "transforms", "methods", "kv_cache")
+
+
+@contextmanager
+def _context(where: str) -> Iterator[None]:
+    """Prefix the message of any LowbitError raised inside with ``where``."""
+    try:
+        yield
+    except LowbitError as exc:
+        raise LowbitError(f"{where}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern[3:])
+
+
+def layer_patterns(value: Any, what: str) -> list[str]:
+    """``value`` (a string or a list of strings) as a list of layer patterns; every ``re:`` pattern
+    must compile."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise LowbitError(f"{what} must be a string or a list of strings (class names, layer names or "
+                          f"'re:<regex>'), got {value!r:.60}")
+    for i, pattern in enumerate(items):
+        if pattern.startswith("re:"):
+            try:
+                _regex(pattern)
+            except re.error as exc:
+                raise LowbitError(f"{what} entry {i} {pattern!r} is not a valid regular expression ({exc}); "
+                                  "fix the pattern or drop the 're:' prefix") from None
+    return list(items)
+
+
+def _unknown_fields(raw: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise LowbitError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; the fields are "
+                          f"{', '.join(known)}")
+
+
+def _parse_spec(value: Any) -> QuantSpec:
     try:
         if isinstance(value, str):
             return preset(value)
@@ -106,60 +156,65 @@ def _parse_spec(value: Any, where: str) -> QuantSpec:
                 value = base
             return QuantSpec.from_dict(value)
     except SpecError as exc:
-        raise LowbitError(f"{where}: {exc}") from None
-    raise LowbitError(f"{where}: spec must be a preset name ({', '.join(PRESETS)}) or a mapping of QuantSpec fields")
+        raise LowbitError(str(exc)) from None
+    raise LowbitError(f"spec must be a preset name ({', '.join(PRESETS)}) or a mapping of QuantSpec fields")
 
 
-def _as_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise LowbitError(f"{where} must be a string or a list of strings")
+def _options(raw: dict[str, Any]) -> Any:
+    """The entry's options; an empty ``options:`` is none (the registry refuses anything but a mapping)."""
+    return {} if raw.get("options") is None else raw["options"]
+
+
+def _method_entry(raw: Any) -> MethodEntry:
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise LowbitError("must be a mapping with a 'method' field")
+    _unknown_fields(raw, ENTRY_FIELDS)
+    with _context("spec"):
+        spec = _parse_spec(raw.get("spec", "W4_G128"))
+    with _context("activations"):
+        activations = None if raw.get("activations") is None else _parse_spec(raw["activations"])
+    get_method(raw["method"], spec, _options(raw), activations)  # unknown method, bad option -> clear error now
+    return MethodEntry(raw["method"], spec, raw.get("targets", ["Linear"]), raw.get("ignore", ["lm_head"]),
+                       dict(_options(raw)), activations)
+
+
+def _transform_entry(raw: Any) -> TransformEntry:
+    if not isinstance(raw, dict) or "transform" not in raw:
+        raise LowbitError("must be a mapping with a 'transform' field and optional 'options'")
+    _unknown_fields(raw, TRANSFORM_FIELDS)
+    get_transform(raw["transform"], _options(raw))  # unknown transform, bad option -> clear error now
+    return TransformEntry(raw["transform"], dict(_options(raw)))
+
+
+def _list_field(data: dict[str, Any], key: str, required: bool) -> list[Any]:
+    value = data.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise LowbitError(f"'{key}' must be a {'non-empty ' if required else ''}list of mappings")
+    return value
 
 
 def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
-    """Validate a parsed recipe mapping; every error names the entry and the field."""
-    if not isinstance(data, dict) or not isinstance(data.get("methods"), list) or not data["methods"]:
-        raise LowbitError(f"recipe {name!r} must be a mapping with a non-empty 'methods' list")
-    entries = []
-    for i, raw in enumerate(data["methods"]):
-        where = f"recipe {name!r} entry {i}"
-        if not isinstance(raw, dict) or "method" not in raw:
-            raise LowbitError(f"{where} must be a mapping with a 'method' field")
-        unknown = set(raw) - {"method", "spec", "targets", "ignore", "options", "activations"}
-        if unknown:
-            raise LowbitError(f"{where} has unknown field(s) {', '.join(sorted(unknown))}")
-        entry = MethodEntry(
-            method=str(raw["method"]),
-            spec=_parse_spec(raw.get("spec", "W4_G128"), where),
-            targets=_as_list(raw.get("targets", ["Linear"]), f"{where} targets"),
-            ignore=_as_list(raw.get("ignore", ["lm_head"]), f"{where} ignore"),
-            options=dict(raw.get("options") or {}),
-            activations=None if raw.get("activations") is None else _parse_spec(raw["activations"], f"{where} activations"),
-        )
-        get_method(entry.method, entry.spec, entry.options, entry.activations)  # unknown method / option -> clear error now
-        entries.append(entry)
-    transforms = []
-    raw_t = data.get("transforms") or []
-    if not isinstance(raw_t, list):
-        raise LowbitError(f"recipe {name!r} 'transforms' must be a list of mappings")
-    for i, raw in enumerate(raw_t):
-        where = f"recipe {name!r} transform {i}"
-        if not isinstance(raw, dict) or "transform" not in raw or set(raw) - {"transform", "options"}:
-            raise LowbitError(f"{where} must be a mapping with 'transform' and optional 'options'")
-        t = TransformEntry(str(raw["transform"]), dict(raw.get("options") or {}))
-        get_transform(t.transform, t.options)  # unknown transform / option -> clear error now
-        transforms.append(t)
-    unknown = set(data) - {"name", "methods", "transforms", "kv_cache"}
-    if unknown:
-        raise LowbitError(f"recipe {name!r} has unknown field(s) {', '.join(sorted(unknown))}")
-    kv = data.get("kv_cache")
-    try:
-        kv_cache = None if kv is None else as_kv_config(kv)
-    except LowbitError as e:
-        raise LowbitError(f"recipe {name!r} kv_cache: {e}") from None
-    return Recipe(str(data.get("name", name)), entries, transforms, kv_cache)
+    """Validate a parsed recipe mapping; every error names the recipe, the entry and the field."""
+    where = f"recipe {name!r}"
+    if not isinstance(data, dict):
+        raise LowbitError(f"{where} must be a mapping with a non-empty 'methods' list, got {type(data).__name__}")
+    with _context(where):
+        _unknown_fields(data, RECIPE_FIELDS)
+        if not isinstance(data.get("name", name), str):
+            raise LowbitError("name must be a string (quote it in YAML)")
+        entries = []
+        for i, raw in enumerate(_list_field(data, "methods", required=True)):
+            with _context(f"entry {i}"):
+                entries.append(_method_entry(raw))
+        transforms = []
+        for i, raw in enumerate(_list_field(data, "transforms", required=False)):
+            with _context(f"transform {i}"):
+                transforms.append(_transform_entry(raw))
+        with _context("kv_cache"):
+            kv_cache = None if data.get("kv_cache") is None else as_kv_config(data["kv_cache"])
+    return Recipe(data.get("name", name), entries, transforms, kv_cache)
 
 
 def shipped_recipes() -> dict[str, str]:
@@ -177,20 +232,20 @@ def load_recipe(ref: str | Path | dict[str, Any] | Recipe) -> Recipe:
     text_ref = str(ref)
     shipped = shipped_recipes()
     if text_ref in shipped:
-        return recipe_from_dict(yaml.safe_load(shipped[text_ref]), text_ref)
+        return recipe_from_dict(load_yaml(shipped[text_ref], f"shipped recipe {text_ref}"), text_ref)
     path = Path(text_ref).expanduser()
     if not path.is_file():
         raise LowbitError(f"unknown recipe {text_ref!r}: not a file and not a shipped recipe ({', '.join(sorted(shipped))})")
+    data = read_yaml(path, "recipe")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise LowbitError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return recipe_from_dict(data, path.stem)
+        return recipe_from_dict(data, path.stem)
+    except LowbitError as e:
+        raise LowbitError(f"{path}: {e}") from None
 
 
 def _matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return _regex(pattern).fullmatch(name) is not None
     return pattern == type(module).__name__ or name == pattern or name.endswith("." + pattern)
 
 
@@ -227,19 +282,23 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, WeightM
 def recipe_from_flags(method: str, bits: int, group_size: int | None, symmetric: bool,
                       options: dict[str, Any] | None = None, activations: str | None = None) -> Recipe:
     """The common case as a one-entry recipe (``--method gptq --bits 4 --group-size 128
-    [--activations A8_TOKEN]``)."""
+    [--activations A8_TOKEN]``); ``group_size`` None: one scale per output channel."""
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0):
+        raise LowbitError(f"--group-size must be a positive integer (e.g. 64 or 128), got {group_size!r}; "
+                          "leave --group-size out for one scale per output channel")
     try:
-        if group_size:
+        if group_size is not None:
             spec = QuantSpec(type="int", bits=bits, granularity="group", group_size=group_size,
                              symmetric=symmetric, signed=symmetric)
         else:
             spec = QuantSpec(type="int", bits=bits, granularity="channel", symmetric=symmetric, signed=symmetric)
     except SpecError as exc:
         raise LowbitError(str(exc)) from None
-    g = f"g{group_size}" if group_size else ""
+    g = f"g{group_size}" if group_size is not None else ""
     entry: dict[str, Any] = {"method": method, "spec": spec.to_dict(), "options": options or {}}
     act = ""
     if activations:
         entry["activations"] = activations
         act = "-" + activations.lower()
-    return recipe_from_dict({"name": f"{method}-w{bits}{g}{'' if symmetric else '-asym'}{act}", "methods": [entry]})
+    name = f"{method}-w{bits}{g}{'' if symmetric else '-asym'}{act}"
+    return recipe_from_dict({"name": name, "methods": [entry]}, name)

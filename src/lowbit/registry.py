@@ -20,13 +20,17 @@ def registrar(table: dict[str, Any]) -> Callable[[T], T]:
     return register
 
 
-def lookup(table: dict[str, Any], kind: str, name: str, options: dict[str, Any]) -> Any:
-    """The class registered as ``name``; a clear error for an unknown name or an option it lacks."""
-    if name not in table:
+def lookup(table: dict[str, Any], kind: str, name: Any, options: Any) -> Any:
+    """The class registered as ``name``; a clear error for an unknown name, options that are not a
+    mapping, or an option it lacks (option values are checked by the class, see ``lowbit.fields``)."""
+    if not isinstance(name, str) or name not in table:
         raise LowbitError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
+    if not isinstance(options, dict):
+        raise LowbitError(f"the options of {kind} {name!r} must be a mapping of option names to values, "
+                          f"got {type(options).__name__}")
     cls = table[name]
     unknown = set(options) - set(cls.options())
     if unknown:
-        raise LowbitError(f"{kind} {name!r} has no option(s) {', '.join(sorted(unknown))}; its options are "
-                          f"{', '.join(cls.options()) or 'none'}")
+        raise LowbitError(f"{kind} {name!r} has no option(s) {', '.join(sorted(map(str, unknown)))}; its options "
+                          f"are {', '.join(cls.options()) or 'none'}")
     return cls

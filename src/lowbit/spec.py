@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowbit.core.granularity import GRANULARITY_KINDS
+from lowbit.fields import check_fields
 
 QUANT_TYPES = ("int", "float", "codebook")
 # Float element formats: name -> total bits.
@@ -94,10 +95,9 @@ class QuantSpec:
         def bad(msg: str) -> SpecError:
             return SpecError(f"invalid QuantSpec: {msg}")
 
+        check_fields(self, "invalid QuantSpec: ", SpecError)  # each field's type (bits an integer, ...)
         if self.type not in QUANT_TYPES:
             raise bad(f"unknown type {self.type!r}; expected one of {', '.join(QUANT_TYPES)}")
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
-            raise bad(f"bits must be an integer, got {self.bits!r}")
         if self.type == "int":
             if not 1 <= self.bits <= 8:
                 raise bad(f"int quantization needs 1 <= bits <= 8, got {self.bits}")
@@ -192,7 +192,7 @@ class QuantSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise SpecError(f"invalid QuantSpec: unknown field(s) {', '.join(sorted(unknown))}")
+            raise SpecError(f"invalid QuantSpec: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -242,7 +242,7 @@ PRESETS: dict[str, QuantSpec] = {
 
 def preset(name: str) -> QuantSpec:
     """Look up a named preset (case-insensitive)."""
-    key = name.upper().replace("-", "_")
+    key = name.upper().replace("-", "_") if isinstance(name, str) else None
     if key not in PRESETS:
         raise SpecError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[key]

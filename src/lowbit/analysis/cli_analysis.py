@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.outputs import check_output
 
 
 def _is_checkpoint(ref: str) -> bool:
@@ -55,9 +56,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     recipe = None
     if args.quantized and not _is_checkpoint(args.quantized):
         recipe = load_recipe(args.quantized)  # LowbitError naming the shipped recipes when it is neither
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"--out {out} is a file: give a directory for the analysis results")
+    out = check_output(args.out, "results", option="--out")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache,
                             trust_remote_code=args.trust_remote_code)
     _check_results_dir(out, model_identity(model, args.model))  # every check before any long work
@@ -89,6 +88,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.analysis.report import write_report
     from lowbit.cli import print_table
 
+    check_output(args.results_dir, "results", option="RESULTS_DIR")
     md, page = write_report(args.results_dir)
     print_table([("markdown", str(md)), ("html", str(page)), ("plots", str(Path(args.results_dir) / "plots"))])
     return 0

@@ -1,19 +1,27 @@
 """Where sweep configurations run: worker processes on this machine, or Ray tasks on a cluster.
 
 An executor takes a picklable function and a list of jobs and yields ``(job, result)`` pairs as
-they finish; a job whose worker raised or died yields the exception as its result.  Every job runs in a fresh process (its peak memory is its own) with a fixed number of
-torch threads, so a configuration gives the same numbers whichever executor ran it.
+they finish; a job whose worker raised or died yields the exception as its result.  Every job runs
+in a fresh process (its peak memory is its own) with a fixed number of torch threads, so a
+configuration gives the same numbers whichever executor ran it.  Closing the iterator early (an
+interrupt) stops the jobs still running instead of waiting for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-import sys
+import signal
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from lowbit.errors import LowbitError
+
+EXIT_GRACE_S = 60.0  # a worker that sent its result gets this long to exit before it is terminated
+STOP_WAIT_S = 5.0  # after terminate (SIGTERM), then kill (SIGKILL)
 
 
 class Executor(Protocol):
@@ -38,7 +46,11 @@ class InlineExecutor:
 
 
 class LocalExecutor:
-    """``workers`` spawned processes on this machine, a fresh one per job."""
+    """``workers`` spawned processes on this machine, a fresh one per job.
+
+    Workers ignore SIGINT (a Ctrl-C reaches the whole process group): when the caller stops
+    iterating (an interrupt, an error, ``close()``), the workers still running are terminated, not
+    waited for."""
 
     name = "local"
 
@@ -48,20 +60,87 @@ class LocalExecutor:
         self.workers = workers
 
     def run(self, fn: Callable[[Any], Any], jobs: list[Any]) -> Iterator[tuple[Any, Any]]:
-        if not jobs:
-            return
         ctx = multiprocessing.get_context("spawn")  # no forked torch state; the same start as Ray's workers
-        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: workers are reused
-        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, **fresh)
+        queue = list(jobs)
+        running: dict[Connection, tuple[Any, Any]] = {}  # result pipe -> (process, job)
         try:
-            pending = {pool.submit(fn, job): job for job in jobs}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    exc = fut.exception()
-                    yield pending.pop(fut), exc if exc is not None else fut.result()
+            while queue or running:
+                while queue and len(running) < self.workers:
+                    job = queue.pop(0)
+                    conn, proc = _start(ctx, fn, job)
+                    running[conn] = (proc, job)
+                for conn in mp_connection.wait(list(running)):
+                    proc, job = running[conn]
+                    result = _collect(conn, proc)
+                    del running[conn]  # only now: an interrupt while collecting still stops the worker
+                    yield job, result
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # an abandoned sweep does not wait for the queue
+            for conn, (proc, _) in running.items():
+                _stop(proc, grace=0.0)
+                conn.close()
+
+
+def _worker(fn: Callable[[Any], Any], job: Any, conn: Connection) -> None:
+    """A worker process's body: ``fn(job)`` (or the exception it raised) sent back over ``conn``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt ends
+    try:
+        outcome = fn(job)
+    except BaseException as exc:  # noqa: BLE001 - reported as the job's result
+        outcome = exc
+    try:
+        conn.send(outcome)
+    except Exception as exc:  # noqa: BLE001 - a result or exception that does not pickle
+        conn.send(RuntimeError(f"{type(exc).__name__} sending the result: {exc}"))
+    conn.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this (main) thread meanwhile, so a process started now inherits the ignore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _start(ctx: Any, fn: Callable[[Any], Any], job: Any) -> tuple[Connection, Any]:
+    """Start a worker for ``job``: (the pipe end its result arrives on, the process)."""
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(fn, job, writer))
+    with _sigint_ignored():
+        proc.start()
+    writer.close()  # the worker holds the only write end: its exit makes the reader ready
+    return reader, proc
+
+
+def _collect(conn: Connection, proc: Any) -> Any:
+    """The result (or exception) a finished worker sent; an error when it died without sending one."""
+    try:
+        return conn.recv()
+    except EOFError:
+        code = _stop(proc, grace=EXIT_GRACE_S)
+        return RuntimeError(f"the worker process died (exit code {code}) before returning a result")
+    except Exception as exc:  # noqa: BLE001 - a result that does not unpickle here
+        return RuntimeError(f"cannot read the worker's result ({type(exc).__name__}: {exc})")
+    finally:
+        conn.close()
+        _stop(proc, grace=EXIT_GRACE_S)
+
+
+def _stop(proc: Any, grace: float) -> int | None:
+    """Wait up to ``grace`` seconds for ``proc`` to exit, then terminate it (and kill it if it must);
+    returns its exit code."""
+    proc.join(grace)
+    for end in (proc.terminate, proc.kill):
+        if proc.exitcode is not None:
+            break
+        end()
+        proc.join(STOP_WAIT_S)
+    return proc.exitcode
 
 
 class RayExecutor:
@@ -87,6 +166,7 @@ class RayExecutor:
         if started:
             kw: dict[str, Any] = {"address": self.address} if self.address else {"num_cpus": self.local_cpus}
             ray.init(log_to_driver=False, include_dashboard=False, **kw)
+        pending: dict[Any, Any] = {}
         try:
             task = ray.remote(num_cpus=self.cpus, max_calls=1)(fn)
             pending = {task.remote(job): job for job in jobs}
@@ -99,6 +179,9 @@ class RayExecutor:
                         result = exc
                     yield pending.pop(ref), result
         finally:
+            for ref in pending:  # abandoned (an interrupt): stop the tasks instead of leaving them running
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
             if started:
                 ray.shutdown()
 

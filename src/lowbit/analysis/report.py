@@ -250,6 +250,18 @@ def _analysis_section(doc: Doc, ana: Mapping[str, Any], plots: Path) -> None:
         doc.image(plot_error_along_depth(blocks, plots / "error_along_depth.png"), "error along depth")
 
 
+REPORT_FILES = ("report.md", "report.html")
+
+
+def _check_targets(d: Path) -> None:
+    """LowbitError before any plot is drawn when a report path is taken by something of another kind."""
+    if (d / PLOTS_DIR).exists() and not (d / PLOTS_DIR).is_dir():
+        raise LowbitError(f"{d / PLOTS_DIR} is a file; the report writes its plots there: move it away")
+    for name in REPORT_FILES:
+        if (d / name).is_dir():
+            raise LowbitError(f"{d / name} is a directory; the report writes a file there: move it away")
+
+
 def write_report(results_dir: str | Path) -> tuple[Path, Path]:
     """Render the plots into ``results_dir/plots/`` and write ``report.md`` and a self-contained
     ``report.html``; returns both paths."""
@@ -262,6 +274,7 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path]:
              + (f", {params:,} parameters" if isinstance(params, int) else "")
              + f". Results: {', '.join(f'{k}.json' for k in found)}.")
     plots = d / PLOTS_DIR
+    _check_targets(d)
     plots.mkdir(exist_ok=True)
     if "sweep" in found:
         _sweep_section(doc, found["sweep"], plots)
@@ -269,7 +282,7 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path]:
         _sensitivity_section(doc, found["sensitivity"], plots)
     if "analysis" in found:
         _analysis_section(doc, found["analysis"], plots)
-    md, page = d / "report.md", d / "report.html"
+    md, page = (d / name for name in REPORT_FILES)
     write_text_atomic(md, doc.markdown(d))
     write_text_atomic(page, doc.html())
     return md, page

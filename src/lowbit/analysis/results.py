@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("sweep", "sensitivity", "analysis")
 
@@ -35,6 +36,11 @@ def results_path(directory: str | Path, kind: str) -> Path:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return Path(directory) / f"{kind}.json"
+
+
+def is_results_dir(directory: str | Path) -> bool:
+    """True when ``directory`` holds results of any kind (so lowbit may write more results there)."""
+    return any(results_path(directory, kind).is_file() for kind in KINDS)
 
 
 def read_results(directory: str | Path, kind: str) -> dict[str, Any] | None:

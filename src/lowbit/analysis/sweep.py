@@ -5,6 +5,7 @@ in a worker of a pluggable executor (``lowbit.analysis.executors``)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from lowbit.analysis.executors import Executor, InlineExecutor
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
 from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
+from lowbit.outputs import check_output
 
 SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
 TABLE_COLUMNS = ["config", "method", "bits", "group", "bits/weight", "size MiB", "perplexity", "KL to fp",
@@ -161,9 +163,10 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
               ) -> dict[str, Any]:
     """Run the configurations of ``configs`` not yet finished in ``out`` and return the sweep results.
 
-    The fp model is loaded here once: its identity guards the directory (results of another model
-    are refused) and its perplexity is the reference row.  A directory swept with other data is
-    refused too, and so is one swept on another kind of device (its timings would not compare).
+    ``out`` must be new, empty or a results directory (``lowbit.outputs.check_output``).  The fp model
+    is loaded here once: its identity guards the directory (results of another model are refused)
+    and its perplexity is the reference row.  A directory swept with other data is refused too, and
+    so is one swept on another kind of device (its timings would not compare).
     ``sweep.json`` and ``sweep.md`` are rewritten after every finished configuration.  Configurations
     named in ``redo`` (or whose method is named there) run again even when finished.
     """
@@ -172,9 +175,7 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     check_device(device)
     if not configs:
         raise LowbitError("nothing to sweep: the configuration list is empty")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"{out} is a file: give a directory for the sweep results")
+    out = check_output(out, "results")
     model, tok = load_model(model_ref, device=device, cache=cache)
     identity = model_identity(model, model_ref)
     stored = read_results(out, "sweep")
@@ -198,14 +199,16 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     _save(out, sweep)
     env = {k: v for k, v in os.environ.items() if k.startswith(("LOWBIT_", "HF_", "XDG_CACHE_HOME"))}
     jobs = [SweepJob(model_ref, c, data, cache, threads, env, device) for c in todo]
-    for job, row in (executor or InlineExecutor()).run(runner, jobs):
-        if isinstance(row, BaseException):
-            c = job.config
-            row = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size,
-                   "status": "failed", "error": f"{type(row).__name__}: {row}"}
-        sweep["rows"] = [r for r in sweep["rows"] if r["config"] != row["config"]] + [row]
-        _save(out, sweep)
-        log(_row_line(row))
+    # closed however the loop ends (an interrupt too), so the executor stops its workers at once
+    with contextlib.closing((executor or InlineExecutor()).run(runner, jobs)) as finished:
+        for job, row in finished:
+            if isinstance(row, BaseException):
+                c = job.config
+                row = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size,
+                       "status": "failed", "error": f"{type(row).__name__}: {row}"}
+            sweep["rows"] = [r for r in sweep["rows"] if r["config"] != row["config"]] + [row]
+            _save(out, sweep)
+            log(_row_line(row))
     return sweep
 
 

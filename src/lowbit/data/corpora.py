@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.safeio import read_text
 
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "validation": "validation", "test": "test", "train": "train"}
 
@@ -58,6 +59,7 @@ CORPORA: dict[str, Corpus] = {
         "jsonl",
     ),
 }
+MAX_DATA_BYTES = 256 << 20  # a data file lowbit reads whole; wikitext-2's test split is 1.3 MB
 HUB_SPLITS = {"wikitext2": ("train", "validation", "test"), "ptb": ("train", "validation", "test"), "c4": ("train", "validation")}
 
 
@@ -74,21 +76,28 @@ def normalize_split(split: str) -> str:
     return SPLIT_ALIASES[key]
 
 
+def _jsonl_text(line: str, path: Path, i: int) -> str:
+    """The string ``text`` field of JSON line ``i`` of ``path``."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        row = None
+    if not isinstance(row, dict) or "text" not in row:
+        raise LowbitError(f"{path} line {i} is not a JSON object with a 'text' field; each line must be "
+                          '{"text": "..."}')
+    if not isinstance(row["text"], str):
+        raise LowbitError(f"{path} line {i}: 'text' is {json.dumps(row['text'])[:40]}, not a string; each row "
+                          "needs a string \"text\" field")
+    return row["text"]
+
+
 def _read_rows(path: Path, row_format: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, MAX_DATA_BYTES, "data file")
     if row_format == "wikitext":
         return ["" if not line.strip() else line for line in text.splitlines(keepends=True)]
     if row_format == "sentences":
         return [line.strip() for line in text.splitlines()]
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LowbitError(f"{path} line {i} is not a JSON object with a 'text' field") from None
-    return rows
+    return [_jsonl_text(line, path, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def _hub_rows(corpus: Corpus, split: str) -> list[str]:

@@ -28,6 +28,14 @@ def check_token_windows(ids: Any, what: str, min_tokens: int = 1) -> None:
                           f"{ids.shape[0]} x {ids.shape[1]}")
 
 
+def check_batch_size(batch_size: Any, what: str = "batch_size") -> None:
+    """LowbitError unless ``batch_size`` (windows per forward pass) is a positive integer; ``what`` names
+    it as the user gave it (``--batch-size``)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise LowbitError(f"{what} must be a positive integer (calibration windows per forward pass, e.g. 8), "
+                          f"got {batch_size!r}")
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``(n, seqlen)`` from the start of ``ids`` (the tail that does not fill one is dropped)."""
     if seqlen < 2:
@@ -35,7 +43,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     n = ids.numel() // seqlen
     if max_windows is not None:
         if max_windows < 1:
-            raise LowbitError(f"max_windows must be at least 1, got {max_windows}")
+            raise LowbitError(f"max_windows (--max-windows) must be at least 1, got {max_windows}")
         n = min(n, max_windows)
     if n == 0:
         raise LowbitError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")

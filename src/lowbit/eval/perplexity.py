@@ -146,8 +146,11 @@ def evaluate(
     if not hasattr(model, "config") or not callable(model):
         raise LowbitError("evaluate() needs a transformers causal LM (as returned by lowbit.load_model)")
     check_seqlen(model, seqlen)
-    new_cache, kv_name = _kv_cache_factory(model, kv_cache, seqlen, pivot_model)
-    windows = eval_windows(tokenize_text(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
+    new_cache, kv_name = kv_cache_factory(model, kv_cache, seqlen, pivot_model)
+    try:
+        windows = eval_windows(tokenize_text(tokenizer, load_text(dataset, split, data_dir)), seqlen, max_windows)
+    except LowbitError as e:
+        raise LowbitError(f"evaluation data {dataset} ({split}): {e}") from None
     device = next(model.parameters()).device
     reset_device_peak(device)
     t0 = time.perf_counter()
@@ -177,7 +180,7 @@ def evaluate(
     )
 
 
-def _kv_cache_factory(model: Any, kv_cache: Any | None, seqlen: int, pivot_model: Any | None = None
+def kv_cache_factory(model: Any, kv_cache: Any | None, seqlen: int, pivot_model: Any | None = None
                       ) -> tuple[Callable[[torch.Tensor], Any] | None, str | None]:
     """A maker of fresh quantized caches for ``kv_cache`` (checked against the model and window now).
     ``None``: the model's own setting (``lowbit_kv_cache``, from its checkpoint), if any; ``"none"``:

@@ -10,6 +10,7 @@ group per distinct scheme); the tensors per format are in ``lowbit.export.ct_ten
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,33 @@ from lowbit.activations.quantizer import ActQuantizer
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import LayerWeight, check_schemes, layer_format, quantization_config
-from lowbit.export.ct_tensors import DENSE_WEIGHT_FORMATS, SUFFIXES, layer_tensors, read_layer_weight, split_packed
+from lowbit.export.ct_tensors import (
+    DENSE_WEIGHT_FORMATS,
+    SUFFIXES,
+    check_finite,
+    layer_tensors,
+    read_layer_weight,
+    require,
+    split_packed,
+)
 from lowbit.packed.floatweight import float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
 from lowbit.packed.qlinear import QuantLinear
+from lowbit.models.checkpoint import (
+    LoadReport,
+    compare_tensors,
+    finite_state,
+    quiet_loading,
+    read_config_json,
+    safetensors_header,
+)
+from lowbit.models.conv1d import convert_conv1d, is_conv1d
 from lowbit.models.permutation import output_permutations
 from lowbit.rotation.online import input_rotations
 from lowbit.spec import QuantSpec, SpecError
 
 WEIGHTS_FILE = "model.safetensors"
+CT_FIX = "re-export the checkpoint (lowbit quantize --out, or lowbit export)"
 
 
 def _layer_weight(name: str, layer: torch.nn.Module) -> LayerWeight:
@@ -85,7 +104,22 @@ def collect_exportable(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], 
         weights, inputs = export_weights(model)
     except LowbitError as e:
         return {}, {}, str(e)
+    conv = conv1d_problem(model, weights)
+    if conv is not None:
+        return {}, {}, conv
     return weights, inputs, check_schemes(weights, inputs)
+
+
+def conv1d_problem(model: torch.nn.Module, names: Iterable[str] | None = None) -> str | None:
+    """Why compressed-tensors cannot hold the model's GPT-2 style Conv1D layers (``names``: only these), or None.
+
+    Callable before quantizing, so ``--format compressed-tensors`` on GPT-2 can be refused up front."""
+    layers = ((n, model.get_submodule(n)) for n in names) if names is not None else model.named_modules()
+    conv = [n for n, m in layers if is_conv1d(m)]
+    if not conv:
+        return None
+    return (f"{conv[0]} is a GPT-2 style Conv1D layer (weight stored transposed), which compressed-tensors loaders "
+            "(transformers, vLLM) do not quantize; write fake-quant")
 
 
 def check_exportable(model: torch.nn.Module) -> str | None:
@@ -114,6 +148,7 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | 
     for name, w in weights.items():
         tensors.update(layer_tensors(name, w, inputs.get(name), formats[name], dtype))
     cfg = model.config.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]  # vLLM picks its model class by it
     cfg["quantization_config"] = qc
     cfg["dtype"] = str(dtype).replace("torch.", "")
     if "nvfp4-pack-quantized" in formats.values():
@@ -134,11 +169,12 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | 
 
 # ----------------------------------------------------------------------------------- reading
 def is_compressed_tensors(path: str | Path) -> bool:
+    """Whether ``path/config.json`` declares a compressed-tensors checkpoint."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "compressed-tensors"
+    qc = read_config_json(cfg).get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any] | None:
@@ -158,16 +194,18 @@ def _input_quantizer(name: str, args: dict[str, Any] | None, t: dict[str, torch.
     sym = bool(args.get("symmetric", True))
     dynamic = args.get("dynamic") in (True, "local")
     try:
-        spec = QuantSpec(type="float" if float_ else "int", bits=int(args["num_bits"]), fmt="e4m3" if float_ else None,
+        bits = int(require(args, "num_bits", name, "input_activations argument"))
+        spec = QuantSpec(type="float" if float_ else "int", bits=bits, fmt="e4m3" if float_ else None,
                          symmetric=sym, signed=True, granularity=args.get("strategy") or "tensor",
                          group_size=args.get("group_size"), dynamic=dynamic, full_range=sym and not float_)
-    except SpecError as e:
+    except (SpecError, TypeError, ValueError) as e:
         raise LowbitError(f"{name}: input_activations {args} is not a scheme lowbit runs: {e}") from None
     q = ActQuantizer(spec)
     if not dynamic:
         if "input_scale" not in t:
             raise LowbitError(f"{name}: static input quantization but no input_scale tensor: the config and the "
                               "tensors disagree")
+        check_finite(name, "input_scale", t["input_scale"])
         s = t["input_scale"].float().reshape(-1)[0]
         if float_:
             q.load_range(-s * 448.0, s * 448.0)
@@ -180,60 +218,103 @@ def _input_quantizer(name: str, args: dict[str, Any] | None, t: dict[str, torch.
     return q
 
 
+def _quantization_config(path: Path) -> dict[str, Any]:
+    """``quantization_config`` of ``path/config.json``, its config groups checked for what lowbit reads."""
+    cfg_file = path / "config.json"
+    qc = read_config_json(cfg_file).get("quantization_config") or {}
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise LowbitError(f"{cfg_file}: quantization_config has no config_groups, so no layer says how it is "
+                          f"quantized; {CT_FIX}")
+    for gname, group in groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise LowbitError(f"{cfg_file}: quantization_config group {gname!r} has no 'weights' arguments; {CT_FIX}")
+    return qc
+
+
+def _plain_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The config's model with fresh weights (real buffers such as rotary tables), Conv1D as nn.Linear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    convert_conv1d(model)
+    return model
+
+
+def _check_layer_sets(path: Path, per_layer: dict[str, Any], schemes: dict[str, Any], linears: set[str]) -> None:
+    """Every quantized tensor belongs to a targeted linear of the model, and every targeted linear has them."""
+    for name in sorted(per_layer):
+        if name not in linears:
+            raise LowbitError(f"{path}: quantized tensors for {name}, which is not a linear layer of the model "
+                              f"config.json describes: the config and the tensors disagree; {CT_FIX}")
+        if name not in schemes:
+            raise LowbitError(f"{path}: {name} has quantized tensors but no config group of quantization_config "
+                              f"targets it; {CT_FIX}")
+    missing_layers = sorted(set(schemes) - set(per_layer))
+    if missing_layers:
+        raise LowbitError(f"{path}: the config quantizes {missing_layers[0]} (and {len(missing_layers) - 1} more) but "
+                          f"the file has no quantized tensors for it: the config and the tensors disagree; {CT_FIX}")
+
+
+def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Module:
+    """The module that runs layer ``name``'s weight: ``QuantLinear`` for int, ``nn.Linear`` for float formats.
+
+    The bias (if the layer has one) is a placeholder until the checkpoint's dense tensors are loaded."""
+    if w.shape != (old.out_features, old.in_features):
+        raise LowbitError(f"{name}: the checkpoint holds a {w.shape[0]}x{w.shape[1]} weight where the model of "
+                          f"config.json has a {old.out_features}x{old.in_features} one: the config and the tensors "
+                          f"disagree; {CT_FIX}")
+    if isinstance(w, IntWeight):
+        return QuantLinear(w, old.bias, dtype)
+    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=dtype)
+    new.weight.data.copy_(w.dequantize(dtype))
+    new.lowbit_float_weight = w
+    return new
+
+
+def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tensor], quantized: set[str]) -> None:
+    """Check the non-quantized tensors against the model (the loader report), then load them."""
+    report = LoadReport(str(path), f"check that config.json belongs to these weights, or {CT_FIX}")
+    expected = {k: t for k, t in model.state_dict().items()
+                if not (k.rpartition(".")[0] in quantized and not k.endswith(".bias"))}
+    header = safetensors_header(path / WEIGHTS_FILE)
+    compare_tensors(report, expected, {k: header[k] for k in dense}, model).check()
+    model.load_state_dict(dense, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    finite_state(report, model).check()
+
+
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Build the model of a compressed-tensors checkpoint with lowbit modules: ``QuantLinear`` for int
     weights, ``nn.Linear`` holding the dequantized values for FP8 / NVFP4 (no packed float kernel on CPU),
-    and input quantizers where the scheme quantizes activations."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    and input quantizers where the scheme quantizes activations.  Every tensor is checked against the
+    model (``lowbit.models.checkpoint``): nothing is left randomly initialised, nothing is NaN."""
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    qc = raw.get("quantization_config") or {}
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # real buffers (rotary tables) included
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    qc = _quantization_config(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise LowbitError(f"{path} has a compressed-tensors config but no {WEIGHTS_FILE}; {CT_FIX}")
+    model = _plain_model(path, dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     ignored = set(qc.get("ignore") or [])
     schemes = {n: g for n in linears if n not in ignored and (g := _scheme_for(n, qc)) is not None}
     default = qc.get("format")
     dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
         per_layer, dense = split_packed(f, dense_weight)
+    _check_layer_sets(path, per_layer, schemes, set(linears))
     for name, t in per_layer.items():
-        if name not in schemes:
-            raise LowbitError(f"{name} has quantized tensors but no config group of quantization_config targets it")
         group = schemes[name]
         w = read_layer_weight(name, t, group.get("format") or default, group["weights"])
-        old = model.get_submodule(name)
-        bias = dense.pop(f"{name}.bias", None)
-        if isinstance(w, IntWeight):
-            new: torch.nn.Module = QuantLinear(w, None, dtype)
-            if bias is not None:
-                new.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
-        else:
-            new = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
-            new.weight.data.copy_(w.dequantize(dtype))
-            if bias is not None:
-                new.bias.data.copy_(bias)
-            new.lowbit_float_weight = w
+        new = _quantized_module(name, w, linears[name], dtype)
         q = _input_quantizer(name, group.get("input_activations"), t)
         if q is not None:
             attach_input_quantizer(new, q)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        del old
-    missing_layers = sorted(set(schemes) - set(per_layer))
-    if missing_layers:
-        raise LowbitError(f"{path}: the config quantizes {missing_layers[0]} (and {len(missing_layers) - 1} more) but "
-                          "the file has no quantized tensors for it: the config and the tensors disagree")
-    result = model.load_state_dict(dense, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    bad = [k for k in result.missing_keys if not k.endswith(SUFFIXES) and "rotary" not in k
-           and not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")
-           and not (k.endswith(".weight") and k.rsplit(".", 1)[0] in per_layer)]
-    if bad or result.unexpected_keys:
-        raise LowbitError(f"{path}: tensors do not match the config (missing {bad[:5]}, unexpected "
-                          f"{result.unexpected_keys[:5]})")
+    _load_dense(path, model, dense, set(per_layer))
     return model.eval()

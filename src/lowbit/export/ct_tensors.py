@@ -27,6 +27,7 @@ from lowbit.core.floats import decode, encode
 from lowbit.core.packing import pack, to_signed, to_unsigned, unpack
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import LayerWeight
+from lowbit.models.checkpoint import all_finite
 from lowbit.packed.floatweight import FloatWeight
 from lowbit.packed.intweight import IntWeight
 
@@ -118,67 +119,139 @@ def split_packed(f: Any, dense_weight_layers: set[str] = frozenset()) -> tuple[d
     return per_layer, dense
 
 
-def _check_scale(name: str, scale: torch.Tensor, rows: int, cols: int, gs: int | None) -> None:
+def require(t: dict[str, Any], key: str, name: str, what: str = "tensor") -> Any:
+    """``t[key]``; a LowbitError naming the layer when the checkpoint or its scheme lacks it."""
+    if key not in t:
+        have = ", ".join(sorted(t)) or "nothing"
+        raise LowbitError(f"{name}: the {what} {key!r} is missing (has {have}): the config and the tensors disagree; "
+                          "re-export the checkpoint")
+    return t[key]
+
+
+def check_finite(name: str, key: str, t: torch.Tensor) -> None:
+    """A LowbitError naming ``name.key`` when ``t`` holds NaN or Inf."""
+    if not all_finite(t):
+        raise LowbitError(f"{name}.{key} holds NaN or Inf values; the checkpoint is corrupt: re-quantize or re-export it")
+
+
+def _scale(name: str, t: dict[str, torch.Tensor], rows: int, cols: int, gs: int | None) -> torch.Tensor:
+    """The layer's ``weight_scale``, checked: shape (rows, groups) and finite."""
+    scale = require(t, "weight_scale", name)
     ng = 1 if not gs else -(-cols // int(gs))
     if tuple(scale.shape) != (rows, ng):
         raise LowbitError(f"{name}: weight_scale is {tuple(scale.shape)} but group size {gs} on a {rows}x{cols} "
                           f"weight needs ({rows}, {ng}): the config and the tensors disagree")
+    check_finite(name, "weight_scale", scale)
+    return scale.float()
+
+
+def _group_size(name: str, args: dict[str, Any]) -> int | None:
+    """The scheme's group size (None for one scale per row), checked to be a positive integer."""
+    if args.get("strategy") != "group":
+        return None
+    gs = args.get("group_size")
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
+        raise LowbitError(f"{name}: the scheme's strategy is 'group' but group_size is {gs!r}; re-export the checkpoint")
+    return gs
+
+
+def _num_bits(name: str, args: dict[str, Any]) -> int:
+    """The scheme's ``num_bits``, checked to be a width lowbit packs."""
+    bits = require(args, "num_bits", name, "scheme argument")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise LowbitError(f"{name}: num_bits {bits!r} is not a width lowbit reads (1 to 8); re-export the checkpoint")
+    return bits
+
+
+def _g_idx(name: str, t: dict[str, torch.Tensor], cols: int, groups: int) -> torch.Tensor | None:
+    """``weight_g_idx``, checked: one integer group per input column, each below the number of groups."""
+    g = t.get("weight_g_idx")
+    if g is None:
+        return None
+    if g.is_floating_point() or tuple(g.shape) != (cols,):
+        raise LowbitError(f"{name}: weight_g_idx is {tuple(g.shape)} {g.dtype} but needs one integer group per input "
+                          f"column ({cols},): the config and the tensors disagree")
+    if cols and (int(g.min()) < 0 or int(g.max()) >= groups):
+        raise LowbitError(f"{name}: weight_g_idx holds groups {int(g.min())}..{int(g.max())} but the layer has "
+                          f"{groups} scale groups (0..{groups - 1}): the checkpoint is corrupt; re-export it")
+    return g.to(torch.int32)
+
+
+def _zero_point(name: str, t: dict[str, torch.Tensor], bits: int, rows: int, groups: int) -> torch.Tensor:
+    """Signed zero points (rows, groups) from ``weight_zero_point`` packed along the output dimension."""
+    zp = require(t, "weight_zero_point", name)
+    want = (-(-rows * bits // 32), groups)
+    if tuple(zp.shape) != want or zp.dtype != torch.int32:
+        raise LowbitError(f"{name}: weight_zero_point is {tuple(zp.shape)} {zp.dtype} but {bits}-bit zero points of "
+                          f"{rows} rows x {groups} groups pack to {want} int32: the config and the tensors disagree")
+    return to_signed(unpack(zp.t().contiguous(), bits, rows, "int32"), bits).t().contiguous()
+
+
+def _weight_shape(name: str, t: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``weight_shape`` as (rows, columns), checked to be two positive integers."""
+    shape = require(t, "weight_shape", name)
+    if shape.numel() != 2 or shape.is_floating_point() or bool((shape <= 0).any()):
+        raise LowbitError(f"{name}: weight_shape {shape.tolist()} is not the (rows, columns) of a linear weight; "
+                          "re-export the checkpoint")
+    rows, cols = (int(v) for v in shape.tolist())
+    return rows, cols
 
 
 def read_int_weight(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:
     """Rebuild one ``pack-quantized`` layer's ``IntWeight``, checking the tensors against the scheme."""
-    bits, gs = int(args["num_bits"]), args.get("group_size")
     if args.get("type", "int") != "int" or args.get("strategy") not in ("group", "channel"):
         raise LowbitError(f"{name}: lowbit reads int group/channel pack-quantized weights, not {args}")
-    if "weight_packed" not in t or "weight_shape" not in t:
-        raise LowbitError(f"{name}: has {', '.join(sorted(t))} but not weight_packed + weight_shape")
-    rows, cols = (int(v) for v in t["weight_shape"].tolist())
-    packed = t["weight_packed"]
+    bits, gs = _num_bits(name, args), _group_size(name, args)
+    packed = require(t, "weight_packed", name)
+    rows, cols = _weight_shape(name, t)
     want = (rows, -(-cols * bits // 32))
     if tuple(packed.shape) != want or packed.dtype != torch.int32:
         raise LowbitError(f"{name}: weight_packed is {tuple(packed.shape)} {packed.dtype} but a {bits}-bit "
                           f"{rows}x{cols} weight packs to {want} int32: the config and the tensors disagree")
-    gs = int(gs) if args["strategy"] == "group" else None
-    _check_scale(name, t["weight_scale"], rows, cols, gs)
+    scale = _scale(name, t, rows, cols, gs)
     codes = to_signed(unpack(packed, bits, cols, "int32"), bits)
-    zero = None
-    if not args.get("symmetric", True):
-        if "weight_zero_point" not in t:
-            raise LowbitError(f"{name}: the scheme is asymmetric but weight_zero_point is missing")
-        zp = t["weight_zero_point"].t().contiguous()
-        zero = to_signed(unpack(zp, bits, rows, "int32"), bits).t().contiguous()
-    g_idx = t.get("weight_g_idx")
-    return IntWeight(codes, t["weight_scale"].float(), zero, bits, gs, None if g_idx is None else g_idx.to(torch.int32))
+    zero = None if args.get("symmetric", True) else _zero_point(name, t, bits, rows, scale.shape[1])
+    return IntWeight(codes, scale, zero, bits, gs, _g_idx(name, t, cols, scale.shape[1]))
 
 
 def _read_unpacked_int(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:
     w = t.get("weight")
-    if w is None or w.dtype != torch.int8:
-        raise LowbitError(f"{name}: an int-quantized layer needs an int8 'weight' tensor, found "
+    if w is None or w.dtype != torch.int8 or w.dim() != 2:
+        raise LowbitError(f"{name}: an int-quantized layer needs an int8 'weight' matrix, found "
                           f"{None if w is None else w.dtype}: the config and the tensors disagree")
-    gs = int(args["group_size"]) if args.get("strategy") == "group" else None
-    _check_scale(name, t["weight_scale"], *w.shape, gs)
-    zero = None if args.get("symmetric", True) else t["weight_zero_point"].to(torch.int8)
-    return IntWeight(w, t["weight_scale"].float(), zero, int(args["num_bits"]), gs)
+    gs = _group_size(name, args)
+    scale = _scale(name, t, *w.shape, gs)
+    zero = None
+    if not args.get("symmetric", True):
+        zero = require(t, "weight_zero_point", name)
+        if tuple(zero.shape) != tuple(scale.shape):
+            raise LowbitError(f"{name}: weight_zero_point is {tuple(zero.shape)} but the scales are "
+                              f"{tuple(scale.shape)}: the config and the tensors disagree")
+        zero = zero.to(torch.int8)
+    return IntWeight(w, scale, zero, _num_bits(name, args), gs)
 
 
 def _read_float(name: str, t: dict[str, torch.Tensor], args: dict[str, Any], fmt: str) -> FloatWeight:
     if fmt == "float-quantized":
         w = t.get("weight")
-        if w is None or w.dtype != torch.float8_e4m3fn:
-            raise LowbitError(f"{name}: a float-quantized layer needs a float8_e4m3fn 'weight' tensor: the config and "
-                              "the tensors disagree")
-        gs = int(args["group_size"]) if args.get("strategy") == "group" else None
-        _check_scale(name, t["weight_scale"], *w.shape, gs)
-        return FloatWeight("e4m3", w.float(), t["weight_scale"].float(), gs, "float32")
-    packed, scale = t.get("weight_packed"), t.get("weight_scale")
-    if packed is None or packed.dtype != torch.uint8 or scale is None or "weight_global_scale" not in t:
-        raise LowbitError(f"{name}: an nvfp4-pack-quantized layer needs uint8 weight_packed, weight_scale and "
-                          "weight_global_scale: the config and the tensors disagree")
+        if w is None or w.dtype != torch.float8_e4m3fn or w.dim() != 2:
+            raise LowbitError(f"{name}: a float-quantized layer needs a float8_e4m3fn 'weight' matrix: the config "
+                              "and the tensors disagree")
+        gs = _group_size(name, args)
+        return FloatWeight("e4m3", w.float(), _scale(name, t, *w.shape, gs), gs, "float32")
+    packed = t.get("weight_packed")
+    if packed is None or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise LowbitError(f"{name}: an nvfp4-pack-quantized layer needs a uint8 weight_packed matrix: the config and "
+                          "the tensors disagree")
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    _check_scale(name, scale, rows, cols, 16)
+    scale = _scale(name, t, rows, cols, 16)
+    glob = require(t, "weight_global_scale", name)
+    check_finite(name, "weight_global_scale", glob)
+    g = float(glob.reshape(-1)[0]) if glob.numel() else 0.0
+    if g == 0.0:
+        raise LowbitError(f"{name}: weight_global_scale is {glob.tolist()}, not a nonzero number; re-export it")
     values = decode(_unpack_fp4(packed, cols), "e2m1")
-    return FloatWeight("e2m1", values, scale.float(), 16, "e4m3", 1.0 / float(t["weight_global_scale"].reshape(-1)[0]))
+    return FloatWeight("e2m1", values, scale, 16, "e4m3", 1.0 / g)
 
 
 def read_layer_weight(name: str, t: dict[str, torch.Tensor], fmt: str, args: dict[str, Any]) -> LayerWeight:

@@ -19,12 +19,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded, check_fields
+from lowbit.safeio import read_text
 
-KV_BITS = (2, 3, 4, 8)
-AXES = ("token", "channel")
+KVBits = Literal[2, 3, 4, 8]
+Axis = Literal["token", "channel"]
+KV_BITS = get_args(KVBits)
+AXES = get_args(Axis)
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,16 @@ class KVCacheConfig:
     one sorted table of ``2^bits`` code-unit levels per decoder layer, written by
     ``lowbit.kvcache.calibrate.calibrate_kv_levels``."""
 
-    bits: int = 8
-    key_axis: str = "token"
-    value_axis: str = "token"
-    key_group: int | None = None
-    value_group: int | None = None
-    residual: int = 0
-    sink: int = 0
+    bits: KVBits = 8
+    key_axis: Axis = "token"
+    value_axis: Axis = "token"
+    key_group: int | None = bounded(None, ge=1)
+    value_group: int | None = bounded(None, ge=1)
+    residual: int = bounded(0, ge=0)
+    sink: int = bounded(0, ge=0)
     pre_rope: bool = False
-    outliers: float = 0.0
-    intact: int = 0
+    outliers: float = bounded(0.0, ge=0, lt=0.5)
+    intact: int = bounded(0, ge=0)
     rotate: bool = False
     nuq: bool = False
     key_levels: tuple[tuple[float, ...], ...] | None = None
@@ -61,19 +65,7 @@ class KVCacheConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.bits not in KV_BITS:
-            raise LowbitError(f"KV-cache bits must be one of {', '.join(map(str, KV_BITS))}, got {self.bits}")
-        for what, axis in (("key_axis", self.key_axis), ("value_axis", self.value_axis)):
-            if axis not in AXES:
-                raise LowbitError(f"{what} must be 'token' or 'channel', got {axis!r}")
-        for what, g in (("key_group", self.key_group), ("value_group", self.value_group)):
-            if g is not None and (not isinstance(g, int) or g < 1):
-                raise LowbitError(f"{what} must be a positive integer or null, got {g!r}")
-        for what, n in (("residual", self.residual), ("sink", self.sink), ("intact", self.intact)):
-            if not isinstance(n, int) or n < 0:
-                raise LowbitError(f"{what} must be a non-negative integer, got {n!r}")
-        if not 0.0 <= self.outliers < 0.5:
-            raise LowbitError(f"outliers is the fraction of values kept in fp16, in [0, 0.5); got {self.outliers}")
+        check_fields(self, "KV-cache ")  # types and ranges of every field (``lowbit.fields``)
         for what, axis, g in (("key", self.key_axis, self.key_group), ("value", self.value_axis, self.value_group)):
             if axis == "channel" and g is None:
                 raise LowbitError(f"per-channel {what}s are grouped along tokens: set {what}_group (e.g. 32)")
@@ -136,7 +128,7 @@ class KVCacheConfig:
             d = base
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise LowbitError(f"unknown KV-cache option(s) {', '.join(sorted(unknown))}; known: "
+            raise LowbitError(f"unknown KV-cache option(s) {', '.join(sorted(map(str, unknown)))}; known: "
                               f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**d)
 
@@ -170,7 +162,7 @@ KV_PRESETS: dict[str, KVCacheConfig] = {
 
 
 def kv_preset(name: str) -> KVCacheConfig:
-    key = name.upper().replace("-", "_")
+    key = name.upper().replace("-", "_") if isinstance(name, str) else None
     if key not in KV_PRESETS:
         raise LowbitError(f"unknown KV-cache preset {name!r}; known: {', '.join(KV_PRESETS)}")
     return KV_PRESETS[key]
@@ -189,6 +181,7 @@ def as_kv_config(value: "str | dict[str, Any] | KVCacheConfig") -> KVCacheConfig
 
 
 KV_CACHE_FILE = "lowbit_kv_cache.json"  # a checkpoint's KV-cache setting, read by load_model
+MAX_KV_FILE_BYTES = 16 << 20  # 8-bit level tables of an 80-layer model: about 1 MB of JSON
 
 
 def read_kv_cache_file(directory: "str | Path") -> KVCacheConfig | None:
@@ -196,9 +189,10 @@ def read_kv_cache_file(directory: "str | Path") -> KVCacheConfig | None:
     path = Path(directory) / KV_CACHE_FILE
     if not path.is_file():
         return None
+    text = read_text(path, MAX_KV_FILE_BYTES, "KV-cache setting")
     try:
-        return as_kv_config(json.loads(path.read_text()))
-    except (ValueError, LowbitError) as e:
+        return as_kv_config(json.loads(text))
+    except (ValueError, RecursionError, LowbitError) as e:
         raise LowbitError(f"{path} is not a valid KV-cache setting: {e}") from None
 
 

@@ -18,6 +18,7 @@ import torch
 
 from lowbit.activations.quantizer import ActQuantizer, SplitActQuantizer
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep, working_copies, zero_dead_columns
 from lowbit.spec import SCALE_BITS, QuantSpec
@@ -66,18 +67,17 @@ class Atom(WeightMethod):
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="int", bits=4, granularity="group", group_size=64,
                                                               symmetric=False, signed=False))
-    outliers: int = 32
-    damp: float = 0.01
-    block_size: int = 128
+    outliers: int = bounded(32, ge=0)
+    damp: float = bounded(0.01, gt=0)
+    block_size: int = bounded(128, ge=1)
 
     name: ClassVar[str] = "atom"
     needs_hessian: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.spec.type != "int" or self.spec.granularity not in ("group", "channel"):
             raise ValueError("Atom quantizes the regular channels to int groups (or channels)")
-        if self.outliers < 0:
-            raise ValueError(f"outliers must be >= 0, got {self.outliers}")
         self._outliers: dict[str, torch.Tensor] = {}
         self._width: dict[str, int] = {}
 

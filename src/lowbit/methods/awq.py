@@ -48,6 +48,7 @@ from lowbit.core.affine import fake_quant_int, group_ranges
 from lowbit.core.granularity import group_view
 from lowbit.core.quant import dequantize, fake_quant, quantize, storage_bits
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.models.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
@@ -175,24 +176,17 @@ class GroupRecord:
 class AWQ(WeightMethod):
     """Activation-aware scale search + folding, optional clipping search, then RTN (module docstring)."""
 
-    grid: int = 20
+    grid: int = bounded(20, ge=1)
     clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    n_tokens: int = 4096
+    clip_grid: int = bounded(20, ge=1)
+    max_shrink: float = bounded(0.5, ge=0, lt=1)
+    n_tokens: int = bounded(4096, ge=1)
     duo_scaling: bool = False
 
     name = "awq"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.grid, int) or self.grid < 1:
-            raise ValueError(f"grid must be a positive integer, got {self.grid!r}")
-        if not isinstance(self.clip_grid, int) or self.clip_grid < 1:
-            raise ValueError(f"clip_grid must be a positive integer, got {self.clip_grid!r}")
-        if not 0.0 <= float(self.max_shrink) < 1.0:
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
-        if not isinstance(self.n_tokens, int) or self.n_tokens < 1:
-            raise ValueError(f"n_tokens must be a positive integer, got {self.n_tokens!r}")
+        super().__post_init__()
         self.records: list[GroupRecord] = []
         self._scales: dict[str, torch.Tensor] = {}  # full layer name -> input-channel scales folded in
         self._alpha: dict[str, float] = {}

@@ -24,8 +24,11 @@ import torch
 
 from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
+from lowbit.fields import check_fields
 from lowbit.registry import lookup, registrar
 from lowbit.spec import QuantSpec
+
+OPTIONS_ERROR = "invalid options for method {!r}: "
 
 
 @dataclass
@@ -63,6 +66,11 @@ class WeightMethod:
     needs_hessian: ClassVar[bool] = False
     needs_act_stats: ClassVar[bool] = False
     accepts_activations: ClassVar[bool] = True  # False where the method quantizes its inputs its own way
+
+    def __post_init__(self) -> None:
+        """Check each option against its field's type and bounds (``lowbit.fields``); subclasses call
+        this first, then check what spans several fields."""
+        check_fields(self, OPTIONS_ERROR.format(self.name))
 
     def linear_weight(self, name: str, layer: torch.nn.Module) -> torch.Tensor:
         """The layer's 2-D weight, or a LowbitError saying this method quantizes linear layers only."""
@@ -118,14 +126,13 @@ def get_method(name: str, spec: QuantSpec, options: dict[str, Any] | None = None
                activations: QuantSpec | None = None) -> WeightMethod:
     """Instantiate a registered method with its spec, options and input activation spec; clear errors
     for bad input."""
-    options = dict(options or {})
-    cls = lookup(METHODS, "method", name, options)
+    cls = lookup(METHODS, "method", name, {} if options is None else options)
     if activations is not None:
         if not cls.accepts_activations:
             raise LowbitError(f"method {name!r} quantizes its layer inputs its own way and takes no activation spec; "
                               "drop 'activations' from this entry")
         check_activation_spec(activations, f"method {name!r} activations")
     try:
-        return cls(spec=spec, activations=activations, **options)
+        return cls(spec=spec, activations=activations, **(options or {}))
     except (TypeError, ValueError) as exc:
-        raise LowbitError(f"invalid options for method {name!r}: {exc}") from None
+        raise LowbitError(f"{OPTIONS_ERROR.format(name)}{exc}") from None

@@ -32,6 +32,7 @@ import torch
 
 from lowbit.core.codebooks import bcq_planes, dequantize_codebook, quantize_codebook, storage_bits_per_weight
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import QuantSpec
 
@@ -57,12 +58,13 @@ class BCQ(WeightMethod):
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="codebook", fmt="bcq", bits=3, granularity="group",
                                                                 group_size=64, scale_dtype="float16"))
-    iters: int = 10
+    iters: int = bounded(10, ge=0)
     hessian_weighted: bool = True
 
     name = "bcq"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.spec.type != "codebook" or self.spec.fmt != "bcq":
             raise LowbitError(
                 f"bcq needs a spec with type: codebook, fmt: bcq (bits = number of sign planes), got "
@@ -75,10 +77,6 @@ class BCQ(WeightMethod):
             )
         if self.spec.scale_dtype not in ("float32", "float16", "bfloat16"):
             raise LowbitError(f"bcq stores alphas as float32, float16 or bfloat16, not {self.spec.scale_dtype}")
-        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 0:
-            raise LowbitError(f"bcq iters must be a non-negative integer (default 10), got {self.iters!r}")
-        if not isinstance(self.hessian_weighted, bool):
-            raise LowbitError(f"bcq hessian_weighted must be true or false, got {self.hessian_weighted!r}")
 
     @property  # type: ignore[override]
     def needs_hessian(self) -> bool:  # the pipeline reads it per instance

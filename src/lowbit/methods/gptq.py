@@ -20,6 +20,7 @@ import torch
 
 from lowbit.core.affine import code_dtype, spec_qparams
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import SCALE_BITS, QuantSpec
 
@@ -191,8 +192,8 @@ def _current_columns(
 class GPTQ(WeightMethod):
     """GPTQ with dampening retry, lazy block updates, act-order and static groups."""
 
-    damp: float = 0.01
-    block_size: int = 128
+    damp: float = bounded(0.01, gt=0)
+    block_size: int = bounded(128, ge=1)
     # act-order with static groups by default (llm-compressor's "static" actorder): on smollm2-135m,
     # W4 g64 sym, 128 windows, 2-window ppl 23.45 with it vs 26.74 without (fp32 18.84).
     act_order: bool = True

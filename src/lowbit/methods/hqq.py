@@ -57,7 +57,8 @@ import torch
 from lowbit.core.affine import EPS, IntQuantized, code_dtype, dequantize_affine, spec_qparams
 from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup, valid_mask
 from lowbit.errors import LowbitError
-from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
+from lowbit.fields import bounded, check_values
+from lowbit.methods.base import OPTIONS_ERROR, LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import SCALE_BITS, QuantSpec
 
 __all__ = ["HQQ", "HQQRows", "ZERO_BITS", "hqq_bits_per_weight", "hqq_codes", "hqq_quantize", "hqq_rows", "shrink_lp"]
@@ -215,18 +216,8 @@ def _view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, GroupLayout]:
 
 
 def check_options(lp_norm: float, beta: float, kappa: float, iters: int) -> None:
-    """Raise a LowbitError for solver settings outside their meaningful ranges."""
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not number(lp_norm) or not 0 < lp_norm <= 1:
-        raise LowbitError(f"hqq lp_norm must be in (0, 1] (the paper uses 0.7), got {lp_norm!r}")
-    if not number(beta) or beta <= 0:
-        raise LowbitError(f"hqq beta must be a positive number (default 10), got {beta!r}")
-    if not number(kappa) or kappa < 1:
-        raise LowbitError(f"hqq kappa must be a number >= 1 (beta grows by it each step; default 1.01), got {kappa!r}")
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise LowbitError(f"hqq iters must be a non-negative integer (default 20), got {iters!r}")
+    """Raise a LowbitError for solver settings outside the bounds of :class:`HQQ`'s fields."""
+    check_values(HQQ, {"lp_norm": lp_norm, "beta": beta, "kappa": kappa, "iters": iters}, OPTIONS_ERROR.format("hqq"))
 
 
 def _check_spec(spec: QuantSpec) -> None:
@@ -305,20 +296,18 @@ def hqq_bits_per_weight(spec: QuantSpec, numel: int, groups: int) -> float:
 class HQQ(WeightMethod):
     """Half-quadratic zero-point (asymmetric) or scale (symmetric) optimisation; data-free."""
 
-    lp_norm: float = 0.7
-    beta: float = 10.0
-    kappa: float = 1.01
-    iters: int = 20
+    lp_norm: float = bounded(0.7, gt=0, le=1)
+    beta: float = bounded(10.0, gt=0)
+    kappa: float = bounded(1.01, ge=1)  # beta grows by kappa each step
+    iters: int = bounded(20, ge=0)
     early_stop: bool = True
 
     name = "hqq"
     needs_hessian = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_spec(self.spec)
-        check_options(self.lp_norm, self.beta, self.kappa, self.iters)
-        if not isinstance(self.early_stop, bool):
-            raise LowbitError(f"hqq early_stop must be true or false, got {self.early_stop!r}")
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         w = layer.weight.data

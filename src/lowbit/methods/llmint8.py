@@ -8,6 +8,7 @@ time, so the layer's input quantizer is an ``OutlierActQuantizer``, not a static
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,6 +16,7 @@ import torch
 
 from lowbit.activations.quantizer import ActQuantizer, OutlierActQuantizer
 from lowbit.core.quant import dequantize, quantize, storage_bits
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import QuantSpec
 
@@ -28,16 +30,15 @@ class LLMInt8(WeightMethod):
     """Option ``threshold``: input magnitude from which a feature column stays in full precision."""
 
     spec: QuantSpec = field(default_factory=lambda: ROW_INT8)
-    threshold: float = 6.0
+    threshold: float = bounded(6.0, gt=0, le=math.inf)  # inf: no column kept in full precision
 
     name: ClassVar[str] = "llmint8"
     accepts_activations: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.spec.type != "int" or self.spec.bits != 8 or self.spec.granularity != "channel":
             raise ValueError("LLM.int8() quantizes weights to int8 with one scale per output row (spec W8)")
-        if not self.threshold > 0:
-            raise ValueError(f"threshold must be positive, got {self.threshold}")
 
     def input_quantizer(self, name: str) -> ActQuantizer | None:
         return OutlierActQuantizer(TOKEN_INT8, self.threshold)

@@ -32,6 +32,7 @@ class OliVe(WeightMethod):
     name: ClassVar[str] = "olive"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         sp = self.spec
         if sp.type != "int" or sp.bits not in (4, 8) or sp.granularity != "channel" or not sp.symmetric:
             raise ValueError("OliVe quantizes weights to symmetric int4 or int8 with one scale per output row "

@@ -28,6 +28,7 @@ import torch
 from lowbit.core.affine import code_dtype
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep, working_copies, zero_dead_columns
 from lowbit.spec import SCALE_BITS, QuantSpec
@@ -137,20 +138,17 @@ class OWQ(WeightMethod):
     column.
     """
 
-    n_fp_cols: int | None = None
-    fp_ratio: float = 0.0035
-    damp: float = 0.01
-    block_size: int = 128
+    n_fp_cols: int | None = bounded(None, ge=0)
+    fp_ratio: float = bounded(0.0035, ge=0, lt=1)
+    damp: float = bounded(0.01, gt=0)
+    block_size: int = bounded(128, ge=1)
     act_order: bool = False
 
     name = "owq"
     needs_hessian = True
 
     def __post_init__(self) -> None:
-        if self.n_fp_cols is not None and (not isinstance(self.n_fp_cols, int) or self.n_fp_cols < 0):
-            raise LowbitError(f"owq: n_fp_cols must be a non-negative integer, got {self.n_fp_cols!r}")
-        if not 0 <= self.fp_ratio < 1:
-            raise LowbitError(f"owq: fp_ratio must be in [0, 1), got {self.fp_ratio!r}")
+        super().__post_init__()
         if self.spec.type != "int" or self.spec.granularity not in ("channel", "group", "tensor"):
             raise LowbitError("owq quantizes to int specs with channel, group or tensor granularity")
 

@@ -50,6 +50,7 @@ class QoQ(WeightMethod):
     name: ClassVar[str] = "qoq"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.spec.type != "int" or self.spec.granularity != "group" or self.spec.bits > 4:
             raise ValueError("QoQ's second level is unsigned int groups of at most 4 bits (e.g. W4_G128)")
 

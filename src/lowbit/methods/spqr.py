@@ -31,13 +31,15 @@ plus ~32 bits per outlier, the reference's ``get_average_number_of_bits``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from lowbit.core.affine import code_dtype
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.methods.gptq import _inverse_cholesky, gptq_sweep, working_copies, zero_dead_columns
 from lowbit.spec import QuantSpec
@@ -326,20 +328,21 @@ class SpQR(WeightMethod):
     ``"act_order"`` or ``"identity"``.
     """
 
-    group_size: int = 16
-    stat_bits: int = 3
-    stat_group: int = 16
-    outlier_threshold: float = 0.2
-    damp: float = 0.01
-    block_size: int = 128
+    group_size: int = bounded(16, ge=1)
+    stat_bits: int = bounded(3, ge=1, le=8)
+    stat_group: int = bounded(16, ge=1)
+    outlier_threshold: float = bounded(0.2, gt=0, le=math.inf)  # inf: no outliers
+    damp: float = bounded(0.01, gt=0)
+    block_size: int = bounded(128, ge=1)
     act_order: bool = True
-    perm: str | None = None
+    perm: Literal["act_order", "identity"] | None = None
     simplified_outliers: bool = False
 
     name = "spqr"
     needs_hessian = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.spec.type != "int":
             raise LowbitError(f"spqr quantizes to int grids; got a {self.spec.type} spec")
         if self.spec.granularity == "group" and self.spec.group_size != self.group_size:
@@ -347,16 +350,6 @@ class SpQR(WeightMethod):
                 f"spqr: the spec's group_size {self.spec.group_size} differs from the option group_size "
                 f"{self.group_size}; SpQR's groups come from the option (set both to the same value)"
             )
-        for knob in ("group_size", "stat_group", "block_size"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or v < 1:
-                raise LowbitError(f"spqr: {knob} must be a positive integer, got {v!r}")
-        if not isinstance(self.stat_bits, int) or not 1 <= self.stat_bits <= 8:
-            raise LowbitError(f"spqr: stat_bits must be an integer in 1..8, got {self.stat_bits!r}")
-        if not self.outlier_threshold > 0:
-            raise LowbitError(f"spqr: outlier_threshold must be positive (inf: no outliers), got {self.outlier_threshold!r}")
-        if self.perm not in (None, "act_order", "identity"):
-            raise LowbitError(f"spqr: perm must be 'act_order' or 'identity', got {self.perm!r}")
 
     @property
     def uses_act_order(self) -> bool:

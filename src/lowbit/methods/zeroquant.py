@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call
 
 from lowbit.core.quant import fake_quant
+from lowbit.fields import bounded
 from lowbit.methods.base import register_method
 from lowbit.methods.rtn import RTN
 from lowbit.pipeline.capture import block_output
@@ -34,17 +35,14 @@ class ZeroQuant(RTN):
 
     spec: QuantSpec = field(default_factory=lambda: W8_GROUP)
     lkd: bool = True
-    steps: int = 32
-    lr: float = 1e-4
+    steps: int = bounded(32, ge=1)
+    lr: float = bounded(1e-4, gt=0)
     records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
     name: ClassVar[str] = "zeroquant"
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        super().__post_init__()
         self._fp: dict[str, torch.Tensor] = {}
         self._teacher: list[torch.Tensor] = []
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from lowbit.core.quant import dequantize, quantize, storage_bits
+from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.spec import QuantSpec
 
@@ -33,12 +34,8 @@ class ZeroQuantFP(WeightMethod):
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="float", fmt="e2m1", bits=4, granularity="group",
                                                               group_size=64, pow2_scale=True))
-    rank: int = 8
+    rank: int = bounded(8, ge=0)  # 0: no LoRC
     name: ClassVar[str] = "zeroquant_fp"
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         w = self.linear_weight(name, layer).data

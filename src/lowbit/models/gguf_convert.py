@@ -10,12 +10,41 @@ import torch
 
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
+from lowbit.models.checkpoint import LoadReport, TensorMeta, compare_tensors, finite_state, quiet_loading
 
 GGUF_MAGIC = b"GGUF"
+GGUF_FIX = "re-download or re-export the GGUF file"
+
+
+def _padded(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _check_tensor_layout(reader: Any, size: int) -> None:
+    """Tensor data must follow each other in header order, each padded to the alignment (llama.cpp's
+    rule), and end the file (writers pad only up to the alignment): a tensor whose header type or shape
+    disagrees with its bytes breaks the chain, a header listing fewer tensors leaves bytes over."""
+    expected, previous = 0, None
+    for t in reader.tensors:
+        offset = int(t.data_offset) - int(reader.data_offset)
+        if offset != expected:
+            after = "" if previous is None else (f" after {previous.name} ({previous.tensor_type.name} "
+                                                 f"{[int(d) for d in previous.shape]})")
+            raise ValueError(f"tensor {t.name} starts at data byte {offset} but the header's types and shapes place "
+                             f"it at {expected}{after}: a tensor type or shape in the header does not match the data")
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise ValueError(f"tensor {t.name} extends past the end of the file")
+        expected += _padded(int(t.n_bytes), int(reader.alignment))
+        previous = t
+    if previous is not None:
+        left = size - int(previous.data_offset) - int(previous.n_bytes)
+        if left >= int(reader.alignment):
+            raise ValueError(f"{left} bytes follow the last tensor the header lists ({previous.name}): the header "
+                             "lists fewer or smaller tensors than the file holds")
 
 
 def check_gguf(path: Path) -> None:
-    """Raise a clear LowbitError if ``path`` is not a complete, readable GGUF file."""
+    """Raise a clear LowbitError if ``path`` is not a complete, consistent GGUF file."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
@@ -29,17 +58,10 @@ def check_gguf(path: Path) -> None:
     try:
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(f"tensor {t.name} extends past the end of the file")
-    except LowbitError:
-        raise
+        _check_tensor_layout(GGUFReader(str(path)), path.stat().st_size)
     except Exception as exc:  # gguf raises a variety of errors on damaged files
         raise LowbitError(
-            f"GGUF file {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:160]}); "
-            "re-download or re-export it"
+            f"GGUF file {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:300]}); {GGUF_FIX}"
         ) from None
 
 
@@ -51,25 +73,75 @@ def gguf_string_field(path: Path, key: str) -> str | None:
     return None if field is None else str(field.contents())
 
 
+def _gguf_error(path: Path, exc: Exception, what: str) -> LowbitError:
+    """transformers' failure to read ``what`` (the model, its config) from a GGUF file, as one line."""
+    arch = gguf_string_field(path, "general.architecture")
+    if "not supported" in str(exc):
+        return LowbitError(f"GGUF file {path} holds architecture {arch!r}, which transformers' GGUF loader cannot "
+                           "read; use the model's Hugging Face checkpoint, or a GGUF of an architecture transformers "
+                           "reads (llama, mistral, qwen2, qwen3, phi3, gemma, gpt2, ...)")
+    return LowbitError(f"transformers could not read the {what} of GGUF file {path} (architecture {arch!r}; "
+                       f"{type(exc).__name__}: {str(exc)[:200]}); {GGUF_FIX}, or use the model's Hugging Face checkpoint")
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config of a GGUF file (a LowbitError where transformers cannot read it)."""
+    from transformers import AutoConfig
+
+    try:
+        with quiet_loading():
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise _gguf_error(path, exc, "config") from None
+
+
+def _load_gguf_model(path: Path) -> tuple[Any, dict[str, Any]]:
+    """transformers' dequantized model of a GGUF file and its loading info (what it could not fill)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_loading(stderr=True):
+            return AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except Exception as exc:
+        raise _gguf_error(path, exc, "weights") from None
+
+
+def _check_gguf_model(path: Path, gguf_model: Any, info: dict[str, Any], plain: Any) -> None:
+    """The loader report of a GGUF load: every tensor of the config's model came from the file, with the
+    config's shape (transformers' GGUF reader takes any shape), all finite."""
+    report = LoadReport(f"GGUF file {path}", GGUF_FIX, unexpected=sorted(info.get("unexpected_keys") or ()))
+    missing = set(info.get("missing_keys") or ())
+    found = {k: TensorMeta(tuple(t.shape), "F32") for k, t in gguf_model.state_dict().items() if k not in missing}
+    compare_tensors(report, plain.state_dict(), found, plain)
+    finite_state(report, gguf_model).check()
+
+
+def _load_gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer a GGUF file carries (a LowbitError naming the file when transformers cannot build it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise LowbitError(f"could not read the tokenizer stored in GGUF file {path} (its tokenizer.ggml.* metadata; "
+                          f"{type(exc).__name__}: {str(exc)[:200]}); {GGUF_FIX}") from None
+
+
 def load_gguf_plain(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a GGUF file dequantized, returning a *plain* transformers model and its tokenizer.
 
     transformers marks GGUF-loaded models as quantized and refuses to ``save_pretrained`` them,
     so the model is rebuilt from its config (without ``quantization_config``) and the
-    dequantized state dict is loaded into it.
+    dequantized state dict is loaded into it.  The config names its architecture (vLLM reads it).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_gguf(path)
-    folder, name = str(path.parent), path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except Exception as exc:
-        raise LowbitError(
-            f"transformers could not load GGUF file {path} ({type(exc).__name__}: {str(exc)[:200]}); "
-            "its architecture may not be supported by transformers' GGUF loader"
-        ) from None
+    gguf_model, info = _load_gguf_model(path)
+    tokenizer = _load_gguf_tokenizer(path)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -78,12 +150,12 @@ def load_gguf_plain(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any
     if pre:  # llama.cpp's pre-tokenizer name, needed to write this model back as GGUF
         config.lowbit_gguf_pre = pre
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    result = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    _check_gguf_model(path, gguf_model, info, plain)
+    plain.load_state_dict(gguf_model.state_dict())  # checked: every key and shape matches
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    missing = [k for k in result.missing_keys if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
-    if missing:
-        raise LowbitError(f"GGUF file {path} lacks weights for {', '.join(missing[:3])}; it cannot be used")
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(plain).__name__]
     plain.generation_config = gguf_model.generation_config
     plain.eval()
     return plain, tokenizer

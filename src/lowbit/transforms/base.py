@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lowbit.errors import LowbitError
+from lowbit.fields import check_fields
 from lowbit.registry import lookup, registrar
+
+OPTIONS_ERROR = "invalid options for transform {!r}: "
 
 
 @dataclass
@@ -22,6 +25,11 @@ class BlockTransform:
 
     name: ClassVar[str] = ""
     records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        """Check each option against its field's type and bounds (``lowbit.fields``); subclasses call
+        this first."""
+        check_fields(self, OPTIONS_ERROR.format(self.name))
 
     def check_model(self, model: Any) -> None:
         """Raise a LowbitError before any work if this transform cannot rewrite ``model``."""
@@ -45,9 +53,8 @@ register_transform = registrar(TRANSFORMS)
 
 def get_transform(name: str, options: dict[str, Any] | None = None) -> BlockTransform:
     """Instantiate a registered transform; clear errors for unknown names and options."""
-    options = dict(options or {})
-    cls = lookup(TRANSFORMS, "transform", name, options)
+    cls = lookup(TRANSFORMS, "transform", name, {} if options is None else options)
     try:
-        return cls(**options)
+        return cls(**(options or {}))
     except (TypeError, ValueError) as exc:
-        raise LowbitError(f"invalid options for transform {name!r}: {exc}") from None
+        raise LowbitError(f"{OPTIONS_ERROR.format(name)}{exc}") from None

@@ -12,10 +12,11 @@ range, by the output error of the group's linears under the formats they will be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from lowbit.fields import bounded
 from lowbit.models.folding import fold_scales
 from lowbit.transforms.base import BlockTransform, register_transform
 from lowbit.transforms.smoothquant import SmoothingScorer, foldable_groups
@@ -37,12 +38,8 @@ class OSPlus(BlockTransform):
 
     name: ClassVar[str] = "os_plus"
     shift: bool = True
-    groups: str = "all"
-    sample_rows: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.groups not in ("norms", "all"):
-            raise ValueError(f"groups must be 'norms' or 'all', got {self.groups!r}")
+    groups: Literal["norms", "all"] = "all"
+    sample_rows: int = bounded(1024, ge=1)
 
     @torch.no_grad()
     def apply_block(self, ctx: Any) -> None:

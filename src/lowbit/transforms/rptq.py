@@ -20,6 +20,7 @@ import torch
 
 from lowbit.core.kmeans import kmeans
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.models.arch import scale_groups
 from lowbit.models.folding import fold_problem
 from lowbit.models.permutation import attach_output_permutation, permute_inputs, permute_outputs
@@ -47,13 +48,9 @@ class RPTQ(BlockTransform):
     arithmetic is the same without it, only the kernel layout differs), ``seed``."""
 
     name: ClassVar[str] = "rptq"
-    clusters: int = 32
+    clusters: int = bounded(32, ge=1)
     reorder: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if int(self.clusters) < 1:
-            raise ValueError(f"clusters must be at least 1, got {self.clusters}")
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
 
     def _input_sets(self, ctx: Any) -> list[tuple[Any, list[str]]]:
         """Targets grouped by shared input: ``(scale group or None, relative linear names)``."""
@@ -85,7 +82,7 @@ class RPTQ(BlockTransform):
             key = ctx.prefix + names[0]
             if key not in cap.cmin:
                 raise LowbitError(f"rptq: no calibration input reached {key}")
-            labels = channel_clusters(cap.cmin[key], cap.cmax[key], int(self.clusters), self.seed)
+            labels = channel_clusters(cap.cmin[key], cap.cmax[key], self.clusters, self.seed)
             lins = [ctx.block.get_submodule(n) for n in names]
             reordered = self.reorder and g is not None
             if reordered:

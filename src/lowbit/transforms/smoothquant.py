@@ -11,13 +11,14 @@ with the weight and activation formats they will be quantized with, on sampled c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from lowbit.activations.quantizer import ActQuantizer
 from lowbit.core.quant import fake_quant
 from lowbit.errors import LowbitError
+from lowbit.fields import bounded
 from lowbit.models.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
 from lowbit.spec import QuantSpec
@@ -125,18 +126,9 @@ class SmoothQuant(BlockTransform):
     ``sample_rows`` (calibration rows kept per group for the search)."""
 
     name: ClassVar[str] = "smoothquant"
-    alpha: float | str = 0.5
-    groups: str = "norms"
-    sample_rows: int = 1024
-
-    def __post_init__(self) -> None:
-        if isinstance(self.alpha, str):
-            if self.alpha != "search":
-                raise ValueError(f"alpha must be a number in [0, 1] or 'search', got {self.alpha!r}")
-        elif not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.groups not in ("norms", "all"):
-            raise ValueError(f"groups must be 'norms' or 'all', got {self.groups!r}")
+    alpha: float | Literal["search"] = bounded(0.5, ge=0, le=1)
+    groups: Literal["norms", "all"] = "norms"
+    sample_rows: int = bounded(1024, ge=1)
 
     @torch.no_grad()
     def apply_block(self, ctx: Any) -> None:
