@@ -210,7 +210,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache=args.cache,
                             trust_remote_code=args.trust_remote_code)
     if recipe is not None:
-        resolve_targets(model, recipe)  # every recipe error surfaces before any work
+        targets = resolve_targets(model, recipe)  # every recipe error surfaces before any work
+        if args.out and args.format == "compressed-tensors":
+            from lowbit.export.compressed_tensors import conv1d_problem
+
+            problem = conv1d_problem(model, targets)
+            if problem is not None:
+                raise LowbitError(f"cannot write compressed-tensors: {problem} (--format fake-quant)")
     check_seqlen(model, args.seqlen)
     if args.eval:
         check_seqlen(model, args.eval_seqlen)

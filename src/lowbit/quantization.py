@@ -111,7 +111,7 @@ def quantize(
         recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
         model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
         calib_tokens=result.calib_tokens, peak_rss_mb=peak_rss_mb(),
-        extra=_records(transforms, assignments.values()),
+        extra=_records(transforms, [m for steps in assignments.values() for m in steps]),
     )
 
 
@@ -168,8 +168,12 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
         format = "compressed-tensors" if problem is None else "fake-quant"
     if format == "compressed-tensors":
         if problem is not None:
+            from lowbit.export.gguf_meta import GGUF_ARCH
+
+            gguf = (", or 'lowbit export --format gguf' (re-rounded to a GGUF type)"
+                    if getattr(model.config, "model_type", None) in GGUF_ARCH else "")
             raise LowbitError(f"cannot write compressed-tensors: {problem}; formats that can hold these weights: "
-                              "fake-quant (any transformers), or 'lowbit export --format gguf' (re-rounded to a GGUF type)")
+                              f"fake-quant (any transformers){gguf}")
         write_compressed_tensors(model, tokenizer, out, ct_weights, ct_inputs, extra)
         return out, format
     weights = int_weights(model, strict=False)

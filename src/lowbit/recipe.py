@@ -249,11 +249,14 @@ def _matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
     return pattern == type(module).__name__ or name == pattern or name.endswith("." + pattern)
 
 
-def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, WeightMethod]:
-    """Map every targeted linear (inside the decoder blocks) to its method; validate before work."""
+def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[WeightMethod]]:
+    """Map every targeted linear (inside the decoder blocks) to its steps, in recipe order; validate before work.
+
+    A layer may be targeted by several entries (staged recipes): at most one of its steps rounds, and it
+    comes last."""
     blocks_prefix = architecture_of(model).blocks + "."
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assignments: dict[str, WeightMethod] = {}
+    assignments: dict[str, list[WeightMethod]] = {}
     for entry, method in zip(recipe.entries, recipe.build()):
         chosen = {
             n: m for n, m in linears.items()
@@ -272,11 +275,19 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, WeightM
                 f"layer of {type(model).__name__}; e.g. {', '.join(list(linears)[:3])}"
             )
         for n, m in chosen.items():
-            if n in assignments:
-                raise LowbitError(f"layer {n} is targeted by two recipe entries ({assignments[n].name}, {entry.method})")
+            steps = assignments.setdefault(n, [])
+            if steps and steps[-1].rounds():
+                raise LowbitError(f"layer {n}: recipe entry {entry.method!r} comes after {steps[-1].name!r}, which "
+                                  "already rounded it; put the rounding step last (steps that train quantized "
+                                  "weights are not supported yet)")
             method.validate_layer(n, m)
-            assignments[n] = method
+            steps.append(method)
     return assignments
+
+
+def final_steps(assignments: dict[str, list[WeightMethod]]) -> dict[str, WeightMethod]:
+    """Each layer's last step (the one whose format it is stored in, when it rounds)."""
+    return {n: steps[-1] for n, steps in assignments.items()}
 
 
 def recipe_from_flags(method: str, bits: int, group_size: int | None, symmetric: bool,

@@ -12,10 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lowbit.core.granularity import GRANULARITY_KINDS
 from lowbit.fields import check_fields
 
 QUANT_TYPES = ("int", "float", "codebook")
+# How a tensor is cut into groups sharing one set of parameters (see ``lowbit.core.granularity``).
+GRANULARITY_KINDS: tuple[str, ...] = ("tensor", "channel", "token", "group", "block")
 # Float element formats: name -> total bits.
 FLOAT_FORMATS = {"e4m3": 8, "e5m2": 8, "e3m2": 6, "e2m3": 6, "e2m1": 4}
 # Codebook formats: name -> allowed index bits (None: any 1..8).

@@ -26,8 +26,9 @@ from typing import Literal
 
 import torch
 
+from lowbit.spec import GRANULARITY_KINDS  # the format description lives in spec (below core)
+
 GranularityKind = Literal["tensor", "channel", "token", "group", "block"]
-GRANULARITY_KINDS: tuple[str, ...] = ("tensor", "channel", "token", "group", "block")
 PaddingPolicy = Literal["error", "pad"]
 
 

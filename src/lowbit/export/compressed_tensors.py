@@ -24,6 +24,7 @@ from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import LayerWeight, check_schemes, layer_format, quantization_config
 from lowbit.export.ct_tensors import (
+    CONFIG_FORMATS,
     DENSE_WEIGHT_FORMATS,
     SUFFIXES,
     check_finite,
@@ -226,6 +227,10 @@ def _quantization_config(path: Path) -> dict[str, Any]:
     if not isinstance(groups, dict) or not groups:
         raise LowbitError(f"{cfg_file}: quantization_config has no config_groups, so no layer says how it is "
                           f"quantized; {CT_FIX}")
+    top = qc.get("format")
+    if top is not None and top not in CONFIG_FORMATS:
+        raise LowbitError(f"{cfg_file}: quantization_config format {top!r} is not a compressed-tensors format lowbit "
+                          f"reads ({', '.join(CONFIG_FORMATS)}); {CT_FIX}")
     for gname, group in groups.items():
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             raise LowbitError(f"{cfg_file}: quantization_config group {gname!r} has no 'weights' arguments; {CT_FIX}")

@@ -254,6 +254,10 @@ def _read_float(name: str, t: dict[str, torch.Tensor], args: dict[str, Any], fmt
     return FloatWeight("e2m1", values, scale, 16, "e4m3", 1.0 / g)
 
 
+READ_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
+CONFIG_FORMATS = (*READ_FORMATS, "mixed-precision", "dense")  # what a quantization_config's top-level format may say
+
+
 def read_layer_weight(name: str, t: dict[str, torch.Tensor], fmt: str, args: dict[str, Any]) -> LayerWeight:
     """One layer's weight in lowbit's form, for any of the formats above."""
     if fmt == "pack-quantized":

@@ -1,8 +1,16 @@
-"""Compression methods, one file each, registered by name (see ``lowbit.methods.base.METHODS``)."""
+"""Compression steps, one file each, registered by name (see ``lowbit.methods.base.METHODS``).
 
-from lowbit.methods.base import METHODS, LayerResult, LayerStats, WeightMethod, get_method, register_method
+Every module of this package is imported here, so a new step is one new file with a
+``@register_method`` class: no list to edit.
+"""
 
-# Importing the modules registers the methods.
-from lowbit.methods import atom, awq, bcq, gptq, hqq, llmint8, olive, owq, qoq, rtn, spqr, zeroquant, zeroquant_fp  # noqa: F401,E402
+import importlib
+import pkgutil
 
-__all__ = ["METHODS", "LayerResult", "LayerStats", "WeightMethod", "get_method", "register_method"]
+from lowbit.methods.base import (METHODS, LayerResult, LayerStats, PreparedLayer, WeightMethod, get_method,
+                                 register_method)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the module's steps
+
+__all__ = ["METHODS", "LayerResult", "LayerStats", "PreparedLayer", "WeightMethod", "get_method", "register_method"]

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.core.affine import fake_quant_int, group_ranges
-from lowbit.core.granularity import group_view
+from lowbit.core.granularity import group_view, ungroup
 from lowbit.core.quant import dequantize, fake_quant, quantize, storage_bits
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
-from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
+from lowbit.methods.base import LayerResult, LayerStats, PreparedLayer, WeightMethod, register_method
 from lowbit.models.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
 from lowbit.pipeline.capture import BlockInputs, block_output
@@ -182,6 +182,7 @@ class AWQ(WeightMethod):
     max_shrink: float = bounded(0.5, ge=0, lt=1)
     n_tokens: int = bounded(4096, ge=1)
     duo_scaling: bool = False
+    round: bool = True  # False: scale search, folding and clipping only; a later recipe step rounds (AWQ -> GPTQ)
 
     name = "awq"
 
@@ -262,7 +263,7 @@ class AWQ(WeightMethod):
         spec = self.spec
         w = w.float()
         rows, cols = w.shape
-        gs = spec.group_size if spec.granularity == "group" else cols
+        gs = self._clip_group(w)
         wg, layout = group_view(w, "group", gs, None, spec.padding)  # same group order as quantize_int
         pcols = layout.padded_cols
         ng = pcols // gs
@@ -364,6 +365,27 @@ class AWQ(WeightMethod):
                 if n in folded:
                     x = x.float() / folded[n].to(x.device)
                 self._clip[ctx.prefix + n] = self._clip_ranges(m.weight.data, x)
+
+    def rounds(self) -> bool:
+        return self.round
+
+    @torch.no_grad()
+    def prepare_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
+        """``round: false``: the scales are folded already; the clipping ranges become a clamp of the weight
+        per quantization group (AutoAWQ's ``apply_clip``), for the next step to round."""
+        w = layer.weight.data
+        clip = self._clip.pop(name, None)
+        if clip is not None:
+            wg, layout = group_view(w.float(), "group", self._clip_group(w), None, self.spec.padding)
+            clamped = torch.minimum(torch.maximum(wg, clip[0].view(-1, 1)), clip[1].view(-1, 1))
+            w.copy_(ungroup(clamped, layout).to(w.dtype))
+        alpha = self._alpha.pop(name, None)
+        self._scales.pop(name, None)
+        kept = "unscaled" if alpha is None else f"alpha {alpha:.2f}"
+        return PreparedLayer(mask=stats.mask, note=f"awq {kept}{', clipped' if clip is not None else ''}")
+
+    def _clip_group(self, w: torch.Tensor) -> int:
+        return self.spec.group_size if self.spec.granularity == "group" else w.shape[1]
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         w = layer.weight.data

@@ -11,6 +11,13 @@ A method is a dataclass config (its knobs) plus:
 * ``quantize_layer(name, layer, stats) -> LayerResult``: the new (fake-quant) weight, the
   exact stored bits per weight, and anything an exporter needs (codes, scales, zeros, ...).
 
+A layer may go through several steps, one recipe entry each, in recipe order (staged recipes:
+AWQ's scale search then GPTQ's rounding; magnitude pruning then a quantizer).  At most one of a
+layer's steps *rounds* (``rounds()`` true: ``quantize_layer`` gives the stored format), and it is
+the last; the others rewrite the full-precision weight in ``prepare_layer`` (scales folded,
+weights clamped or pruned) and may leave a sparsity mask that later steps keep
+(``LayerStats.mask``).
+
 Methods never load models or move data between devices: the pipeline does.
 """
 
@@ -43,6 +50,15 @@ class LayerStats:
     act_absmean: torch.Tensor | None = None
     act_absmax: torch.Tensor | None = None
     sample_inputs: torch.Tensor | None = None  # a few hundred input rows, for error measurement
+    mask: torch.Tensor | None = None  # bool, same shape as the weight: True where an earlier step pruned it to 0
+
+
+@dataclass
+class PreparedLayer:
+    """What a non-rounding step did to one layer's full-precision weight."""
+
+    mask: torch.Tensor | None = None  # True where the weight is now pruned to zero (kept so by later steps)
+    note: str | None = None  # for the report, e.g. "50.0% pruned (magnitude)"
 
 
 @dataclass
@@ -108,8 +124,18 @@ class WeightMethod:
         """Whole-block work after its layers and their inputs are quantized, before the block's outputs
         feed the next one (ZeroQuant's distillation); default: nothing."""
 
+    def rounds(self) -> bool:
+        """Whether ``quantize_layer`` gives the layer's stored format (True for quantizers); a step that only
+        rewrites the full-precision weight for a later step to round answers False and implements
+        ``prepare_layer``."""
+        return True
+
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         raise NotImplementedError
+
+    def prepare_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
+        """Rewrite the layer's weight in place in full precision (non-rounding steps only)."""
+        raise NotImplementedError(f"{self.name} rounds its layers; it has no prepare_layer")
 
     @classmethod
     def options(cls) -> list[str]:

@@ -1,10 +1,13 @@
 """The sequential calibration pipeline: one decoder block at a time, with error propagation.
 
-For each block: (1) methods may transform the whole block (AWQ scale search), (2) a forward
-pass with hooks collects the statistics the methods need (Hessians, activation magnitudes),
-(3) each target linear is quantized, (4) the quantized block is re-run so the next block is
-calibrated on quantized outputs.  Only the current block's activations are held.  Blocks
-whose layers need no statistics skip step (2): their sample inputs are taken during step (4).
+For each block, for each stage (a layer's first step, its second, ...: staged recipes such as
+AWQ's scales then GPTQ's rounding): (1) the stage's steps may transform the whole block (AWQ scale
+search), (2) a forward pass with hooks collects the statistics they need (Hessians, activation
+magnitudes) on the block as the earlier stages left it, (3) each target linear is rounded (or,
+for a non-rounding step, rewritten in full precision: pruned, clamped).  Then (4) the block is
+re-run so the next block is calibrated on quantized outputs.  Only the current block's
+activations are held.  Stages whose layers need no statistics skip step (2): the sample inputs
+of their rounded layers are taken during step (4).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from lowbit.activations.attach import attach_input_quantizer
 from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer
 from lowbit.errors import LowbitError
-from lowbit.methods.base import LayerStats, WeightMethod, get_method
+from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, get_method
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
@@ -41,6 +44,8 @@ class LayerReport:
     extra_params: int = 0
     seconds: float = 0.0
     note: str | None = None  # e.g. the RTN fallback of a layer no calibration token reached
+    steps: list[str] = field(default_factory=list)  # every step the layer went through, in order
+    sparsity: float | None = None  # fraction of exact zeros in the final weight, when a step pruned it
 
 
 @dataclass
@@ -100,32 +105,32 @@ def _with_fallback(name: str, method: WeightMethod, stats: dict[str, LayerStats]
     return get_method("rtn", method.spec, activations=method.activations), f"no calibration tokens: RTN instead of {method.name}"
 
 
-def _quantize_layers(
-    assignments: dict[str, WeightMethod],
-    modules: dict[str, torch.nn.Module],
-    stats: dict[str, LayerStats],
-    keep_originals: bool = False,
-) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
-    """Quantize each assigned layer in place; with ``keep_originals``, also return fp copies of the weights."""
-    reports, originals = [], {}
-    for name, assigned in assignments.items():
-        layer = modules[name]
-        t0 = time.perf_counter()
-        method, note = _with_fallback(name, assigned, stats)
-        res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
-        w = layer.weight.data
-        if keep_originals:
-            originals[name] = w.clone()
-        reports.append(LayerReport(
-            name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
-            output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
-            weight_error=_weight_error(w, res.weight), extra_params=res.extra_params,
-            seconds=time.perf_counter() - t0, note=note,
-        ))
-        w.copy_(res.weight)
-        layer.lowbit_artifacts = res.artifacts
-        layer.lowbit_spec = method.spec
-    return reports, originals
+def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stats: dict[str, LayerStats],
+                 keep_original: bool) -> tuple[LayerReport, torch.Tensor | None]:
+    """Round one layer in place with its step; with ``keep_original``, also return an fp copy of its weight."""
+    t0 = time.perf_counter()
+    method, note = _with_fallback(name, assigned, stats)
+    res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
+    w = layer.weight.data
+    original = w.clone() if keep_original else None
+    report = LayerReport(
+        name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
+        output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
+        weight_error=_weight_error(w, res.weight), extra_params=res.extra_params,
+        seconds=time.perf_counter() - t0, note=note,
+    )
+    w.copy_(res.weight)
+    layer.lowbit_artifacts = res.artifacts
+    layer.lowbit_spec = method.spec
+    return report, original
+
+
+def _prepare_layer(name: str, method: WeightMethod, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
+    """Let a non-rounding step rewrite one layer; the mask it leaves includes every earlier one."""
+    prepared = method.prepare_layer(name, layer, stats)
+    if stats.mask is not None and prepared.mask is None:
+        prepared.mask = stats.mask
+    return prepared
 
 
 def _layer_input_quantizer(name: str, method: WeightMethod, layer: torch.nn.Module) -> ActQuantizer | None:
@@ -168,18 +173,83 @@ def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str
         q.freeze()
 
 
+@dataclass
+class _LayerTrack:
+    """What the stages did to one layer so far."""
+
+    steps: list[str] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _as_stages(assignments: dict[str, Any]) -> dict[str, list[WeightMethod]]:
+    """``layer -> [steps]`` (a single step per layer is accepted as well)."""
+    return {n: list(m) if isinstance(m, (list, tuple)) else [m] for n, m in assignments.items()}
+
+
+@torch.no_grad()
+def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefix: str, inputs: BlockInputs,
+               stage: dict[str, WeightMethod], modules: dict[str, torch.nn.Module],
+               tracks: dict[str, _LayerTrack]) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+    """One stage of one block: prepare, collect statistics, round or rewrite each layer, quantize inputs,
+    finish.  Returns the rounded layers' reports and, where no statistics were collected, their fp weights
+    (their output errors are measured while the block propagates)."""
+    contexts = [(m, BlockContext(model, block, index, prefix, inputs,
+                                 {n: modules[n] for n, mm in stage.items() if mm is m}))
+                for m in {id(m): m for m in stage.values()}.values()]
+    for method, ctx in contexts:
+        method.prepare_block(ctx)
+    hessian = {n for n, m in stage.items() if m.needs_hessian}
+    act = {n for n, m in stage.items() if m.needs_act_stats}
+    stats: dict[str, LayerStats] = {}
+    if hessian or act:
+        collector = StatsCollector({n: modules[n] for n in stage}, hessian, act)
+        with collector.attached():
+            _collect_stats(block, inputs, collector)
+        stats = collector.finalize()
+    for n, track in tracks.items():
+        if n in stage and track.mask is not None:
+            stats.setdefault(n, LayerStats()).mask = track.mask
+    reports, originals = [], {}
+    for name, method in stage.items():
+        tracks[name].steps.append(method.name)
+        if method.rounds():
+            report, original = _round_layer(name, method, modules[name], stats, keep_original=not (hessian or act))
+            reports.append(report)
+            if original is not None:
+                originals[name] = original
+        else:
+            prepared = _prepare_layer(name, method, modules[name], stats.get(name, LayerStats()))
+            tracks[name].mask = prepared.mask
+            if prepared.note:
+                tracks[name].notes.append(prepared.note)
+    rounded = {n: m for n, m in stage.items() if m.rounds()}
+    _quantize_inputs(block, inputs, rounded, modules)
+    for method, ctx in contexts:
+        method.finish_block(ctx)
+    return reports, originals
+
+
+def _unrounded_report(name: str, layer: torch.nn.Module) -> LayerReport:
+    """A layer whose steps all kept full precision (pruned only): stored at its element width."""
+    w = layer.weight.data
+    return LayerReport(name=name, method="none", shape=tuple(w.shape), bits_per_weight=8.0 * w.element_size(),
+                       output_error=None, weight_error=0.0)
+
+
 @torch.no_grad()
 def run_sequential(
     model: torch.nn.Module,
-    assignments: dict[str, WeightMethod],
+    assignments: dict[str, Any],
     calib: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
     transforms: list[Any] | None = None,
 ) -> PipelineResult:
-    """Quantize ``assignments`` (full layer name -> method) block by block on ``calib`` (n, seqlen);
-    ``transforms`` (``lowbit.transforms``) rewrite each block first."""
+    """Run each layer's steps (full layer name -> [steps] in order, or a single step) block by block on
+    ``calib`` (n, seqlen); ``transforms`` (``lowbit.transforms``) rewrite each block first."""
     t_start = time.perf_counter()
+    staged = _as_stages(assignments)
     modules = dict(model.named_modules())
     blocks = decoder_blocks(model)
     prefix_root = architecture_of(model).blocks
@@ -189,45 +259,45 @@ def run_sequential(
     for i in bar:
         block = blocks[i]
         prefix = f"{prefix_root}.{i}."
-        mine = {n: m for n, m in assignments.items() if n.startswith(prefix)}
+        mine = {n: steps for n, steps in staged.items() if n.startswith(prefix)}
         if not mine:
             _propagate(block, inputs)
             continue
         for t in transforms or ():
-            t.apply_block(BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n in mine}, mine))
-        contexts = [(m, BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n, mm in mine.items() if mm is m}))
-                    for m in {id(m): m for m in mine.values()}.values()]
-        for method, ctx in contexts:
-            method.prepare_block(ctx)
-        hessian = {n for n, m in mine.items() if m.needs_hessian}
-        act = {n for n, m in mine.items() if m.needs_act_stats}
-        layer_modules = {n: modules[n] for n in mine}
-        data_free = not (hessian or act)
-        stats: dict[str, LayerStats] = {}
-        if not data_free:
-            collector = StatsCollector(layer_modules, hessian, act)
-            with collector.attached():
-                _collect_stats(block, inputs, collector)
-            stats = collector.finalize()
-        reports, originals = _quantize_layers(mine, modules, stats, keep_originals=data_free)
-        _quantize_inputs(block, inputs, mine, modules)
-        for method, ctx in contexts:
-            method.finish_block(ctx)
-        if data_free:  # sample the layers' inputs while propagating, for their output errors
-            collector = StatsCollector(layer_modules, set(), set())
+            final = {n: steps[-1] for n, steps in mine.items()}
+            t.apply_block(BlockContext(model, block, i, prefix, inputs, {n: modules[n] for n in mine}, final))
+        tracks = {n: _LayerTrack() for n in mine}
+        reports: list[LayerReport] = []
+        originals: dict[str, torch.Tensor] = {}
+        for k in range(max(len(steps) for steps in mine.values())):
+            stage = {n: steps[k] for n, steps in mine.items() if len(steps) > k}
+            r, o = _run_stage(model, block, i, prefix, inputs, stage, modules, tracks)
+            reports += r
+            originals.update(o)
+        reports += [_unrounded_report(n, modules[n]) for n in mine if not mine[n][-1].rounds()]
+        if originals:  # sample the data-free layers' inputs while propagating, for their output errors
+            collector = StatsCollector({n: modules[n] for n in originals}, set(), set())
             with collector.attached():
                 _propagate(block, inputs, collector)
             stats = collector.finalize()
             for r in reports:
-                wq = modules[r.name].weight.data
-                r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name], wq)
+                if r.name in originals:
+                    r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name],
+                                                  modules[r.name].weight.data)
+            del stats
         else:
             _propagate(block, inputs)
+        for r in reports:
+            track = tracks[r.name]
+            r.steps = track.steps
+            if track.notes:
+                r.note = "; ".join([*track.notes, *([r.note] if r.note else [])])
+            if track.mask is not None:
+                r.sparsity = (modules[r.name].weight.data == 0).float().mean().item()
         result.layers.extend(reports)
         errs = [r.output_error for r in reports if r.output_error is not None]
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
-        del stats
         release_freed_memory()
     result.seconds = time.perf_counter() - t_start
     return result

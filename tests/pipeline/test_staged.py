@@ -1,0 +1,104 @@
+"""Staged recipes: a layer goes through several steps in recipe order (AWQ's scales then GPTQ's rounding,
+magnitude pruning then a quantizer), and a new step is one file (``methods/magnitude.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.methods.magnitude import magnitude_mask
+from lowbit.quantization import quantize, save_quantized
+from lowbit.recipe import load_recipe, resolve_targets
+
+W4 = {"type": "int", "bits": 4, "granularity": "group", "group_size": 32, "symmetric": True}
+
+
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_magnitude_mask_matches_a_naive_reference():
+    w = torch.randn(7, 9, generator=torch.Generator().manual_seed(0))
+    flat = sorted(range(w.numel()), key=lambda i: (abs(w.view(-1)[i].item()), i))[:32]  # round(0.5 * 63) = 32
+    ref = torch.zeros(w.numel(), dtype=torch.bool)
+    ref[flat] = True
+    assert torch.equal(magnitude_mask(w, 0.5), ref.view(7, 9))
+    rows = magnitude_mask(w, 1 / 3, "row")  # 3 of 9 per row
+    for r in range(7):
+        smallest = sorted(range(9), key=lambda j: (abs(w[r, j].item()), j))[:3]
+        assert sorted(rows[r].nonzero().view(-1).tolist()) == sorted(smallest)
+
+
+def test_pruning_then_rtn_keeps_every_zero_and_reports_both_steps(tiny_calib, tmp_path):
+    model = _tiny()
+    recipe = {"name": "m", "methods": [{"method": "magnitude", "options": {"sparsity": 0.5}},
+                                       {"method": "rtn", "spec": "W8"}]}
+    report = quantize(model, recipe, tiny_calib, progress=False)
+    assert len(report.layers) == 14
+    for layer in report.layers:
+        assert layer["steps"] == ["magnitude", "rtn"]
+        assert layer["sparsity"] >= 0.5  # exactly half pruned; RTN W8 may round a few tiny weights to 0 too
+        assert layer["bits_per_weight"] == pytest.approx(8 + 32 / layer["shape"][1])  # int8 codes + fp32 row scale
+    out, fmt = save_quantized(model, None, report, tmp_path / "q")
+    from lowbit.models.loading import load_model
+
+    loaded, _ = load_model(out, require_tokenizer=False)
+    ids = tiny_calib[:2]
+    diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < 1e-4, (fmt, diff)  # packed int8 kernel vs fp32 fake-quant: float reassociation only
+
+
+def test_pruning_alone_is_stored_dense_and_reloads(tiny_calib, tmp_path):
+    from lowbit.models.loading import load_model
+
+    model = _tiny()
+    report = quantize(model, {"name": "p", "methods": [{"method": "magnitude", "options": {"sparsity": 0.25}}]},
+                      tiny_calib, progress=False)
+    assert all(l["sparsity"] == pytest.approx(0.25, abs=1e-3) and l["bits_per_weight"] == 32 for l in report.layers)
+    out, fmt = save_quantized(model, None, report, tmp_path / "p")
+    loaded, _ = load_model(out, require_tokenizer=False)
+    ids = tiny_calib[:2]
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_awq_then_gptq_is_the_composition_of_its_two_steps(tiny_calib):
+    """One staged run equals AWQ (round: false) on the model, then GPTQ on the result, run separately."""
+    awq = {"method": "awq", "spec": W4, "options": {"round": False, "grid": 5}}
+    gptq = {"method": "gptq", "spec": W4}
+    staged = _tiny()
+    report = quantize(staged, {"name": "s", "methods": [awq, gptq]}, tiny_calib, progress=False)
+    assert {tuple(l["steps"]) for l in report.layers} == {("awq", "gptq")}
+    # blocks are calibrated on the previous (quantized) blocks' outputs in both runs only if the first run
+    # leaves block 0 as the staged run did when block 1 starts, which holds block by block for AWQ then GPTQ
+    # per block; so compare block 0, whose inputs are the same embeddings in both runs.
+    first = _tiny()
+    quantize(first, {"name": "a", "methods": [awq]}, tiny_calib, progress=False)
+    quantize(first, {"name": "g", "methods": [gptq]}, tiny_calib, progress=False)
+    for n, w in _weights(staged).items():
+        if n.startswith("model.layers.0."):
+            assert torch.equal(_weights(first)[n], w), n
+    assert any(not torch.equal(_weights(first)[n], w) for n, w in _weights(staged).items()
+               if n.startswith("model.layers.1."))  # block 1 sees quantized inputs only in the staged run
+
+
+def test_a_step_after_rounding_is_refused_before_work():
+    model = _tiny()
+    recipe = load_recipe({"name": "bad", "methods": [{"method": "rtn", "spec": "W8"},
+                                                     {"method": "magnitude", "options": {"sparsity": 0.5}}]})
+    with pytest.raises(LowbitError, match="already rounded it; put the rounding step last"):
+        resolve_targets(model, recipe)
+
+
+def test_shipped_staged_recipes_parse():
+    for name in ("awq-gptq-w3g64", "awq-gptq-w4g64", "magnitude50-rtn-w8"):
+        assert len(load_recipe(name).entries) == 2
