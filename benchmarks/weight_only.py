@@ -27,6 +27,7 @@ _SYM = ("rtn", "gptq", "awq")  # HQQ and OWQ recipes are asymmetric (zero point 
 CONFIGS = [f"{m}-w{b}g64" for b in (4, 3) for m in _SYM]
 CONFIGS += [f"{m}-w{b}g64-asym" for b in (4, 3) for m in _SYM] + [f"{m}-w{b}g64" for b in (4, 3) for m in ("hqq", "owq")]
 CONFIGS += ["spqr-4bit", "spqr-3bit"]
+CONFIGS += ["awq-gptq-w4g64", "awq-gptq-w3g64"]  # staged: AWQ's scales and clipping, then GPTQ's rounding
 PEERS = ["llmcompressor-rtn-w4g64", "llmcompressor-gptq-w4g64"]
 # Measured on this machine by the issue author (10 windows x 2048, same calibration).
 REFERENCE = {"fp32": 19.92, "llmcompressor-rtn-w4g64": 27.83, "llmcompressor-gptq-w4g64": 25.40}

@@ -19,7 +19,7 @@ from lowbit.spec import QuantSpec, SpecError, preset
 from lowbit.transforms import TRANSFORMS, get_transform
 
 W4G64 = preset("W4_G64")
-# rotation/quarot.py is not validated here yet: its ``seed`` needs ``bounded(0, ge=0, le=2**32 - 1)``.
+# transforms/quarot.py is not validated here yet: its ``seed`` needs ``bounded(0, ge=0, le=2**32 - 1)``.
 UNBOUNDED_PENDING: set[tuple[str, str]] = set()
 
 

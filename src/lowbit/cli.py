@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_common import add_model_options as _add_model_options
+from lowbit.cli_common import parse_options as _parse_options
+from lowbit.cli_common import print_table
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
-from lowbit.models.aliases import DEFAULT_MODEL
 from lowbit.outputs import check_output, input_paths
 
 
@@ -24,22 +26,10 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_table(rows: Sequence[tuple[str, Any]]) -> None:
-    """Two aligned columns: name and value."""
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-
-
 def _add_overwrite_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the output even when lowbit did not write it (a non-empty directory is deleted "
                         "first; the working directory, home, the input and their parents never are)")
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--cache", default=None, help="cache directory (default $LOWBIT_CACHE or ~/.cache/lowbit)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -123,21 +113,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print_table(_eval_rows(result))
     return 0
-
-
-def _parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    from lowbit.safeio import load_yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise LowbitError(f"--option expects KEY=VALUE, got {pair!r}")
-        if key in out:
-            raise LowbitError(f"--option {key} is given twice; give each option once")
-        out[key] = load_yaml(value, f"--option {key}")
-    return out
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Any:
@@ -344,34 +319,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs and measure what it costs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="architecture, parameter count, size on disk and bits per weight")
-    _add_model_options(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("eval", help="perplexity (GPTQ convention), KL/top-1 vs a reference, speed, memory")
-    _add_model_options(p)
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, ptb, c4 or a .txt/.jsonl path")
-    p.add_argument("--split", default="test")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--reference", default=None, help="reference model for KL divergence and top-1 agreement")
-    p.add_argument("--data-dir", default=None, help="local data directory (default $LOWBIT_DATA_DIR)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
-    p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
-    p.add_argument("--kv-calib", default="wikitext2",
-                   help="data for calibrating KVQuant's level tables when the KV preset needs them (16 x 512 tokens)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("quantize", help="quantize a model with a recipe (or --method/--bits/--group-size)")
+def _add_compress_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``quantize`` and ``compress`` (one recipe run: calibrate, compress, evaluate, save)."""
     _add_model_options(p)
     p.add_argument("--recipe", default=None, help="shipped recipe name (e.g. gptq-w4g64) or a YAML file")
     p.add_argument("--method", default=None, help="method for a one-entry recipe (rtn, gptq, ...)")
@@ -414,7 +363,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs and measure what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, parameter count, size on disk and bits per weight")
+    _add_model_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity (GPTQ convention), KL/top-1 vs a reference, speed, memory")
+    _add_model_options(p)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, ptb, c4 or a .txt/.jsonl path")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--reference", default=None, help="reference model for KL divergence and top-1 agreement")
+    p.add_argument("--data-dir", default=None, help="local data directory (default $LOWBIT_DATA_DIR)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--kv-cache", default=None, metavar="PRESET", help="quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQUANT4, ...) or none")
+    p.add_argument("--pivot-model", default=None, help="full-precision model giving IntactKV's pivot keys and values")
+    p.add_argument("--kv-calib", default="wikitext2",
+                   help="data for calibrating KVQuant's level tables when the KV preset needs them (16 x 512 tokens)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    for command, text in (("quantize", "quantize a model with a recipe (or --method/--bits/--group-size)"),
+                          ("compress", "run any recipe of compression steps (staged: pruning, scaling, rounding ...); "
+                                       "the same options as quantize")):
+        p = sub.add_parser(command, help=text)
+        _add_compress_options(p)
+        p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("generate", help="greedy text continuation (also for exported checkpoints)")
     _add_model_options(p)

@@ -27,6 +27,19 @@ from lowbit.errors import LowbitError
 
 Kind = Literal["dir", "file", "results"]
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+RESULT_KINDS = ("sweep", "sensitivity", "analysis")  # one KIND.json each in a results directory
+
+
+def results_path(directory: str | os.PathLike[str], kind: str) -> Path:
+    """The file of the ``kind`` results in a results directory (``lowbit.analysis.results`` reads and writes it)."""
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"kind must be one of {RESULT_KINDS}, got {kind!r}")
+    return Path(directory) / f"{kind}.json"
+
+
+def is_results_dir(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` holds results of any kind (so lowbit may write more results there)."""
+    return any(results_path(directory, kind).is_file() for kind in RESULT_KINDS)
 
 
 def input_paths(*refs: str | os.PathLike[str] | None, cache: str | None = None) -> list[Path]:
@@ -92,8 +105,6 @@ def _check_file(p: Path, label: str, given: str, overwrite: bool) -> None:
 
 
 def _check_results(p: Path, label: str, given: str) -> None:
-    from lowbit.analysis.results import is_results_dir
-
     if not os.path.lexists(p):
         return
     if not p.is_dir():

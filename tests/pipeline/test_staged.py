@@ -102,3 +102,25 @@ def test_a_step_after_rounding_is_refused_before_work():
 def test_shipped_staged_recipes_parse():
     for name in ("awq-gptq-w3g64", "awq-gptq-w4g64", "magnitude50-rtn-w8"):
         assert len(load_recipe(name).entries) == 2
+
+
+def test_pruning_then_gptq_keeps_the_mask_and_beats_pruning_then_rtn(tiny_calib):
+    """GPTQ freezes the pruned weights at 0 (codes of 0) and feeds the error forward; on the same mask its
+    output error is below RTN's."""
+    prune = {"method": "magnitude", "options": {"sparsity": 0.5}}
+    errors = {}
+    for method in ("gptq", "rtn"):
+        model = _tiny()
+        report = quantize(model, {"name": method, "methods": [prune, {"method": method, "spec": W4}]}, tiny_calib,
+                          progress=False)
+        pruned = _tiny()
+        quantize(pruned, {"name": "p", "methods": [prune]}, tiny_calib, progress=False)
+        for n, w in _weights(pruned).items():
+            if n.startswith("model.layers."):
+                q = _weights(model)[n]
+                assert torch.all(q[w == 0] == 0), n  # every pruned weight is still exactly 0
+                codes = dict(model.named_modules())[n].lowbit_artifacts.get("codes")
+                if codes is not None:  # GPTQ's codes agree: the code of 0 (symmetric) at the pruned weights
+                    assert torch.all(codes[w == 0] == 0), n
+        errors[method] = report.mean_output_error()
+    assert errors["gptq"] < errors["rtn"], errors  # measured 3.97e-3 vs 4.96e-3

@@ -17,8 +17,8 @@ from lowbit.activations.quantizer import (
     SplitActQuantizer,
 )
 from lowbit.errors import LowbitError
-from lowbit.models.permutation import attach_output_permutation, output_permutations
 from lowbit.rotation.online import attach_input_rotation, input_rotations
+from lowbit.rotation.permutation import attach_output_permutation, output_permutations
 from lowbit.spec import QuantSpec, SpecError
 
 ACTIVATIONS_FILE = "lowbit_activations.json"

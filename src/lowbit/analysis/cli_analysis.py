@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_common import add_model_options, print_table
 from lowbit.errors import LowbitError
 from lowbit.outputs import check_output
 
@@ -45,7 +46,6 @@ def _check_results_dir(out: Path, identity: dict[str, Any]) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from lowbit.analysis.inspect import analyze_model
     from lowbit.analysis.results import model_identity, write_results
-    from lowbit.cli import print_table
     from lowbit.data import get_calibration
     from lowbit.eval.perplexity import check_seqlen
     from lowbit.models.loading import load_model
@@ -86,7 +86,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.analysis.report import write_report
-    from lowbit.cli import print_table
 
     check_output(args.results_dir, "results", option="RESULTS_DIR")
     md, page = write_report(args.results_dir)
@@ -96,11 +95,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_analyze_parser(sub: Any) -> argparse.ArgumentParser:
     """``lowbit analyze MODEL --out DIR``: writes DIR/analysis.json."""
-    from lowbit.cli import _add_model_options
-
     p = sub.add_parser("analyze",
                        help="activation outliers, weight distributions, error along depth vs a quantized model")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, selfgen or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)

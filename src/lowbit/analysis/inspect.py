@@ -24,9 +24,9 @@ from lowbit.analysis.stats import (
     update_absmax,
     weight_summary,
 )
+from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
-from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.capture import BlockInputs, _Stop, capture_block_inputs, forward_until_stop, run_block
 
 

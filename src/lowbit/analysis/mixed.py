@@ -222,10 +222,10 @@ def recipe_for_cli(args: Any, model: torch.nn.Module, tok: Any, calib: torch.Ten
                    ) -> tuple[Any, dict[str, Any]]:
     """(Recipe, allocation summary) for ``lowbit quantize`` with ``--target-bpw`` or ``--target-mb``."""
     from lowbit.analysis.candidates import parse_candidates
-    from lowbit.cli import _parse_options
+    from lowbit.cli_common import parse_options
     from lowbit.recipe import load_recipe
 
-    opts = _parse_options(args.option)
+    opts = parse_options(args.option)
     recipe_dict, summary = mixed_precision_recipe(
         model, tok, calib, method=args.method or "gptq", target_bpw=args.target_bpw, target_mb=args.target_mb,
         options=parse_candidates(args.candidates, not args.asym), sensitivity=args.sensitivity,

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
+from lowbit.outputs import RESULT_KINDS as KINDS, is_results_dir, results_path
 
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("sweep", "sensitivity", "analysis")
+__all__ = ["KINDS", "check_same_model", "is_results_dir", "model_identity", "read_results", "results_path",
+           "write_results"]
 
 
 def model_identity(model: torch.nn.Module, name: str) -> dict[str, Any]:
@@ -30,17 +32,6 @@ def model_identity(model: torch.nn.Module, name: str) -> dict[str, Any]:
     for p in (params[0], params[-1]) if params else ():
         h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return {"name": name, "fingerprint": h.hexdigest()[:16], "params": sum(p.numel() for p in params)}
-
-
-def results_path(directory: str | Path, kind: str) -> Path:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return Path(directory) / f"{kind}.json"
-
-
-def is_results_dir(directory: str | Path) -> bool:
-    """True when ``directory`` holds results of any kind (so lowbit may write more results there)."""
-    return any(results_path(directory, kind).is_file() for kind in KINDS)
 
 
 def read_results(directory: str | Path, kind: str) -> dict[str, Any] | None:

@@ -39,10 +39,10 @@ from lowbit.analysis.sensitivity_math import (
     nll_sum_shifted,
     spearman,
 )
+from lowbit.arch import decoder_blocks
 from lowbit.core.quant import dequantize, quantize
 from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
-from lowbit.models.arch import decoder_blocks
 
 PROXY = "sum_j E[x_j^2] ||dW[:, j]||^2 (diagonal of GPTQ's layer Hessian 2 E[x x^T], halved; RTN dW)"
 

@@ -101,7 +101,7 @@ def _read_rows(path: Path, row_format: str) -> list[str]:
 
 
 def _hub_rows(corpus: Corpus, split: str) -> list[str]:
-    from lowbit.models.loading import hub_reachable
+    from lowbit.hub import hub_reachable
 
     try:
         import datasets  # noqa: F401

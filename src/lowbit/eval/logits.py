@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "opt", "gpt2"}
+from lowbit.arch import types_with
+
+_PLAIN_HEAD_TYPES = frozenset(types_with("plain_head"))  # lowbit.arch
 _HEAD_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "attn_logit_softcapping")
 
 

@@ -21,6 +21,15 @@ from safetensors.torch import save_file
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
 from lowbit.activations.quantizer import ActQuantizer
 from lowbit.atomic import atomic_dir
+from lowbit.checkpoint import (
+    LoadReport,
+    compare_tensors,
+    finite_state,
+    quiet_loading,
+    read_config_json,
+    safetensors_header,
+)
+from lowbit.conv1d import convert_conv1d, is_conv1d
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import LayerWeight, check_schemes, layer_format, quantization_config
 from lowbit.export.ct_tensors import (
@@ -36,17 +45,8 @@ from lowbit.export.ct_tensors import (
 from lowbit.packed.floatweight import float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
 from lowbit.packed.qlinear import QuantLinear
-from lowbit.models.checkpoint import (
-    LoadReport,
-    compare_tensors,
-    finite_state,
-    quiet_loading,
-    read_config_json,
-    safetensors_header,
-)
-from lowbit.models.conv1d import convert_conv1d, is_conv1d
-from lowbit.models.permutation import output_permutations
 from lowbit.rotation.online import input_rotations
+from lowbit.rotation.permutation import output_permutations
 from lowbit.spec import QuantSpec, SpecError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -298,7 +298,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     """Build the model of a compressed-tensors checkpoint with lowbit modules: ``QuantLinear`` for int
     weights, ``nn.Linear`` holding the dequantized values for FP8 / NVFP4 (no packed float kernel on CPU),
     and input quantizers where the scheme quantizes activations.  Every tensor is checked against the
-    model (``lowbit.models.checkpoint``): nothing is left randomly initialised, nothing is NaN."""
+    model (``lowbit.checkpoint``): nothing is left randomly initialised, nothing is NaN."""
     path = Path(path)
     qc = _quantization_config(path)
     if not (path / WEIGHTS_FILE).is_file():

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from lowbit.activations.quantizer import ActQuantizer
+from lowbit.checkpoint import all_finite
 from lowbit.core.floats import decode, encode
 from lowbit.core.packing import pack, to_signed, to_unsigned, unpack
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import LayerWeight
-from lowbit.models.checkpoint import all_finite
 from lowbit.packed.floatweight import FloatWeight
 from lowbit.packed.intweight import IntWeight
 

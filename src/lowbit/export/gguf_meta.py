@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lowbit.arch import ARCHITECTURES
 from lowbit.errors import LowbitError
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF architecture
+GGUF_ARCH = {t: a.gguf for t, a in ARCHITECTURES.items() if a.gguf}  # HF model_type -> GGUF architecture (lowbit.arch)
 
 
 def gguf_arch(config: Any) -> str:

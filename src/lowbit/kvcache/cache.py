@@ -16,12 +16,13 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lowbit.arch import types_with
 from lowbit.errors import LowbitError
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.kvcache.quant import PackedKV
 from lowbit.rotation.hadamard import random_hadamard
 
-KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # one full-attention cache layer per block, rotate-half RoPE
+KV_MODEL_TYPES = types_with("llama_layout")  # one full-attention cache layer per block, rotate-half RoPE (lowbit.arch)
 
 RopeFn = Callable[[int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -12,7 +12,7 @@ normal channels) is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -20,8 +20,10 @@ from lowbit.activations.quantizer import ActQuantizer, SplitActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep, working_copies, zero_dead_columns
-from lowbit.spec import SCALE_BITS, QuantSpec
+from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
+from lowbit.solvers.hessian import prepare, solve
+from lowbit.solvers.storage import CodeBlock, bits_per_weight
+from lowbit.spec import QuantSpec
 
 OUTLIER_WEIGHT = QuantSpec(type="int", bits=8, granularity="channel")
 OUTLIER_INPUT = QuantSpec(type="int", bits=8, granularity="token", dynamic=True)
@@ -32,32 +34,27 @@ def atom_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, outl
               damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
     """GPTQ over ``[normal columns | outlier columns]``: ``spec`` groups on the first part, int8 per row on
     the outliers; returns the dequantized weight in the original column order."""
-    w, h = working_copies(weight, hessian, spec, "Atom", ("group", "channel"))
+    check_int_spec(spec, "Atom", ("group", "channel"))
+    w, h = prepare(weight, hessian)
     cols = w.shape[1]
-    is_out = torch.zeros(cols, dtype=torch.bool)
+    is_out = torch.zeros(cols, dtype=torch.bool, device=w.device)
     is_out[outliers.long()] = True
     perm = torch.cat([torch.nonzero(~is_out).flatten(), torch.nonzero(is_out).flatten()])
-    n_normal = int((~is_out).sum())
-    zero_dead_columns(w, h)
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv, _ = _inverse_cholesky(h, damp)
-    group = spec.group_size if spec.granularity == "group" else n_normal
-    params: list[torch.Tensor] = []
-    current: list[QuantSpec] = []
+    n_normal = cols - int(is_out.sum())
+    segments = [Segment(spec, n_normal, group_width(spec, n_normal))]
+    if n_normal < cols:
+        segments.append(Segment(OUTLIER_WEIGHT, cols - n_normal, cols - n_normal))
+    return solve(w, h, AffineColumns(perm, segments), perm, damp, block_size).weight
 
-    def quantize_column(col: int, x: torch.Tensor, peek: Any) -> torch.Tensor:
-        if col < n_normal and (col % group == 0):
-            params[:] = _qparams(peek(min(group, n_normal - col)), spec)
-            current[:] = [spec]
-        elif col == n_normal:
-            params[:] = _qparams(peek(cols - n_normal), OUTLIER_WEIGHT)
-            current[:] = [OUTLIER_WEIGHT]
-        s, z = params
-        sp = current[0]
-        return s * (torch.clamp(torch.round(x / s) + z, sp.qmin, sp.qmax) - z)
 
-    gptq_sweep(w, hinv, quantize_column, block_size)
-    return w[:, torch.argsort(perm)]
+def atom_bits(rows: int, cols: int, n_outliers: int, spec: QuantSpec) -> float:
+    """Exact stored bits per weight: ``spec`` codes and group parameters, 8-bit outliers with an fp32 scale per row."""
+    n_normal = cols - n_outliers
+    groups = -(-n_normal // spec.group_size) if spec.granularity == "group" else 1
+    blocks = [CodeBlock.of_spec(rows * n_normal, rows * groups, spec)]
+    if n_outliers:
+        blocks.append(CodeBlock.of_spec(rows * n_outliers, rows, OUTLIER_WEIGHT))
+    return bits_per_weight(rows * cols, blocks)
 
 
 @register_method
@@ -99,12 +96,5 @@ class Atom(WeightMethod):
         self._outliers[name] = idx
         self._width[name] = w.shape[1]
         wq = atom_gptq(w, h, self.spec, idx, self.damp, self.block_size)
-        rows, cols = w.shape
-        n_normal = cols - self.outliers
-        groups = -(-n_normal // self.spec.group_size) if self.spec.granularity == "group" else 1
-        per_group = SCALE_BITS[self.spec.scale_dtype] + (0 if self.spec.symmetric else self.spec.bits)
-        bits = rows * (n_normal * self.spec.bits + groups * per_group)
-        if self.outliers:
-            bits += rows * (self.outliers * 8 + 32)
-        return LayerResult(weight=wq.to(w.dtype), bits_per_weight=bits / (rows * cols),
+        return LayerResult(weight=wq.to(w.dtype), bits_per_weight=atom_bits(*w.shape, self.outliers, self.spec),
                            artifacts={"atom_outliers": idx})

@@ -21,19 +21,19 @@ act-order the column permutation is not counted (as for GPTQ's act-order ``g_idx
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from lowbit.core.affine import code_dtype
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import _inverse_cholesky, _qparams, gptq_sweep, working_copies, zero_dead_columns
-from lowbit.spec import SCALE_BITS, QuantSpec
+from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
+from lowbit.solvers.hessian import prepare, solve
+from lowbit.solvers.storage import FP16_BITS, CodeBlock, bits_per_weight
+from lowbit.spec import QuantSpec
 
-FP_BITS = 16  # storage of a weak-column weight
+FP_BITS = FP16_BITS  # storage of a weak-column weight
 INDEX_BITS = 32  # storage of a weak column's index
 
 
@@ -60,6 +60,16 @@ def column_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantS
     return torch.diag(hessian.detach().float()).clamp(min=0) * dw.pow(2).sum(0)
 
 
+def sweep_order(sens: torch.Tensor, k: int, act_order: bool) -> torch.Tensor:
+    """Quantized columns (original order, or by descending sensitivity) then the ``k`` weak ones, most sensitive first."""
+    order = torch.argsort(sens, descending=True)
+    if act_order:
+        return torch.cat([order[k:], order[:k]])
+    keep = torch.ones(sens.numel(), dtype=torch.bool, device=sens.device)
+    keep[order[:k]] = False
+    return torch.cat([torch.arange(sens.numel(), device=sens.device)[keep], order[:k]])
+
+
 def owq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -70,62 +80,27 @@ def owq_quantize(
     act_order: bool = False,
 ) -> OWQResult:
     """Run OWQ on one weight ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
-    w, h = working_copies(weight, hessian, spec, "OWQ")
-    rows, cols = w.shape
-    k = int(n_fp_cols)
+    check_int_spec(spec, "OWQ")
+    cols, k = weight.shape[1], int(n_fp_cols)
     if not 0 <= k < cols:
         raise LowbitError(f"OWQ needs 0 <= n_fp_cols < in_features ({cols}), got {k}")
+    sens = column_sensitivity(weight, hessian, spec)
+    perm = sweep_order(sens, k, act_order)
+    w, h = prepare(weight, hessian)
     n_q = cols - k
-    group = spec.group_size if spec.granularity == "group" else n_q
-    n_groups = (n_q + group - 1) // group
-    qmin, qmax = spec.qmin, spec.qmax
-
-    sens = column_sensitivity(w, h, spec)
-    order = torch.argsort(sens, descending=True)
-    fp_idx = order[:k]
-    if act_order:
-        perm = torch.cat([order[k:], fp_idx])
-    else:
-        keep = torch.ones(cols, dtype=torch.bool, device=w.device)
-        keep[fp_idx] = False
-        perm = torch.cat([torch.arange(cols, device=w.device)[keep], fp_idx])
-
-    zero_dead_columns(w, h)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    static = [] if spec.granularity == "group" else [_qparams(w[:, :n_q], spec)]
-    hinv, damp_used = _inverse_cholesky(h, damp)
-
-    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
-    scale = torch.zeros(rows, n_groups, device=w.device)
-    zero = torch.zeros(rows, n_groups, device=w.device)
-    g_idx = torch.full((cols,), -1, dtype=torch.int32, device=w.device)
-    params: list[torch.Tensor] = list(static[0]) if static else []
-
-    def quantize_column(col: int, x: torch.Tensor, peek: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        g = col // group
-        if not static and col % group == 0:
-            params[:] = _qparams(peek(min(group, n_q - col)), spec)
-        s, z = params
-        q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-        orig = int(perm[col])
-        codes[:, orig] = q.to(codes.dtype)
-        scale[:, g], zero[:, g] = s, z
-        g_idx[orig] = g
-        return s * (q - z)
-
-    gptq_sweep(w, hinv, quantize_column, block_size, stop=n_q)
-    fp_weight = w[:, n_q:].to(torch.float16)
-    w[:, n_q:] = fp_weight.float()
-    return OWQResult(w[:, torch.argsort(perm)], codes, scale, zero, g_idx, fp_idx, fp_weight, sens, damp_used)
+    fmt = AffineColumns(perm, [Segment(spec, n_q, group_width(spec, n_q))])
+    sol = solve(w, h, fmt, perm, damp, block_size, keep_last=k)
+    fp_idx = perm[n_q:]
+    fp_weight = sol.weight[:, fp_idx].to(torch.float16)
+    sol.weight[:, fp_idx] = fp_weight.float()
+    parts = fmt.result()
+    return OWQResult(sol.weight, parts.codes, parts.scale, parts.zero, parts.g_idx, fp_idx, fp_weight, sens, sol.damp)
 
 
 def owq_bits(rows: int, cols: int, n_fp_cols: int, n_groups: int, spec: QuantSpec) -> float:
     """Exact stored bits per weight of an OWQ layer (see the module docstring)."""
-    per_param = SCALE_BITS[spec.scale_dtype] + (0 if spec.symmetric else spec.bits)
-    total = rows * (cols - n_fp_cols) * spec.bits + rows * n_groups * per_param
-    total += n_fp_cols * (rows * FP_BITS + INDEX_BITS)
-    return total / (rows * cols)
+    codes = CodeBlock.of_spec(rows * (cols - n_fp_cols), rows * n_groups, spec)
+    return bits_per_weight(rows * cols, [codes], n_fp_cols * rows, FP_BITS, n_fp_cols * INDEX_BITS)
 
 
 @register_method

@@ -1,6 +1,6 @@
 """SpQR (Dettmers et al., 2023): small groups, 3-bit group statistics, and fp16 outliers in CSR.
 
-The GPTQ column sweep (``gptq_sweep``) with three changes, following the reference code
+The GPTQ column sweep (``lowbit.solvers.hessian.solve``, with the column format ``SpQRColumns``) with three changes, following the reference code
 (``spqr_engine.py``):
 
 * **Small groups** of ``group_size`` (16) consecutive input columns of the sweep order, one
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -41,10 +41,13 @@ from lowbit.core.affine import code_dtype
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
-from lowbit.methods.gptq import _inverse_cholesky, gptq_sweep, working_copies, zero_dead_columns
+from lowbit.solvers.affine import check_int_spec
+from lowbit.solvers.hessian import act_order as act_order_perm
+from lowbit.solvers.hessian import prepare, solve
+from lowbit.solvers.storage import FP16_BITS, CodeBlock, bits_per_weight
 from lowbit.spec import QuantSpec
 
-FP_BITS = 16  # outlier values and second-level statistics are fp16
+FP_BITS = FP16_BITS  # outlier values and second-level statistics are fp16
 PTR_BITS = 32  # CSR row pointers
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -123,6 +126,27 @@ def _loo_benefit(gw: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int, symmet
     return base_err - loo_err
 
 
+def _without_likely_outliers(gw: torch.Tensor, d: torch.Tensor, tau: float, qmin: int, qmax: int, symmetric: bool,
+                             ) -> torch.Tensor:
+    """The group with each weight whose leave-one-out benefit exceeds ``tau`` replaced by its row's mean of the rest."""
+    likely = _loo_benefit(gw, d, qmin, qmax, symmetric) > tau
+    keep = (~likely).float()
+    mean = (gw * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(likely, mean, gw)
+
+
+def _fit_group(gw: torch.Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_fit`` per row; constant rows (e.g. dead columns) borrow the group's mean scale."""
+    s, z = _fit(gw, qmin, qmax, symmetric)
+    ok = s > _TINY
+    if not bool(ok.all()):
+        fill = s[ok].mean() if bool(ok.any()) else torch.ones((), device=s.device)
+        s = torch.where(ok, s, fill)
+        if not symmetric:
+            z = torch.where(ok, z, qmin - gw.amin(1) / s)
+    return s, z
+
+
 def _safe(sz: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale 1 for constant rows (``_fit`` already gave them ``z = qmin - min``): they reconstruct exactly."""
     s, z = sz
@@ -180,6 +204,75 @@ class SpQRResult:
         return self.outliers.nnz
 
 
+class SpQRColumns:
+    """SpQR's column format: small groups with bilevel statistics, fp16 outliers by the GPTQ error test."""
+
+    def __init__(self, spec: QuantSpec, perm: torch.Tensor, group: int, stat_bits: int, stat_group: int,
+                 outlier_threshold: float, simplified_outliers: bool):
+        self.qmin, self.qmax, self.sym = spec.qmin, spec.qmax, spec.symmetric
+        self.order = perm.tolist()
+        self.group, self.stat_bits, self.stat_group = group, stat_bits, stat_group
+        self.outlier_threshold, self.simplified = float(outlier_threshold), simplified_outliers
+        self.cur: list[torch.Tensor] = []  # dequantized (scale, zero) of the current group
+
+    def begin(self, w: torch.Tensor, hinv: torch.Tensor) -> None:
+        """Threshold ``tau`` from the un-updated weights and ``d = diag(U)``; empty stored parts."""
+        rows, cols = w.shape
+        n_groups = (cols + self.group - 1) // self.group
+        n_chunks = (rows + self.stat_group - 1) // self.stat_group
+        self.cols, self.d = cols, torch.diag(hinv)
+        self.tau = self.outlier_threshold * (w.var(dim=0) / self.d.square()).mean().item()
+        self.find_outliers = self.tau != float("inf")
+        dev, u8, f16 = w.device, torch.uint8, torch.float16
+        self.codes = torch.zeros(rows, cols, dtype=code_dtype(self.qmin, self.qmax), device=dev)
+        self.scale = torch.zeros(rows, n_groups, device=dev)
+        self.zero = torch.zeros(rows, n_groups, device=dev)
+        self.scale_codes = torch.zeros(rows, n_groups, dtype=u8, device=dev)
+        self.zero_codes = None if self.sym else torch.zeros(rows, n_groups, dtype=u8, device=dev)
+        self.stat_scale = torch.zeros(n_chunks, n_groups, 2, dtype=f16, device=dev)
+        self.stat_zero = None if self.sym else torch.zeros(n_chunks, n_groups, 2, dtype=f16, device=dev)
+        self.outlier = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+        self.kept = torch.zeros(rows, cols, device=dev)  # fp16-rounded outlier values (sweep order)
+
+    def group_start(self, col: int) -> int:
+        return min(self.group, self.cols - col) if col % self.group == 0 else 0
+
+    def fit_group(self, col: int, gw: torch.Tensor) -> None:
+        """First-level min-max statistics (likely outliers left out), then their ``stat_bits`` codes."""
+        g, sym = col // self.group, self.sym
+        if self.find_outliers and not self.simplified:
+            gw = _without_likely_outliers(gw, self.d[col : col + gw.shape[1]], self.tau, self.qmin, self.qmax, sym)
+        s, z = _fit_group(gw, self.qmin, self.qmax, sym)
+        s_hat, sc, s2, z2 = quantize_stats(s, self.stat_bits, self.stat_group)
+        self.scale_codes[:, g] = sc
+        self.stat_scale[:, g, 0], self.stat_scale[:, g, 1] = s2, z2
+        if sym:
+            z_hat = z
+        else:
+            z_hat, zc, s2z, z2z = quantize_stats(z, self.stat_bits, self.stat_group)
+            self.zero_codes[:, g] = zc  # type: ignore[index]
+            self.stat_zero[:, g, 0], self.stat_zero[:, g, 1] = s2z, z2z  # type: ignore[index]
+        self.scale[:, g], self.zero[:, g] = s_hat, z_hat
+        self.cur[:] = [s_hat, z_hat]
+
+    def quantize(self, col: int, x: torch.Tensor) -> torch.Tensor:
+        """Round to the group's grid; a weight whose error ``((x - q) / d)^2`` exceeds ``tau`` stays in fp16."""
+        s, z = self.cur
+        q = torch.clamp(torch.round(x / s.clamp(min=_TINY) + z), self.qmin, self.qmax)
+        deq = s * (q - z)
+        if self.find_outliers:
+            is_out = ((x - deq) / self.d[col]).square() > self.tau
+            if bool(is_out.any()):
+                q0 = torch.clamp(torch.round(z), self.qmin, self.qmax)  # the code of 0
+                q = torch.where(is_out, q0, q)
+                xv = x.to(torch.float16).float()
+                deq = torch.where(is_out, xv, deq)
+                self.outlier[:, col] = is_out
+                self.kept[:, col] = torch.where(is_out, xv, 0.0)
+        self.codes[:, self.order[col]] = q.to(self.codes.dtype)
+        return deq
+
+
 def spqr_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -194,86 +287,19 @@ def spqr_quantize(
     simplified_outliers: bool = False,
 ) -> SpQRResult:
     """Run SpQR on one weight ``(out, in)`` with Hessian ``(in, in)``; pure tensor math."""
-    w, h = working_copies(weight, hessian, spec, "SpQR", granularities=None)  # groups come from group_size
-    rows, cols = w.shape
-    qmin, qmax, sym = spec.qmin, spec.qmax, spec.symmetric
-    group = group_size
-    n_groups = (cols + group - 1) // group
-    n_chunks = (rows + stat_group - 1) // stat_group
-
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
-    zero_dead_columns(w, h)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv, damp_used = _inverse_cholesky(h, damp)
-    d = torch.diag(hinv)
-    tau = float(outlier_threshold) * (w.var(dim=0) / d.square()).mean().item()
-    find_outliers = tau != float("inf")
-
-    codes = torch.zeros(rows, cols, dtype=code_dtype(qmin, qmax), device=w.device)
-    scale = torch.zeros(rows, n_groups, device=w.device)
-    zero = torch.zeros(rows, n_groups, device=w.device)
-    scale_codes = torch.zeros(rows, n_groups, dtype=torch.uint8, device=w.device)
-    zero_codes = None if sym else torch.zeros(rows, n_groups, dtype=torch.uint8, device=w.device)
-    stat_scale = torch.zeros(n_chunks, n_groups, 2, dtype=torch.float16, device=w.device)
-    stat_zero = None if sym else torch.zeros(n_chunks, n_groups, 2, dtype=torch.float16, device=w.device)
-    outlier = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    kept = torch.zeros(rows, cols, device=w.device)  # fp16-rounded outlier values (sweep order)
-    cur: list[torch.Tensor] = []  # dequantized (scale, zero) of the current group
-
-    def fit_group(col: int, gw: torch.Tensor) -> None:
-        g = col // group
-        if find_outliers and not simplified_outliers:
-            likely = _loo_benefit(gw, d[col : col + gw.shape[1]], qmin, qmax, sym) > tau
-            keep = (~likely).float()
-            mean = (gw * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
-            gw = torch.where(likely, mean, gw)
-        s, z = _fit(gw, qmin, qmax, sym)
-        ok = s > _TINY
-        if not bool(ok.all()):  # constant rows (e.g. dead columns): borrow the group's mean scale
-            fill = s[ok].mean() if bool(ok.any()) else torch.ones((), device=s.device)
-            lo = gw.amin(1)
-            s = torch.where(ok, s, fill)
-            if not sym:
-                z = torch.where(ok, z, qmin - lo / s)
-        s_hat, sc, s2, z2 = quantize_stats(s, stat_bits, stat_group)
-        scale_codes[:, g] = sc
-        stat_scale[:, g, 0], stat_scale[:, g, 1] = s2, z2
-        if sym:
-            z_hat = z
-        else:
-            z_hat, zc, s2z, z2z = quantize_stats(z, stat_bits, stat_group)
-            zero_codes[:, g] = zc  # type: ignore[index]
-            stat_zero[:, g, 0], stat_zero[:, g, 1] = s2z, z2z  # type: ignore[index]
-        scale[:, g], zero[:, g] = s_hat, z_hat
-        cur[:] = [s_hat, z_hat]
-
-    def quantize_column(col: int, x: torch.Tensor, peek: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        if col % group == 0:
-            fit_group(col, peek(min(group, cols - col)))
-        s, z = cur
-        q = torch.clamp(torch.round(x / s.clamp(min=_TINY) + z), qmin, qmax)
-        deq = s * (q - z)
-        if find_outliers:
-            is_out = ((x - deq) / d[col]).square() > tau
-            if bool(is_out.any()):
-                q0 = torch.clamp(torch.round(z), qmin, qmax)  # the code of 0
-                q = torch.where(is_out, q0, q)
-                xv = x.to(torch.float16).float()
-                deq = torch.where(is_out, xv, deq)
-                outlier[:, col] = is_out
-                kept[:, col] = torch.where(is_out, xv, 0.0)
-        codes[:, int(perm[col])] = q.to(codes.dtype)
-        return deq
-
-    gptq_sweep(w, hinv, quantize_column, block_size)
+    check_int_spec(spec, "SpQR", granularities=None)  # groups come from group_size
+    cols = weight.shape[1]
+    # act-order on the raw diagonal: dead inputs (H_jj = 0) go last
+    perm = act_order_perm(hessian) if act_order else torch.arange(cols, device=weight.device)
+    w, h = prepare(weight, hessian)
+    fmt = SpQRColumns(spec, perm, group_size, stat_bits, stat_group, outlier_threshold, simplified_outliers)
+    sol = solve(w, h, fmt, perm, damp, block_size)
     inv = torch.argsort(perm)
-    g_idx = (torch.arange(cols, device=w.device) // group).to(torch.int32)[inv]
-    csr = to_csr(outlier[:, inv], kept[:, inv])
+    g_idx = (torch.arange(cols, device=w.device) // group_size).to(torch.int32)[inv]
     return SpQRResult(
-        weight=w[:, inv], codes=codes, scale=scale, zero=zero, scale_codes=scale_codes, zero_codes=zero_codes,
-        stat_scale=stat_scale, stat_zero=stat_zero, g_idx=g_idx, perm=perm, outliers=csr, threshold=tau,
-        damp_used=damp_used,
+        weight=sol.weight, codes=fmt.codes, scale=fmt.scale, zero=fmt.zero, scale_codes=fmt.scale_codes,
+        zero_codes=fmt.zero_codes, stat_scale=fmt.stat_scale, stat_zero=fmt.stat_zero, g_idx=g_idx, perm=perm,
+        outliers=to_csr(fmt.outlier[:, inv], fmt.kept[:, inv]), threshold=fmt.tau, damp_used=sol.damp,
     )
 
 
@@ -305,13 +331,13 @@ def spqr_bits(
     n_groups = (cols + group_size - 1) // group_size
     n_chunks = (rows + stat_group - 1) // stat_group
     n_stats = 1 if symmetric else 2  # scales, and zeros if asymmetric
-    total = rows * cols * bits
-    total += n_stats * rows * n_groups * stat_bits  # first-level statistics, quantized
-    total += n_stats * n_chunks * n_groups * 2 * FP_BITS  # second-level fp16 scale + zero per chunk
-    total += n_outliers * (FP_BITS + index_bits(cols)) + (rows + 1) * PTR_BITS  # CSR
+    weights = CodeBlock(rows * cols, bits)
+    # first-level statistics as codes; each chunk of them has an fp16 scale and an fp16 zero
+    stats = CodeBlock(n_stats * rows * n_groups, stat_bits, n_stats * n_chunks * n_groups, FP_BITS, FP_BITS)
+    positions = n_outliers * index_bits(cols) + (rows + 1) * PTR_BITS  # CSR
     if act_order:
-        total += cols * index_bits(cols)  # the column permutation
-    return total / (rows * cols)
+        positions += cols * index_bits(cols)  # the column permutation
+    return bits_per_weight(rows * cols, [weights, stats], n_outliers, FP_BITS, positions)
 
 
 @register_method

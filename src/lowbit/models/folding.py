@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.models.arch import ScaleGroup
+from lowbit.arch import ScaleGroup
 
 
 def prev_width(prev: torch.nn.Module) -> int | None:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from lowbit.atomic import atomic_dir
+from lowbit.checkpoint import LoadReport, TensorMeta, compare_tensors, finite_state, quiet_loading
 from lowbit.errors import LowbitError
-from lowbit.models.checkpoint import LoadReport, TensorMeta, compare_tensors, finite_state, quiet_loading
 
 GGUF_MAGIC = b"GGUF"
 GGUF_FIX = "re-download or re-export the GGUF file"

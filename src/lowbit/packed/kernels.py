@@ -1,28 +1,36 @@
-"""Matmul kernels for packed integer weights, and the measurement that picks one per layer.
+"""Matmul kernels for packed integer weights, and the short probe that picks one per layer shape.
 
 Every kernel computes ``x @ W^T`` for ``W = scale * (q - zero)``; they differ only in what they
 keep in memory and how fast they are on a given machine:
 
-* ``dequant``: unpack the int32 words and dequantize at every call, then ``F.linear`` (any bits,
-  any groups; the reference).
+* ``dequant``: unpack the int32 words and dequantize at every call (in row chunks of at most
+  ``DEQUANT_CHUNK_ELEMENTS`` weights, so a call never holds a whole large fp weight), then a GEMM
+  (any bits, any groups; the reference).
 * ``int4pack``: torch's tinygemm CPU kernel (``_weight_int4pack_mm_for_cpu``) on its own packed
   layout: 4-bit, group size 32/64/128/256, integer zero points folded into a float offset.
 * ``int8pack``: torch's ``_weight_int8pack_mm``: 8-bit symmetric, one scale per output row.
 * ``int8x8``: W8A8, inputs quantized per token to int8 and multiplied by the int8 weights with
   ``torch._int_mm`` (int32 accumulation): only for layers with such an input quantizer.
 
-``measure_kernels`` times each applicable kernel on the layer's real shape and keeps the
-fastest, separately for decode (one token) and prefill (many tokens): on an AVX2-only CPU the
-int8/int4 kernels were measured 20-40x slower than an fp32 GEMV, so nothing is trusted blindly.
+``int4pack`` and ``int8pack`` are row-at-a-time kernels: with fp32 inputs (torch 2.13, this CPU)
+their time grows linearly with the token count at 0.2-1 ms per token per layer, where a GEMM
+costs microseconds per token; at 2048 tokens a single 1536x576 layer took 3 s in ``int4pack``
+against 10 ms for dequantize + GEMM.  They are therefore only decode candidates
+(``ROW_KERNELS``).  ``choose_kernels`` times the candidates of each regime on a short random
+input (``PROBE_TOKENS``: 1 token for decode, 64 for prefill), skips the timing when a regime
+has a single candidate, and caches the choice per layer signature (shape, bits, group, zero
+points, dtype, device, threads, input quantizer) for the process, so a model whose layers
+have a few distinct shapes probes only a few times.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.core.packing import to_signed, unpack
 from lowbit.packed.intweight import IntWeight, expand_groups
@@ -30,32 +38,87 @@ from lowbit.spec import QuantSpec
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once by the ``dequant`` kernel (16 MiB fp32)
+ROW_KERNELS = frozenset({"int4pack", "int8pack"})  # cost linear in tokens: decode only
+PROBE_TOKENS = {"decode": 1, "prefill": 64}
+REGIMES = tuple(PROBE_TOKENS)
+
+_CHOICES: dict[Hashable, tuple[dict[str, str], dict[str, dict[str, float]]]] = {}
+
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
     """Signed int8 codes from compressed-tensors int32 words (a byte split for 4 and 8 bits)."""
+    u, offset = _offset_codes(packed, bits, shape)
+    return (u.to(torch.int16) - offset).to(torch.int8)
+
+
+def _offset_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """Codes as stored, ``(u, offset)`` with signed code ``u - offset``: unsigned uint8 ``u`` and
+    ``offset = 2^(b-1)`` for 4 and 8 bits (a byte split, no arithmetic), signed and 0 otherwise."""
     rows, cols = shape
     if bits in (4, 8) and sys.byteorder == "little":
         raw = packed.contiguous().view(torch.uint8)
         if bits == 4:
-            raw = torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(rows, -1)
-        return (raw[:, :cols].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-    return to_signed(unpack(packed, bits, cols, "int32"), bits)
+            u = torch.empty(*raw.shape, 2, dtype=torch.uint8, device=raw.device)
+            torch.bitwise_and(raw, 0xF, out=u[..., 0])
+            torch.bitwise_right_shift(raw, 4, out=u[..., 1])
+            raw = u.view(rows, -1)
+        return raw[:, :cols], 1 << (bits - 1)
+    return to_signed(unpack(packed, bits, cols, "int32"), bits), 0
 
 
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                       group_size: int | None, g_idx: torch.Tensor | None, bits: int, shape: tuple[int, int],
                       dtype: torch.dtype) -> torch.Tensor:
-    """``scale[:, g] * (q - zero[:, g])`` straight from the packed words."""
-    q = unpack_codes(packed, bits, shape).to(dtype)
-    if zero is not None:
-        q = q - expand_groups(zero.to(dtype), group_size, g_idx, shape[1])
-    return q * expand_groups(scale.to(dtype), group_size, g_idx, shape[1])
+    """``scale[:, g] * (q - zero[:, g])`` straight from the packed words.
+
+    Contiguous groups broadcast the per-group ``(offset + zero)`` and ``scale`` over a
+    ``(rows, groups, group_size)`` view (two in-place passes, no per-column copies); the result is
+    bit-identical to ``(q - zero) * scale`` in ``dtype``, as the subtraction of small integers is exact."""
+    rows, cols = shape
+    u, offset = _offset_codes(packed, bits, shape)
+    w = u.to(dtype)
+    gs = cols if group_size is None else group_size
+    if g_idx is None and cols % gs == 0 and scale.shape[-1] == cols // gs:
+        ng = cols // gs
+        shift = torch.full((1, 1), float(offset), dtype=dtype, device=w.device) if zero is None \
+            else zero.to(dtype) + offset
+        v = w.view(rows, ng, gs)
+        if offset or zero is not None:
+            v.sub_(shift.reshape(shift.shape[0], -1, 1))
+        v.mul_(scale.to(dtype).reshape(rows, ng, 1))
+        return w
+    if offset or zero is not None:
+        shift = float(offset) if zero is None else expand_groups(zero.to(dtype) + offset, group_size, g_idx, cols)
+        w = w - shift
+    return w * expand_groups(scale.to(dtype), group_size, g_idx, cols)
+
+
+def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   group_size: int | None, g_idx: torch.Tensor | None, bits: int, shape: tuple[int, int],
+                   dtype: torch.dtype, bias: torch.Tensor | None = None,
+                   chunk_elements: int | None = None) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias``, dequantizing at most ``chunk_elements`` weights (whole output rows)
+    at a time: one GEMM (the reference itself) when the weight fits, else one GEMM per row chunk."""
+    rows, cols = shape
+    step = max(1, (chunk_elements or DEQUANT_CHUNK_ELEMENTS) // cols)
+    if step >= rows:
+        w = dequantize_packed(packed, scale, zero, group_size, g_idx, bits, shape, dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+    x2 = x.reshape(-1, cols)
+    y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = dequantize_packed(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], group_size,
+                              g_idx, bits, (r1 - r0, cols), dtype)
+        y[:, r0:r1] = F.linear(x2, w.to(x.dtype), None if bias is None else bias[r0:r1])
+    return y.reshape(*x.shape[:-1], rows)
 
 
 def int4pack_applicable(w: IntWeight) -> bool:
     k = w.shape[1]
     return (w.bits == 4 and w.g_idx is None and w.group_size in (32, 64, 128, 256)
-            and k % w.group_size == 0 and w.shape[0] % 8 == 0 and k % 16 == 0
+            and k % w.group_size == 0 and w.shape[0] % 8 == 0 and k % 16 == 0 and w.scale.device.type == "cpu"
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
@@ -108,7 +171,8 @@ def time_call(fn: Kernel, x: torch.Tensor, repeats: int = 5) -> float:
 
 def fastest(kernels: dict[str, Kernel], x: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-2
             ) -> tuple[str, dict[str, float]]:
-    """Name of the fastest kernel whose output agrees with ``reference`` (relative error), and all timings."""
+    """Name of the fastest kernel whose output agrees with ``reference`` (relative error), and all timings
+    (ties keep the first, so list the reference kernel first)."""
     times: dict[str, float] = {}
     scale = reference.norm().item() or 1.0
     for name, fn in kernels.items():
@@ -118,3 +182,43 @@ def fastest(kernels: dict[str, Kernel], x: torch.Tensor, reference: torch.Tensor
             times[name] = time_call(fn, x)
     best = min(times, key=times.__getitem__) if times else "dequant"
     return best, times
+
+
+def regime_candidates(names: list[str], regime: str) -> list[str]:
+    """The kernels worth timing for ``regime``: row-at-a-time kernels only for decode."""
+    return [n for n in names if regime == "decode" or n not in ROW_KERNELS]
+
+
+def choose_kernels(key: Hashable, names: list[str], build: Callable[[list[str]], dict[str, Kernel]],
+                   reference: Kernel, in_features: int, device: torch.device | str,
+                   probe_tokens: dict[str, int] | None = None, force: bool = False
+                   ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """``({regime: kernel}, {regime: {kernel: seconds}})`` for a layer whose applicable kernels are
+    ``names`` (``"dequant"`` first): cached under ``key`` unless ``force``.  Each regime with more than
+    one candidate times them on ``probe_tokens[regime]`` random tokens (``build(names)`` makes the
+    kernels); a single candidate is taken untimed."""
+    key = (key, time_call)  # choices made with one timer (tests patch it) are not another's
+    if not force and key in _CHOICES:
+        choice, timings = _CHOICES[key]
+        return dict(choice), {r: dict(t) for r, t in timings.items()}
+    tokens = probe_tokens or PROBE_TOKENS
+    wanted = {r: regime_candidates(names, r) for r in REGIMES}
+    fns = build(sorted({n for c in wanted.values() for n in c}, key=names.index))
+    choice: dict[str, str] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for regime in REGIMES:
+        cands = wanted[regime]
+        if len(cands) == 1:
+            choice[regime], timings[regime] = cands[0], {}
+            continue
+        x = torch.randn(tokens[regime], in_features, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            ref = reference(x)
+        choice[regime], timings[regime] = fastest({n: fns[n] for n in cands}, x, ref)
+    _CHOICES[key] = (dict(choice), {r: dict(t) for r, t in timings.items()})
+    return choice, timings
+
+
+def clear_choices() -> None:
+    """Forget every cached kernel choice (the next ``select_kernel`` probes again)."""
+    _CHOICES.clear()

@@ -3,8 +3,9 @@
 Buffers use compressed-tensors' names and layout (``weight_packed`` int32 words,
 ``weight_scale``, ``weight_zero_point``, ``weight_g_idx``, ``weight_shape``), so exporting and
 loading back are plain tensor copies.  ``forward`` runs the kernel picked by ``select_kernel``
-(measured on this machine at the first call, see ``lowbit.packed.kernels``); ``reference_forward`` is
-dequantize + matmul, the definition every kernel is tested against.
+at the first call (a short probe on this machine, cached per layer shape; see
+``lowbit.packed.kernels``); ``reference_forward`` is dequantize + matmul, the definition every
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -81,62 +82,102 @@ class QuantLinear(torch.nn.Module):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quantize_input(x), self.dequantized_weight().to(x.dtype), self.bias)
 
-    def _kernels(self) -> dict[str, kernels.Kernel]:
-        out: dict[str, kernels.Kernel] = {"dequant": self.reference_forward}
-        w = self.int_weight()
+    def _meta_weight(self) -> IntWeight:
+        """The layer's ``IntWeight`` without its codes (a meta tensor of the right shape): enough to
+        decide which kernels apply, without unpacking anything."""
+        codes = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device="meta")
+        return IntWeight(codes, self.weight_scale, self.weight_zero_point, self.bits, self.group_size,
+                         self.weight_g_idx)
+
+    def _plain_input_spec(self):
         aq = act_quantizer_of(self)
-        plain = aq is not None and type(aq) is ActQuantizer and aq.shift is None
-        if kernels.int8x8_applicable(w, aq.spec if plain else None):
+        return aq.spec if aq is not None and type(aq) is ActQuantizer and aq.shift is None else None
+
+    def _kernel_names(self) -> list[str]:
+        """Kernels that apply to this layer, the reference ``dequant`` first (ties keep it)."""
+        w = self._meta_weight()
+        names = ["dequant"]
+        if kernels.int8x8_applicable(w, self._plain_input_spec()):
+            names.append("int8x8")
+        if kernels.int4pack_applicable(w):
+            names.append("int4pack")
+        if kernels.int8pack_applicable(w):
+            names.append("int8pack")
+        return names
+
+    def _kernels(self, names: list[str] | None = None) -> dict[str, kernels.Kernel]:
+        """The kernels ``names`` (default: every applicable one), building their weight copies if needed."""
+        names = self._kernel_names() if names is None else names
+        shape = (self.out_features, self.in_features)
+
+        def dequant(x: torch.Tensor) -> torch.Tensor:
+            return kernels.dequant_matmul(self._quantize_input(x), self.weight_packed, self.weight_scale,
+                                          self.weight_zero_point, self.group_size, self.weight_g_idx, self.bits,
+                                          shape, self.dtype, self.bias)
+        out: dict[str, kernels.Kernel] = {"dequant": dequant}
+        w = self.int_weight() if set(names) - {"dequant"} else None
+        if "int8x8" in names:
             self._w8t = self._w8t if self._w8t is not None else w.codes.t().contiguous()
-            w_t, sw, full = self._w8t, w.scale.reshape(-1).float(), aq.spec.full_range
+            w_t, sw, full = self._w8t, w.scale.reshape(-1).float(), self._plain_input_spec().full_range
 
             def int8x8(x: torch.Tensor) -> torch.Tensor:
                 y = kernels.int8x8_matmul(x, w_t, sw, full).to(x.dtype)
                 return y if self.bias is None else y + self.bias
             out["int8x8"] = int8x8
-        if kernels.int4pack_applicable(w):
+        if "int4pack" in names:
             self._int4 = self._int4 or kernels.int4pack_tensors(w)
             packed, sz = self._int4
             gs = self.group_size
 
             def int4(x: torch.Tensor) -> torch.Tensor:
                 x = self._quantize_input(x)
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).float(), packed, gs, sz)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).float().contiguous(),
+                                                             packed, gs, sz)
                 y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
                 return y if self.bias is None else y + self.bias
             out["int4pack"] = int4
-        if kernels.int8pack_applicable(w):
+        if "int8pack" in names:
             q, s = w.codes.contiguous(), w.scale.reshape(-1).float()
 
             def int8(x: torch.Tensor) -> torch.Tensor:
                 x = self._quantize_input(x)
-                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).float(), q, s)
+                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).float().contiguous(), q, s)
                 y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
                 return y if self.bias is None else y + self.bias
             out["int8pack"] = int8
         return out
 
+    def _choice_key(self, names: list[str], prefill_tokens: int) -> tuple:
+        """What the kernel timings of a layer depend on: layers that agree share one probe."""
+        aq = act_quantizer_of(self)
+        return (tuple(names), self.out_features, self.in_features, self.bits, self.group_size, self.symmetric,
+                self.weight_g_idx is not None, self.bias is not None, self.dtype, str(self.weight_scale.device),
+                torch.get_num_threads(), prefill_tokens, None if aq is None else (type(aq).__name__, repr(aq.spec)))
+
     @torch.no_grad()
-    def select_kernel(self, prefill_tokens: int = 128, force: bool = False) -> dict[str, str]:
-        """Time every applicable kernel on this layer's shape (1 token and ``prefill_tokens``) and keep the
-        fastest; done once per layer unless ``force``."""
+    def select_kernel(self, prefill_tokens: int = kernels.PROBE_TOKENS["prefill"], force: bool = False
+                      ) -> dict[str, str]:
+        """Pick the decode and prefill kernels (``kernels.choose_kernels``): a short probe on random inputs
+        (1 token and ``prefill_tokens``), shared by every layer of the same signature in this process;
+        done once per layer unless ``force`` (which probes again)."""
         if getattr(self, "_fns", None) is not None and not force:
             return dict(self.kernel)
-        candidates = self._kernels()
-        for regime, n in (("decode", 1), ("prefill", prefill_tokens)):
-            x = torch.randn(n, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight_scale.device)
-            ref = self.reference_forward(x)
-            self.kernel[regime], self.timings[regime] = kernels.fastest(candidates, x, ref)
-        if "int4pack" not in self.kernel.values():
+        names = self._kernel_names()
+        self.kernel, self.timings = kernels.choose_kernels(
+            self._choice_key(names, prefill_tokens), names, self._kernels, self.reference_forward,
+            self.in_features, self.weight_scale.device, {"decode": 1, "prefill": prefill_tokens}, force)
+        used = set(self.kernel.values())
+        if "int4pack" not in used:
             self._int4 = None  # don't hold a second copy for a kernel that is never used
-        if "int8x8" not in self.kernel.values():
+        if "int8x8" not in used:
             self._w8t = None
-        self._fns = {k: candidates[v] for k, v in self.kernel.items()}
+        fns = self._kernels([n for n in names if n in used])
+        self._fns = {regime: fns[name] for regime, name in self.kernel.items()}
         return dict(self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fns = getattr(self, "_fns", None)
-        if fns is None:  # first call: measure the kernels on this machine once
+        if fns is None:  # first call: pick the kernels (a short probe, shared by layers of the same shape)
             if torch.is_grad_enabled() and x.requires_grad:
                 return self.reference_forward(x)
             self.select_kernel()

@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbit.arch import scale_groups
 from lowbit.core.kmeans import kmeans
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
-from lowbit.models.arch import scale_groups
 from lowbit.models.folding import fold_problem
-from lowbit.models.permutation import attach_output_permutation, permute_inputs, permute_outputs
+from lowbit.rotation.permutation import attach_output_permutation, permute_inputs, permute_outputs
 from lowbit.transforms.base import BlockTransform, register_transform
 from lowbit.transforms.smoothquant import GroupInputs
 

@@ -16,10 +16,10 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from lowbit.activations.quantizer import ActQuantizer
+from lowbit.arch import ScaleGroup, scale_groups
 from lowbit.core.quant import fake_quant
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
-from lowbit.models.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
 from lowbit.spec import QuantSpec
 from lowbit.transforms.base import BlockTransform, register_transform

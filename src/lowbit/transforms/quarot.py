@@ -21,13 +21,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbit.arch import types_with
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.rotation.hadamard import random_hadamard
 from lowbit.rotation.online import attach_input_rotation
 from lowbit.transforms.base import BlockTransform, register_transform
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = types_with("llama_layout")  # the module names and norms rewritten below (lowbit.arch)
 
 
 def _rms_norm_weight(norm: torch.nn.Module, where: str) -> torch.Tensor:
