@@ -1,8 +1,11 @@
 """Inference on this machine: fp32, int8 and int4 in lowbit's runtime, Q8_0 / Q4_0 in llama.cpp.
 
 Decode tok/s (greedy, KV cache, 64 steps after a 128-token prompt), prefill tok/s (the 128-token
-prompt in one forward), peak RSS of a fresh process per row, and size on disk.  Each row runs in
-its own subprocess so RSS is its own.  llama.cpp rows need the optional extra ``llamacpp``.
+prompt in one forward, and a 2048-token window in one forward: the regime of ``lowbit eval``),
+peak RSS of a fresh process per row, size on disk, and which kernel the packed layers chose for
+decode and prefill.  Each row runs in its own subprocess so RSS is its own.  llama.cpp rows need
+the optional extra ``llamacpp``; where it is missing, the llama.cpp rows of the previous results
+are kept and marked as such.  The load average before and after the run goes in the caption.
 
     python benchmarks/inference.py
 
@@ -12,6 +15,7 @@ Writes benchmarks/results/inference.{json,md}.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,14 +24,29 @@ from pathlib import Path
 from _results import write_results
 
 ROWS = ["fp32", "int8 (rtn-w8, packed)", "int4 (gptq-w4g64, packed)", "llama.cpp Q8_0", "llama.cpp Q4_0"]
-PROMPT_TOKENS, NEW_TOKENS = 128, 64
+PROMPT_TOKENS, NEW_TOKENS, WINDOW_TOKENS = 128, 64, 2048
 
 
-def _prompt(tok) -> list[int]:
+def _prompt(tok, n: int = PROMPT_TOKENS) -> list[int]:
     from lowbit.data.corpora import load_text
     from lowbit.data.windows import tokenize_text
 
-    return tokenize_text(tok, load_text("wikitext2", "test"))[:PROMPT_TOKENS].tolist()
+    return tokenize_text(tok, load_text("wikitext2", "test"))[:n].tolist()
+
+
+def _window_tokens_per_s(model, ids, repeats: int = 2) -> float:
+    """Tokens/s of one forward over a whole eval window (no cache), best of ``repeats``."""
+    import time
+
+    import torch
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - t0)
+    return ids.shape[1] / best
 
 
 def prepare(tmp: Path) -> dict[str, Path]:
@@ -68,21 +87,41 @@ def run_row(row: str, path: str) -> dict:
         tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
         r = llamacpp.speed(path, _prompt(tok), NEW_TOKENS).to_dict()
     else:
+        from collections import Counter
+
         import torch
 
+        from lowbit.packed import QuantLinear
         from lowbit.runtime.speed import measure_speed
 
         model, tok = load_model(path)
         r = measure_speed(model, torch.tensor([_prompt(tok)]), NEW_TOKENS).to_dict()
-    return r | {"row": row, "file_bytes": size, "peak_rss_mb": peak_rss_mb()}
+        r["peak_rss_mb"] = peak_rss_mb()  # before the long window's activations
+        r["window_tokens_per_s"] = _window_tokens_per_s(model, torch.tensor([_prompt(tok, WINDOW_TOKENS)]))
+        r["prefill_kernels"] = dict(Counter(m.kernel["prefill"] for m in model.modules()
+                                            if isinstance(m, QuantLinear)))
+    return {"peak_rss_mb": peak_rss_mb()} | r | {"row": row, "file_bytes": size}
+
+
+def _kernels(r: dict) -> str:
+    """``decode: int4pack 180, dequant 30 / prefill: dequant 210`` ("-" for unpacked rows)."""
+    if not r.get("kernels"):
+        return "-"
+
+    def fmt(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"decode: {fmt(r['kernels'])} / prefill: {fmt(r.get('prefill_kernels') or {})}"
 
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print(json.dumps(run_row(sys.argv[2], sys.argv[3])))
         return
+    from _results import RESULTS
+
     from lowbit.models.loading import resolve_model
 
+    load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": resolve_model("smollm2-135m").path, **prepare(Path(tmp))}
@@ -96,14 +135,38 @@ def main() -> None:
                 continue
             results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(row, results[row], flush=True)
+    load_after = os.getloadavg()
+    previous = RESULTS / "inference.json"
+    kept = []
+    if previous.is_file():  # llama.cpp rows this run could not measure (extra not installed): keep the old ones
+        old = json.loads(previous.read_text())
+        for row in ROWS:
+            if row not in results and row.startswith("llama.cpp") and row in old:
+                results[row] = old[row] | {"previous_run": True}
+                kept.append(row)
     lines = ["# Inference on smollm2-135m (this 2-core CPU)", "",
              f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
-             "a fresh process per row.", "",
-             "| runtime / weights | decode tok/s | prefill tok/s | peak RSS MiB | size on disk MiB |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             f"one forward over a {WINDOW_TOKENS}-token wikitext2 window (what `lowbit eval` runs per window), "
+             "best of 2; a fresh process per row. Load average (1 min) "
+             f"{load_before[0]:.2f} before the run, {load_after[0]:.2f} after.", "",
+             f"| runtime / weights | decode tok/s | prefill tok/s | {WINDOW_TOKENS}-token window tok/s | "
+             "peak RSS MiB | size on disk MiB | weights held MiB | packed kernels (layers) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row, r in results.items():
-        lines.append(f"| {row} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} |")
+        window = f"{r['window_tokens_per_s']:.0f}" if r.get("window_tokens_per_s") else "-"
+        held = f"{r['weight_bytes'] / 2**20:.0f}" if r.get("weight_bytes") else "-"
+        name = f"{row} (previous run)" if r.get("previous_run") else row
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {window} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} | {held} | {_kernels(r)} |")
+    lines += ["", "Packed layers pick their kernels with a short probe per layer shape (1 token for decode, "
+              "64 for prefill; `lowbit.packed.kernels.choose_kernels`). torch's int4 tinygemm and int8pack "
+              "kernels run one row at a time with fp32 inputs (0.2-1 ms per token per layer here), so they "
+              "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
+              "W8A8 layers)."]
+    if kept:
+        lines += ["", f"{', '.join(kept)}: kept from the previous run (llama-cpp-python is not installed in "
+                  "this environment); the llama.cpp rows used its plain CPU buffers (the repacked/AMX ones "
+                  "crashed with that build)."]
     write_results("inference", results, lines)
 
 

@@ -13,7 +13,7 @@ from lowbit.methods.awq import AWQ, subsample_inputs
 from lowbit.models.folding import fold_scales
 from lowbit.methods.base import LayerStats
 from lowbit.models.arch import ScaleGroup, architecture_of, decoder_blocks
-from lowbit.pipeline.capture import capture_block_inputs, run_block
+from lowbit.models.capture import capture_block_inputs, run_block
 from lowbit.pipeline.sequential import BlockContext
 from lowbit.quantization import quantize
 from lowbit.recipe import load_recipe, shipped_recipes
@@ -300,7 +300,7 @@ def quantize_err(w, x, spec, lo, hi):
 
 
 def test_subsample_keeps_whole_windows():
-    from lowbit.pipeline.capture import BlockInputs
+    from lowbit.models.capture import BlockInputs
 
     h = [torch.randn(4, 32, 8), torch.randn(4, 32, 8)]
     kw = [{"attention_mask": torch.ones(4, 1, 32, 32), "position_embeddings": (torch.ones(1, 32, 2),) * 2}] * 2

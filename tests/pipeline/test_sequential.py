@@ -43,8 +43,8 @@ def test_gptq_has_lower_output_error_than_rtn_on_tiny_model(tiny_llama, tiny_cal
 
 def test_pipeline_propagates_quantized_outputs(tiny_llama, tiny_calib):
     """Block 1 is calibrated on block 0's quantized outputs: its input differs from the fp run."""
-    from lowbit.pipeline.capture import capture_block_inputs
-    from lowbit.pipeline.capture import run_block
+    from lowbit.models.capture import capture_block_inputs
+    from lowbit.models.capture import run_block
 
     blocks = tiny_llama.model.layers
     fp_in = capture_block_inputs(tiny_llama, blocks[0], tiny_calib, 8)

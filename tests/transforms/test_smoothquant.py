@@ -7,7 +7,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.methods.base import get_method
-from lowbit.pipeline.capture import capture_block_inputs, run_block
+from lowbit.models.capture import capture_block_inputs, run_block
 from lowbit.pipeline.sequential import BlockContext
 from lowbit.quantization import quantize
 from lowbit.spec import preset

@@ -27,7 +27,7 @@ from lowbit.analysis.stats import (
 from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.data.windows import check_token_windows
 from lowbit.errors import LowbitError
-from lowbit.pipeline.capture import BlockInputs, _Stop, capture_block_inputs, forward_until_stop, run_block
+from lowbit.models.capture import BlockInputs, _Stop, capture_block_inputs, forward_until_stop, run_block
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

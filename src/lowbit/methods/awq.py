@@ -52,7 +52,7 @@ from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, PreparedLayer, WeightMethod, register_method
 from lowbit.models.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
-from lowbit.pipeline.capture import BlockInputs, block_output
+from lowbit.models.capture import BlockInputs, block_output
 
 CLIP_TOKENS = 512  # input tokens sampled per linear for the clipping search (AutoAWQ's n_sample_token)
 # Largest accepted change of a block's output (norm, relative to the block's own update) when scales are

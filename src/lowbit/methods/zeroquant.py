@@ -21,7 +21,7 @@ from lowbit.core.quant import fake_quant
 from lowbit.fields import bounded
 from lowbit.methods.base import register_method
 from lowbit.methods.rtn import RTN
-from lowbit.pipeline.capture import block_output
+from lowbit.models.capture import block_output
 from lowbit.spec import QuantSpec
 
 W8_GROUP = QuantSpec(type="int", bits=8, granularity="group", group_size=64, scale_dtype="float16")

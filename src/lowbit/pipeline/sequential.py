@@ -26,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, get_method
 from lowbit.models.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
-from lowbit.pipeline.capture import BlockInputs, block_output, capture_block_inputs
+from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
 from lowbit.transforms.rptq import CLUSTERS_ATTR
 
