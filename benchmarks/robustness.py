@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,16 +31,22 @@ VERDICTS = ["clean", "traceback", "silent", "data lost", "message", "hang", "fai
 
 
 def run_corpus(root: Path) -> list[dict]:
-    """Every corpus case, run in this process."""
+    """Every corpus case, run in this process, each on fresh copies of the inputs it may touch."""
     import fuzz_artifacts
     import fuzz_corpus
 
     art = fuzz_artifacts.build_artifacts(root / "base")
     cases = fuzz_corpus.build_cases(art, root / "cases")
+    pristine = root.parent / "pristine"
+    shutil.copytree(root, pristine, symlinks=True)
     rows = []
     for case in cases:
         t0 = time.perf_counter()
         o = fuzz_corpus.run_case(case, art, root / "cases")
+        # a case that destroyed its inputs (older code) must not decide the next cases' fate: restore them
+        for folder in (Path("base"), Path("cases") / fuzz_corpus.case_folder(case, root / "cases")):
+            shutil.rmtree(root / folder, ignore_errors=True)
+            shutil.copytree(pristine / folder, root / folder, symlinks=True)
         rows.append({"class": fuzz_corpus.CLASSES[case.cls], "case": case.name, "verdict": o.verdict, "exit": o.code,
                      "error": o.error_line[:300], "detail": o.detail[:300], "seconds": time.perf_counter() - t0})
         print(f"{o.verdict:>9}  {case.name}", file=sys.stderr)

@@ -478,7 +478,7 @@ def run_case(case: Case, art: Artifacts, root: Path) -> Outcome:
     """Run ``case`` in-process (``lowbit.cli.main``) and classify what happened."""
     from lowbit.cli import main
 
-    watched = [art.hf_dir.parent, root / _case_folder(case, root)]
+    watched = [art.hf_dir.parent, root / case_folder(case, root)]
     if case.cwd is not None:
         watched.append(case.cwd)
     keep = {p for p in (case.out,) if case.expect == "ok" and p is not None}
@@ -518,7 +518,10 @@ def run_case(case: Case, art: Artifacts, root: Path) -> Outcome:
     if case.expect == "ok":
         if code != 0:
             return Outcome(case, "failed", code, line, text[-300:])
-        problem = case.check() if case.check is not None else None
+        try:
+            problem = case.check() if case.check is not None else None
+        except Exception as e:  # noqa: BLE001 - the written output does not load back: a failed valid case
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
         return Outcome(case, "failed" if problem else "clean", code, line, problem or "")
     if code == 0:
         return Outcome(case, "silent", code, line, text[-200:])
@@ -535,7 +538,7 @@ def run_case(case: Case, art: Artifacts, root: Path) -> Outcome:
     return Outcome(case, "clean", code, line)
 
 
-def _case_folder(case: Case, root: Path) -> str:
+def case_folder(case: Case, root: Path) -> str:
     """The case's own folder under ``root`` (the first argv path inside it), or ``root`` itself."""
     for a in case.argv:
         p = Path(a)
