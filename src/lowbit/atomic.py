@@ -5,9 +5,10 @@ did not ask to replace is ever deleted.
   renamed into place only when complete.  A run killed before the rename leaves that temporary
   behind; the next write to the same target removes it once its owner process is gone (same host,
   PID no longer running) or it is older than ``STALE_AGE_S``.
-* Every directory written by ``atomic_dir`` holds ``MARKER`` (``lowbit_output.json``).  ``atomic_dir``
-  replaces an existing directory only when it is empty, carries the marker (or a file only lowbit
-  writes, ``LEGACY_MARKERS``, for outputs of older versions), or was explicitly allowed with
+* Every directory written by ``atomic_dir`` holds ``MARKER`` (``lowbit_output.json``, listing the files
+  written).  ``atomic_dir`` replaces an existing directory only when it is empty, carries the marker
+  (or a file only lowbit writes, ``LEGACY_MARKERS``, for outputs of older versions) and holds nothing
+  lowbit did not write there, or was explicitly allowed with
   ``allow_replace`` (the user passed ``--overwrite``); it never replaces the working directory, the
   home directory, the filesystem root or an ancestor of any of them.
 """
@@ -54,10 +55,38 @@ def allow_replace(path: str | os.PathLike[str]) -> None:
     _allowed.add(absolute(path))
 
 
-def is_lowbit_output(path: str | os.PathLike[str]) -> bool:
-    """True when directory ``path`` was written by lowbit (it holds ``MARKER`` or a legacy marker)."""
+# What older versions wrote (no file list in their marker): the model, tokenizer and lowbit's own files.
+_LEGACY_NAMES = re.compile(r"(config|generation_config|special_tokens_map|added_tokens|vocab)\.json|merges\.txt|"
+                           r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|recipe\.yaml|chat_template\.jinja|"
+                           r"tokenizer.*|lowbit_.*")
+
+
+def _files_under(p: Path) -> list[str]:
+    return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file() or f.is_symlink())
+
+
+def foreign_files(path: str | os.PathLike[str]) -> list[str] | None:
+    """The files in directory ``path`` that lowbit did not write there ([] for an untouched lowbit output);
+    None when ``path`` is not a lowbit output at all."""
     p = Path(path)
-    return p.is_dir() and any((p / name).is_file() for name in (MARKER, *LEGACY_MARKERS))
+    if not p.is_dir() or not any((p / name).is_file() for name in (MARKER, *LEGACY_MARKERS)):
+        return None
+    written: set[str] | None = None
+    try:
+        listed = json.loads((p / MARKER).read_text()).get("files")
+        written = set(listed) if isinstance(listed, list) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    present = [f for f in _files_under(p) if f != MARKER]
+    if written is not None:
+        return [f for f in present if f not in written]
+    return [f for f in present if not _LEGACY_NAMES.fullmatch(f)]
+
+
+def is_lowbit_output(path: str | os.PathLike[str]) -> bool:
+    """True when directory ``path`` was written by lowbit (it holds ``MARKER`` or a legacy marker) and holds
+    nothing else: a file the user added (a model card, notes) makes it the user's."""
+    return foreign_files(path) == []
 
 
 def protected_reason(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> str | None:
@@ -66,7 +95,8 @@ def protected_reason(path: str | os.PathLike[str], inputs: Iterable[str | os.Pat
     p = Path(os.path.realpath(absolute(path)))
     if p == Path(p.anchor):
         return "the filesystem root"
-    keep = [("the working directory", Path.cwd()), ("your home directory", Path.home())]
+    keep = [("the working directory", Path(os.path.realpath(Path.cwd()))),
+            ("your home directory", Path(os.path.realpath(Path.home())))]
     keep += [(f"the input {i}", Path(os.path.realpath(absolute(i)))) for i in inputs]
     for what, q in keep:
         if p == q:
@@ -108,9 +138,9 @@ def _is_stale(entry: Path, rest: str) -> bool:
     owned = _OWNED.fullmatch(rest)
     if owned is None and _LEGACY.fullmatch(rest) is None:
         return False  # not a name lowbit makes
-    if owned is not None and not _owner_alive(int(owned["pid"]), owned["host"]):
-        return True
-    return time.time() - _last_touched(entry) > STALE_AGE_S
+    if owned is not None and owned["host"] == _HOST:  # a run on this host: stale exactly when it is gone
+        return not _owner_alive(int(owned["pid"]), owned["host"])
+    return time.time() - _last_touched(entry) > STALE_AGE_S  # another host or an older name: by age only
 
 
 def _discard(path: Path) -> None:
@@ -139,11 +169,6 @@ def clean_stale(final: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _sample(directory: Path, n: int = 3) -> str:
-    names = sorted(p.name for p in directory.iterdir())
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
 def check_replaceable(final: Path) -> None:
     """LowbitError unless ``atomic_dir`` may put a new directory at ``final`` (see the module docstring)."""
     reason = protected_reason(final)
@@ -156,6 +181,13 @@ def check_replaceable(final: Path) -> None:
     if any(final.iterdir()) and not is_lowbit_output(final):
         raise LowbitError(f"{final} holds files lowbit did not write ({_sample(final)}); refusing to replace it: "
                           "choose a new directory, or pass --overwrite")
+
+
+def _sample(directory: Path, n: int = 3) -> str:
+    """A few of the files in ``directory`` that are not lowbit's (all of them when it is not a lowbit output)."""
+    names = foreign_files(directory)
+    names = names if names else sorted(p.name for p in directory.iterdir())
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -178,7 +210,8 @@ def _swap_in(tmp: Path, final: Path) -> None:
 def _write_marker(directory: Path) -> None:
     from lowbit import __version__
 
-    (directory / MARKER).write_text(json.dumps({"written_by": "lowbit", "version": __version__}) + "\n")
+    files = _files_under(directory)  # what this output holds: anything else found there later is the user's
+    (directory / MARKER).write_text(json.dumps({"written_by": "lowbit", "version": __version__, "files": files}) + "\n")
 
 
 @contextlib.contextmanager

@@ -23,7 +23,10 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.safeio import read_text
 
+MAX_CONFIG_BYTES = 16 << 20  # a model config.json (real ones are a few KiB)
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 SHOWN = 3  # tensor names quoted per problem
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors dtype names
 
@@ -185,22 +188,33 @@ def quiet_loading(stderr: bool = False) -> Iterator[None]:
 def read_config_json(path: Path) -> dict[str, Any]:
     """``path`` (a config.json) parsed; a ``LowbitError`` naming the file and line when it is not valid JSON."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, MAX_CONFIG_BYTES, "model config"))
     except json.JSONDecodeError as exc:
         raise LowbitError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the "
                           "file or re-save the model with save_pretrained") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LowbitError(f"cannot read {path} ({exc}); check the file") from None
+    except RecursionError:
+        raise LowbitError(f"{path} nests its JSON too deeply to be a model config; fix the file") from None
     if not isinstance(data, dict):
         raise LowbitError(f"{path} holds a JSON {type(data).__name__}, not an object of model settings; fix the file")
     return data
 
 
 def raw_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; ``__metadata__``)."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n))
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; ``__metadata__``);
+    a ``LowbitError`` naming the file when the header is absurdly long, truncated or not a JSON object."""
+    fix = "re-save or re-download the checkpoint"
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n > MAX_SAFETENSORS_HEADER or n > path.stat().st_size - 8:
+                raise LowbitError(f"safetensors file {path} claims a {n}-byte header, longer than the file or the "
+                                  f"{MAX_SAFETENSORS_HEADER >> 20} MiB safetensors allows; {fix}")
+            header = json.loads(fh.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise LowbitError(f"safetensors file {path} has an unreadable header ({type(exc).__name__}); {fix}") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for k, v in header.items() if k != "__metadata__"):
+        raise LowbitError(f"safetensors file {path} has a header that is not a table of tensors; {fix}")
+    return header
 
 
 def safetensors_header(path: Path) -> dict[str, TensorMeta]:

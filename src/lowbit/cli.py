@@ -164,6 +164,11 @@ def _check_quantize_outputs(args: argparse.Namespace) -> None:
         check_output(args.out, "dir", args.overwrite, inputs, "--out")
     if args.sensitivity is not None:
         check_output(args.sensitivity, "results", option="--sensitivity")
+        if args.out is not None:
+            out, sens = Path(args.out).resolve(), Path(args.sensitivity).resolve()
+            if out == sens or out in sens.parents or sens in out.parents:
+                raise LowbitError(f"--sensitivity {args.sensitivity} and --out {args.out} overlap: the checkpoint "
+                                  "would replace the sensitivity results (or the reverse); give them separate folders")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from lowbit.atomic import absolute, allow_replace, is_lowbit_output, protected_reason
+from lowbit.atomic import absolute, allow_replace, foreign_files, is_lowbit_output, protected_reason
 from lowbit.errors import LowbitError
 
 Kind = Literal["dir", "file", "results"]
@@ -91,8 +91,16 @@ def _check_dir(p: Path, label: str, given: str, overwrite: bool) -> None:
         raise _fail(label, given, "exists and is not a directory (a file or a link); choose another path")
     if os.path.ismount(p):
         raise _fail(label, given, "is a mount point; give a directory inside it")
-    if overwrite or is_lowbit_output(p) or not any(p.iterdir()):
-        return
+    try:
+        if overwrite or is_lowbit_output(p) or not any(p.iterdir()):
+            return
+        added = foreign_files(p)
+    except PermissionError:
+        raise _fail(label, given, "cannot be read (permission denied); choose another path") from None
+    if added:
+        raise _fail(label, given, f"is a lowbit output holding files lowbit did not write ({', '.join(added[:3])}"
+                                  f"{', ...' if len(added) > 3 else ''}); pass --overwrite to replace it with them, "
+                                  "or choose another path")
     raise _fail(label, given, "is a non-empty directory that lowbit did not write; pass --overwrite to replace "
                               "it (its contents are deleted), or choose another path")
 
@@ -109,7 +117,11 @@ def _check_results(p: Path, label: str, given: str) -> None:
         return
     if not p.is_dir():
         raise _fail(label, given, "is a file; give a directory for the results")
-    if any(p.iterdir()) and not is_results_dir(p):
+    try:
+        holds = any(p.iterdir())
+    except PermissionError:
+        raise _fail(label, given, "cannot be read (permission denied); choose another path") from None
+    if holds and not is_results_dir(p):
         raise _fail(label, given, "is a non-empty directory holding no lowbit results; give a new or empty directory, "
                                   "or one written by 'lowbit sweep' / 'lowbit analyze'")
     if not os.access(p, os.W_OK | os.X_OK):

@@ -132,7 +132,7 @@ def layer_patterns(value: Any, what: str) -> list[str]:
         if pattern.startswith("re:"):
             try:
                 _regex(pattern)
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
                 raise LowbitError(f"{what} entry {i} {pattern!r} is not a valid regular expression ({exc}); "
                                   "fix the pattern or drop the 're:' prefix") from None
     return list(items)
@@ -282,12 +282,25 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
                                   "weights are not supported yet)")
             method.validate_layer(n, m)
             steps.append(method)
+    for n, steps in assignments.items():
+        _check_steps(n, steps)
     return assignments
 
 
-def final_steps(assignments: dict[str, list[WeightMethod]]) -> dict[str, WeightMethod]:
-    """Each layer's last step (the one whose format it is stored in, when it rounds)."""
-    return {n: steps[-1] for n, steps in assignments.items()}
+def _check_steps(layer: str, steps: list[WeightMethod]) -> None:
+    """The rules of a layer's chain of steps, checked before any work."""
+    for i, step in enumerate(steps):
+        pruned_by = next((s.name for s in steps[:i] if s.prunes), None)
+        if pruned_by is not None and not step.keeps_mask():
+            raise LowbitError(f"layer {layer}: {step.name!r} after {pruned_by!r} would move the pruned weights off 0 "
+                              "(it does not keep a pruning mask); round with gptq, or rtn with an int or float spec")
+        if step.activations is not None and not step.rounds():
+            raise LowbitError(f"layer {layer}: {step.name!r} does not round the layer here, so its 'activations' would "
+                              "never apply; give the activation spec to the rounding step")
+    last = steps[-1]
+    if not last.rounds() and not last.prunes:
+        raise LowbitError(f"layer {layer}: its last step {last.name!r} only prepares the weight (e.g. awq with round: "
+                          "false); add a rounding step after it (gptq, rtn ...) or drop round: false")
 
 
 def recipe_from_flags(method: str, bits: int, group_size: int | None, symmetric: bool,

@@ -167,6 +167,14 @@ def build_cases(art: Artifacts, root: Path) -> list[Case]:
     add("loss", "analyze --out a non-empty user directory", ["analyze", str(hf), "--calib", str(text), "--nsamples",
         "4", "--seqlen", "32", "--out", str(victim)], "victim", out=victim)
 
+    d = case_dir("out-model-card")
+    carded = copy_dir(ct, d / "q")
+    (carded / "README.md").write_text("# my model card")
+    add("loss", "quantize --out a lowbit output the user added a model card to", ["quantize", str(hf), "--method",
+        "rtn", *q, "--out", str(carded)], "README.md", out=carded)
+    add("loss", "--sensitivity inside --out", ["quantize", str(hf), "--target-bpw", "5", "--candidates", "4:32,8",
+        *q, "--out", str(d / "mixed"), "--sensitivity", str(d / "mixed" / "sens")], "overlap", out=d / "mixed")
+
     # ---- 0/2. valid input must not crash (and must round-trip)
     for method in ("awq", "gptq", "rtn", "hqq"):
         d = case_dir(f"valid-{method}")
@@ -247,10 +255,15 @@ def build_cases(art: Artifacts, root: Path) -> list[Case]:
         weight_file(d).read_bytes()[:-1000]), "model.safetensors")
     hf_case("traceback", "safetensors header length absurd", lambda d: patch(
         weight_file(d), 0, struct.pack("<Q", 2**62)), "model.safetensors")
+    d = copy_dir(hf, case_dir("info-absurd-header") / "m")
+    patch(weight_file(d), 0, struct.pack("<Q", 2**62))
+    add("traceback", "info: safetensors header length absurd", ["info", str(d)], "model.safetensors")
     hf_case("traceback", "safetensors header not JSON", lambda d: patch(weight_file(d), 8, b"{{{{"),
             "model.safetensors")
     hf_case("traceback", "safetensors offsets overlap", lambda d: _overlap_offsets(weight_file(d)),
             "model.safetensors")
+    hf_case("traceback", "config.json nested 100000 deep", lambda d: (d / "config.json").write_text(
+        "[" * 100000 + "]" * 100000), "config.json")
     hf_case("message", "config.json not JSON", lambda d: (d / "config.json").write_text('{"model_type": "llama",,}'),
             "config.json")
     hf_case("traceback", "config.json binary", lambda d: (d / "config.json").write_bytes(os.urandom(300)),
@@ -315,6 +328,7 @@ def build_cases(art: Artifacts, root: Path) -> list[Case]:
     recipe_case("traceback", "deeply nested", "name: r\nmethods: " + "[" * 5000 + "]" * 5000 + "\n", "r.yaml")
     recipe_case("traceback", "options not a mapping", base + "    options: [1, 2]\n", "options")
     recipe_case("traceback", "invalid re: pattern", base + "    targets: ['re:(unclosed']\n", "re:(unclosed")
+    recipe_case("traceback", "re: pattern with a huge repeat", base + "    targets: ['re:a{4294967296}']\n", "re:")
     recipe_case("traceback", "option of the wrong type", base + "    options: {damp: abc}\n", "damp")
     recipe_case("silent", "negative block_size", base + "    options: {block_size: -5}\n", "block_size")
     recipe_case("silent", "zero damp", base + "    options: {damp: 0}\n", "damp")

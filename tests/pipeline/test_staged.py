@@ -81,8 +81,12 @@ def test_awq_then_gptq_is_the_composition_of_its_two_steps(tiny_calib):
     # blocks are calibrated on the previous (quantized) blocks' outputs in both runs only if the first run
     # leaves block 0 as the staged run did when block 1 starts, which holds block by block for AWQ then GPTQ
     # per block; so compare block 0, whose inputs are the same embeddings in both runs.
-    first = _tiny()
-    quantize(first, {"name": "a", "methods": [awq]}, tiny_calib, progress=False)
+    first = _tiny()  # AWQ alone through the pipeline (a recipe refuses a chain ending in round: false)
+    from lowbit.pipeline.sequential import run_sequential
+
+    prepare_only = load_recipe({"name": "a", "methods": [awq, gptq]}).build()[0]
+    layers = [n for n, m in first.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    run_sequential(first, {n: [prepare_only] for n in layers}, tiny_calib, progress=False)
     quantize(first, {"name": "g", "methods": [gptq]}, tiny_calib, progress=False)
     for n, w in _weights(staged).items():
         if n.startswith("model.layers.0."):
@@ -124,3 +128,44 @@ def test_pruning_then_gptq_keeps_the_mask_and_beats_pruning_then_rtn(tiny_calib)
                     assert torch.all(codes[w == 0] == 0), n
         errors[method] = report.mean_output_error()
     assert errors["gptq"] < errors["rtn"], errors  # measured 3.97e-3 vs 4.96e-3
+
+
+def test_blocks_with_different_step_counts_round_every_layer_last(tiny_calib):
+    """AWQ's scales (round: false) on the MLP only, RTN on every layer: stages align at the end, so no layer is
+    rounded before AWQ folds its scales into it, and every stored code still gives the in-memory weight."""
+    from lowbit.packed.qlinear import int_weights
+
+    mlp = {"method": "awq", "spec": W4, "targets": ["re:.*mlp\\..*"], "options": {"round": False, "grid": 5}}
+    model = _tiny()
+    report = quantize(model, {"name": "n", "methods": [mlp, {"method": "rtn", "spec": W4}]}, tiny_calib,
+                      progress=False)
+    steps = {l["name"].split(".")[-1]: tuple(l["steps"]) for l in report.layers}
+    assert steps["down_proj"] == ("awq", "rtn") and steps["q_proj"] == ("rtn",)
+    weights = _weights(model)
+    for n, w in int_weights(model).items():
+        assert torch.equal(w.dequantize(), weights[n]), n  # codes and weight agree: nothing scaled after rounding
+
+
+def test_scales_are_never_folded_into_a_rounded_layer():
+    from lowbit.models.arch import scale_groups
+    from lowbit.models.folding import fold_problem
+
+    model = _tiny()
+    block = model.model.layers[0]
+    up_down = next(g for g in scale_groups(model) if g.prev == "mlp.up_proj")
+    targets = {n: block.get_submodule(n) for n in up_down.linears}
+    assert fold_problem(block, up_down, targets, "awq") is None
+    block.mlp.up_proj.lowbit_artifacts = {"codes": None}
+    assert "already rounded" in fold_problem(block, up_down, targets, "awq")
+
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ([{"method": "magnitude"}, {"method": "owq", "spec": W4}], "does not keep a pruning mask"),
+    ([{"method": "magnitude"}, {"method": "rtn", "spec": "NF4"}], "does not keep a pruning mask"),
+    ([{"method": "awq", "spec": W4, "options": {"round": False}}], "only prepares the weight"),
+    ([{"method": "awq", "spec": W4, "options": {"round": False}, "activations": "A8_TOKEN"},
+      {"method": "gptq", "spec": W4}], "its 'activations' would never apply"),
+])
+def test_chains_of_steps_that_cannot_work_are_refused_before_work(steps, message):
+    with pytest.raises(LowbitError, match=message):
+        resolve_targets(_tiny(), load_recipe({"name": "bad", "methods": steps}))

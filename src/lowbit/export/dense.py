@@ -6,7 +6,7 @@ import torch
 
 from lowbit.packed.qlinear import QuantLinear
 
-PACKED_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+PACKED_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
 
 def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -124,6 +124,12 @@ class WeightMethod:
         """Whole-block work after its layers and their inputs are quantized, before the block's outputs
         feed the next one (ZeroQuant's distillation); default: nothing."""
 
+    prunes: ClassVar[bool] = False  # leaves a sparsity mask that later steps must keep
+
+    def keeps_mask(self) -> bool:
+        """Whether this step leaves an earlier step's pruned weights exactly 0 (checked before work)."""
+        return False
+
     def rounds(self) -> bool:
         """Whether ``quantize_layer`` gives the layer's stored format (True for quantizers); a step that only
         rewrites the full-precision weight for a later step to round answers False and implements

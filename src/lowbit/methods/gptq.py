@@ -80,6 +80,9 @@ class GPTQ(WeightMethod):
     name = "gptq"
     needs_hessian = True
 
+    def keeps_mask(self) -> bool:
+        return True  # the sweep freezes masked weights at the code of 0
+
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         self.require_hessian(name, stats)
         w = layer.weight.data

@@ -43,9 +43,13 @@ class Magnitude(WeightMethod):
 
     name = "magnitude"
     accepts_activations = False
+    prunes = True
 
     def rounds(self) -> bool:
         return False
+
+    def keeps_mask(self) -> bool:
+        return True  # an earlier mask is merged into this one
 
     def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
         self.linear_weight(name, layer)  # any 2-D weight: no groups to divide

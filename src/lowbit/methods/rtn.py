@@ -17,6 +17,9 @@ class RTN(WeightMethod):
 
     name = "rtn"
 
+    def keeps_mask(self) -> bool:
+        return self.spec.type in ("int", "float")  # 0 is a grid point of every int (integer zero point) and float format
+
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
         w = layer.weight.data
         qt = quantize(w.float(), self.spec)

@@ -63,6 +63,8 @@ def fold_problem(block: torch.nn.Module, g: ScaleGroup, targets: dict[str, torch
     if len(widths) != 1:
         return f"linears have different input widths {sorted(widths)}"
     prev = block.get_submodule(g.prev)
+    if getattr(prev, "lowbit_artifacts", None) is not None:
+        return f"{g.prev} is already rounded: scaling it would move it off its quantization grid"
     pw = prev_width(prev)
     if pw is None:
         return f"{g.prev} ({type(prev).__name__}) has no per-channel weight to fold scales into"

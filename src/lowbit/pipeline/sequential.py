@@ -1,7 +1,8 @@
 """The sequential calibration pipeline: one decoder block at a time, with error propagation.
 
-For each block, for each stage (a layer's first step, its second, ...: staged recipes such as
-AWQ's scales then GPTQ's rounding): (1) the stage's steps may transform the whole block (AWQ scale
+For each block, for each stage (staged recipes such as AWQ's scales then GPTQ's rounding; stages
+are aligned at the end, so every layer's last step runs in the block's last stage, after every
+other layer of the block was prepared): (1) the stage's steps may transform the whole block (AWQ scale
 search), (2) a forward pass with hooks collects the statistics they need (Hessians, activation
 magnitudes) on the block as the earlier stages left it, (3) each target linear is rounded (or,
 for a non-rounding step, rewritten in full precision: pruned, clamped).  Then (4) the block is
@@ -269,8 +270,9 @@ def run_sequential(
         tracks = {n: _LayerTrack() for n in mine}
         reports: list[LayerReport] = []
         originals: dict[str, torch.Tensor] = {}
-        for k in range(max(len(steps) for steps in mine.values())):
-            stage = {n: steps[k] for n, steps in mine.items() if len(steps) > k}
+        depth = max(len(steps) for steps in mine.values())
+        for k in range(depth):  # aligned at the end: every layer's rounding step runs in the block's last stage
+            stage = {n: steps[k - depth + len(steps)] for n, steps in mine.items() if k >= depth - len(steps)}
             r, o = _run_stage(model, block, i, prefix, inputs, stage, modules, tracks)
             reports += r
             originals.update(o)
