@@ -160,7 +160,7 @@ def main() -> None:
                      f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} | {held} | {_kernels(r)} |")
     lines += ["", "Packed layers pick their kernels with a short probe per layer shape (1 token for decode, "
               "64 for prefill; `lowbit.packed.kernels.choose_kernels`). torch's int4 tinygemm and int8pack "
-              "kernels run one row at a time with fp32 inputs (0.2-1 ms per token per layer here), so they "
+              "kernels run one row at a time with fp32 inputs (0.2-2 ms per token per layer here), so they "
               "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
               "W8A8 layers)."]
     if kept:

@@ -36,7 +36,7 @@ _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _TOKEN = r"[a-z0-9_]{8}"  # tempfile's random part
 _OWNED = re.compile(rf"(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})-{_TOKEN}")
 _LEGACY = re.compile(_TOKEN)
-_allowed: set[Path] = set()  # targets the user asked to replace though lowbit did not write them
+_allowed: set[Path] = set()  # targets being replaced with --overwrite right now (see allow_replace)
 
 
 def _umask() -> int:
@@ -50,9 +50,18 @@ def absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def allow_replace(path: str | os.PathLike[str]) -> None:
-    """Let ``atomic_dir`` replace ``path`` even though lowbit did not write it (``--overwrite``)."""
-    _allowed.add(absolute(path))
+@contextlib.contextmanager
+def allow_replace(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within this block, let ``atomic_dir`` replace ``path`` though lowbit did not write it (``--overwrite``);
+    the permission ends with the block, so a later write there is checked again."""
+    p = absolute(path)
+    added = p not in _allowed
+    _allowed.add(p)
+    try:
+        yield
+    finally:
+        if added:
+            _allowed.discard(p)
 
 
 # What older versions wrote (no file list in their marker): the model, tokenizer and lowbit's own files.

@@ -8,7 +8,7 @@ problem and the fix) when writing there could lose the user's data or would fail
 * ``"dir"`` (a checkpoint directory, replaced as a whole by ``lowbit.atomic.atomic_dir``): the
   working directory, the home directory, the filesystem root, an input, or a directory holding any
   of them (even with ``overwrite``); an existing file or mount point; a non-empty directory lowbit
-  did not write, unless ``overwrite`` (which then lets ``atomic_dir`` replace it);
+  did not write, unless ``overwrite`` (the writer then replaces it: ``save_quantized(overwrite=True)``);
 * ``"file"`` (a single file, e.g. GGUF): the same protected paths; an existing directory; an
   existing file unless ``overwrite``;
 * ``"results"`` (a results directory that lowbit writes named files into and never deletes, so a
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from lowbit.atomic import absolute, allow_replace, foreign_files, is_lowbit_output, protected_reason
+from lowbit.atomic import absolute, foreign_files, is_lowbit_output, protected_reason
 from lowbit.errors import LowbitError
 
 Kind = Literal["dir", "file", "results"]
@@ -152,7 +152,5 @@ def check_output(path: str | os.PathLike[str] | None, kind: Kind, overwrite: boo
     else:
         raise ValueError(f"kind must be dir, file or results, got {kind!r}")
     _check_parent(p, label, given)
-    if overwrite and kind == "dir":
-        allow_replace(p)
     return p
 

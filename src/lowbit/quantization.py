@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -141,19 +142,24 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     lowbit wrote it, or with ``overwrite``; never the working directory, home or the root
     (``lowbit.atomic``): LowbitError before anything is written.
     """
-    from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
-    from lowbit.kvcache.config import KV_CACHE_FILE
-    from lowbit.export.codes import CODES_FILE, write_codes
-    from lowbit.export.dense import dense_state_dict
-    from lowbit.export.compressed_tensors import collect_exportable, write_compressed_tensors
-    from lowbit.packed.qlinear import int_weights
-
     if format not in ("auto", *FORMATS):
         raise LowbitError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
     out = Path(out)
-    if overwrite:
-        allow_replace(out)
-    check_replaceable(absolute(out))
+    with allow_replace(out) if overwrite else contextlib.nullcontext():
+        check_replaceable(absolute(out))
+        return _write_quantized(model, tokenizer, report, out, format, extra_files)
+
+
+def _write_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport | None, out: Path,
+                     format: str, extra_files: dict[str, str] | None) -> tuple[Path, str]:
+    """``save_quantized`` once the target is known to be replaceable."""
+    from lowbit.activations.io import ACTIVATIONS_FILE, activations_json
+    from lowbit.export.codes import CODES_FILE, write_codes
+    from lowbit.export.compressed_tensors import collect_exportable, write_compressed_tensors
+    from lowbit.export.dense import dense_state_dict
+    from lowbit.kvcache.config import KV_CACHE_FILE
+    from lowbit.packed.qlinear import int_weights
+
     extra = dict(extra_files or {})
     if report is not None:
         extra.update({"recipe.yaml": yaml.safe_dump(report.recipe, sort_keys=False),

@@ -13,7 +13,7 @@ keep in memory and how fast they are on a given machine:
   ``torch._int_mm`` (int32 accumulation): only for layers with such an input quantizer.
 
 ``int4pack`` and ``int8pack`` are row-at-a-time kernels: with fp32 inputs (torch 2.13, this CPU)
-their time grows linearly with the token count at 0.2-1 ms per token per layer, where a GEMM
+their time grows linearly with the token count at 0.2-2 ms per token per layer, where a GEMM
 costs microseconds per token; at 2048 tokens a single 1536x576 layer took 3 s in ``int4pack``
 against 10 ms for dequantize + GEMM.  They are therefore only decode candidates
 (``ROW_KERNELS``).  ``choose_kernels`` times the candidates of each regime on a short random
