@@ -88,6 +88,12 @@ def _orderings(rows: dict[str, dict], fp: float) -> list[str]:
                     ok = "yes" if r["perplexity"] < rtn["perplexity"] else "NO"
                     out.append(f"- {m.upper()} < RTN at W{bits} g64 {'asym' if kind else 'sym'}: {ok} "
                                f"({r['perplexity']:.2f} vs {rtn['perplexity']:.2f})")
+    for bits in (4, 3):
+        staged, awq, gptq = (rows.get(f"{m}-w{bits}g64") for m in ("awq-gptq", "awq", "gptq"))
+        if staged and awq and gptq:
+            ok = "yes" if staged["perplexity"] < min(awq["perplexity"], gptq["perplexity"]) else "NO"
+            out.append(f"- AWQ then GPTQ < both alone at W{bits} g64 sym: {ok} ({staged['perplexity']:.2f} vs AWQ "
+                       f"{awq['perplexity']:.2f}, GPTQ {gptq['perplexity']:.2f})")
     near = {n: r for n, r in rows.items() if n != "fp32" and 4.25 <= r["bits_per_weight"] <= 4.75}
     if near and fp:
         name, best = min(near.items(), key=lambda kv: kv[1]["perplexity"])
@@ -120,7 +126,11 @@ def write_tables(rows: dict[str, dict], mode: str) -> None:
         lines.append(f"| {name} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {rel} | "
                      f"{r['quant_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {ref} |")
     lines += ["", "Reference (llm-compressor 0.14 on this machine, issue 4): RTN W4 g64 sym 27.83; GPTQ W4 g64 sym "
-              "25.40 in 970 s with 2.3 GB peak RSS.", "", "Orderings:", *(_orderings(rows, fp) if fp else [])]
+              "25.40 in 970 s with 2.3 GB peak RSS.",
+              "", "awq-gptq-*: a staged recipe, AWQ's scale search and folding (round: false) then GPTQ's rounding on "
+              "the same calibration; the *-clip rows are the same with AutoAWQ's clipping applied as a weight clamp "
+              "before GPTQ (measured once, then dropped from the shipped recipes).",
+              "", "Orderings:", *(_orderings(rows, fp) if fp else [])]
     (RESULTS / f"weight_only{mode}.md").write_text("\n".join(lines) + "\n")
 
 

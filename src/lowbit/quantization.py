@@ -121,9 +121,11 @@ def _records(transforms: list[Any], methods: Any) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if transforms:
         extra["transforms"] = {t.name: t.records for t in transforms}
-    logged = {id(m): m for m in methods if getattr(m, "records", None)}
+    logged = list({id(m): m for m in methods if getattr(m, "records", None)}.values())
     if logged:
-        extra["methods"] = {m.name: m.records for m in logged.values()}
+        names = [m.name for m in logged]  # two entries of one method: awq, awq#2
+        extra["methods"] = {(n if names[:i].count(n) == 0 else f"{n}#{names[:i].count(n) + 1}"): m.records
+                            for i, (n, m) in enumerate(zip(names, logged))}
     return extra
 
 

@@ -40,7 +40,8 @@ class LayerReport:
     method: str
     shape: tuple[int, int]
     bits_per_weight: float
-    output_error: float | None  # ||X(W-Wq)^T||^2 / ||XW^T||^2 on sampled calibration inputs
+    output_error: float | None  # ||X(W-Wq)^T||^2 / ||XW^T||^2 on sampled calibration inputs, W as the rounding
+    # step received it (after earlier steps' scaling, clamping or pruning, which it does not count)
     weight_error: float  # ||W-Wq||^2 / ||W||^2
     extra_params: int = 0
     seconds: float = 0.0
