@@ -53,8 +53,8 @@ def test_every_registered_step_is_in_a_shipped_recipe():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_survives_quantize_save_load_eval_export(recipe, tmp_path):
     model = _tiny_llama()
-    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))  # 512 tokens
-    windows = torch.randint(0, 256, (2, WINDOW), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))  # 256: static ranges' minimum
+    windows = torch.randint(0, 256, (1, WINDOW), generator=torch.Generator().manual_seed(1))
     report = quantize(model, recipe, calib, batch_size=4, progress=False)
     json.dumps(report.to_dict(), allow_nan=True)  # --json and lowbit_summary.json print exactly this
     assert report.layers and all(l["bits_per_weight"] > 0 for l in report.layers)
