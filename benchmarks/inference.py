@@ -113,6 +113,48 @@ def _kernels(r: dict) -> str:
     return f"decode: {fmt(r['kernels'])} / prefill: {fmt(r.get('prefill_kernels') or {})}"
 
 
+def keep_previous_llamacpp(results: dict, previous: Path) -> list[str]:
+    """Add to ``results`` the llama.cpp rows of ``previous`` (a results JSON) that this run did not
+    measure (the extra is not installed), marked ``previous_run``; returns their names."""
+    kept: list[str] = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        for row in ROWS:
+            if row not in results and row.startswith("llama.cpp") and row in old:
+                results[row] = old[row] | {"previous_run": True}
+                kept.append(row)
+    return kept
+
+
+def report_lines(results: dict, kept: list[str], load_before: float, load_after: float) -> list[str]:
+    """The markdown report: caption (with the load average), table, notes."""
+    lines = ["# Inference on smollm2-135m (this 2-core CPU)", "",
+             f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
+             f"one forward over a {WINDOW_TOKENS}-token wikitext2 window (what `lowbit eval` runs per window), "
+             "best of 2; a fresh process per row. Load average (1 min; the run itself accounts for about 2) "
+             f"{load_before:.2f} before the run, {load_after:.2f} after.", "",
+             f"| runtime / weights | decode tok/s | prefill tok/s | {WINDOW_TOKENS}-token window tok/s | "
+             "peak RSS MiB | size on disk MiB | weights held MiB | packed kernels (layers) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row, r in results.items():
+        window = f"{r['window_tokens_per_s']:.0f}" if r.get("window_tokens_per_s") else "-"
+        held = f"{r['weight_bytes'] / 2**20:.0f}" if r.get("weight_bytes") else "-"
+        name = f"{row} (previous run)" if r.get("previous_run") else row
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {window} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} | {held} | {_kernels(r)} |")
+    lines += ["", "Packed layers pick their kernels with a short probe per layer shape (1 token for decode, "
+              "64 for prefill; `lowbit.packed.kernels.choose_kernels`). torch's int4 tinygemm and int8pack "
+              "kernels run one row at a time with fp32 inputs (0.2-2 ms per token per layer here), so they "
+              "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
+              "W8A8 layers). Peak RSS of the packed rows includes building the fp32 module tree before "
+              "packing."]
+    if kept:
+        lines += ["", f"{', '.join(kept)}: kept from the previous run (llama-cpp-python is not installed in "
+                  "this environment); the llama.cpp rows used its plain CPU buffers (the repacked/AMX ones "
+                  "crashed with that build)."]
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print(json.dumps(run_row(sys.argv[2], sys.argv[3])))
@@ -136,37 +178,8 @@ def main() -> None:
             results[row] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(row, results[row], flush=True)
     load_after = os.getloadavg()
-    previous = RESULTS / "inference.json"
-    kept = []
-    if previous.is_file():  # llama.cpp rows this run could not measure (extra not installed): keep the old ones
-        old = json.loads(previous.read_text())
-        for row in ROWS:
-            if row not in results and row.startswith("llama.cpp") and row in old:
-                results[row] = old[row] | {"previous_run": True}
-                kept.append(row)
-    lines = ["# Inference on smollm2-135m (this 2-core CPU)", "",
-             f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
-             f"one forward over a {WINDOW_TOKENS}-token wikitext2 window (what `lowbit eval` runs per window), "
-             "best of 2; a fresh process per row. Load average (1 min) "
-             f"{load_before[0]:.2f} before the run, {load_after[0]:.2f} after.", "",
-             f"| runtime / weights | decode tok/s | prefill tok/s | {WINDOW_TOKENS}-token window tok/s | "
-             "peak RSS MiB | size on disk MiB | weights held MiB | packed kernels (layers) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for row, r in results.items():
-        window = f"{r['window_tokens_per_s']:.0f}" if r.get("window_tokens_per_s") else "-"
-        held = f"{r['weight_bytes'] / 2**20:.0f}" if r.get("weight_bytes") else "-"
-        name = f"{row} (previous run)" if r.get("previous_run") else row
-        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {window} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} | {held} | {_kernels(r)} |")
-    lines += ["", "Packed layers pick their kernels with a short probe per layer shape (1 token for decode, "
-              "64 for prefill; `lowbit.packed.kernels.choose_kernels`). torch's int4 tinygemm and int8pack "
-              "kernels run one row at a time with fp32 inputs (0.2-2 ms per token per layer here), so they "
-              "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
-              "W8A8 layers)."]
-    if kept:
-        lines += ["", f"{', '.join(kept)}: kept from the previous run (llama-cpp-python is not installed in "
-                  "this environment); the llama.cpp rows used its plain CPU buffers (the repacked/AMX ones "
-                  "crashed with that build)."]
+    kept = keep_previous_llamacpp(results, RESULTS / "inference.json")
+    lines = report_lines(results, kept, load_before[0], load_after[0])
     write_results("inference", results, lines)
 
 

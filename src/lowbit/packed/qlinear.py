@@ -47,6 +47,7 @@ class QuantLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w8t: torch.Tensor | None = None  # int8 (in, out) codes for torch._int_mm
+        self._w8: torch.Tensor | None = None  # int8 (out, in) codes for _weight_int8pack_mm
         self.kernel = {"decode": "dequant", "prefill": "dequant"}
         self.timings: dict[str, dict[str, float]] = {}
 
@@ -70,8 +71,7 @@ class QuantLinear(torch.nn.Module):
         tensors = [self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx]
         if self._int4 is not None:  # tinygemm's layout, kept beside the codes the exporters read
             tensors += list(self._int4)
-        if self._w8t is not None:
-            tensors.append(self._w8t)
+        tensors += [t for t in (self._w8t, self._w8) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---------------------------------------------------------------- compute
@@ -137,7 +137,8 @@ class QuantLinear(torch.nn.Module):
                 return y if self.bias is None else y + self.bias
             out["int4pack"] = int4
         if "int8pack" in names:
-            q, s = w.codes.contiguous(), w.scale.reshape(-1).float()
+            self._w8 = self._w8 if self._w8 is not None else w.codes.contiguous()
+            q, s = self._w8, w.scale.reshape(-1).float()
 
             def int8(x: torch.Tensor) -> torch.Tensor:
                 x = self._quantize_input(x)
@@ -171,6 +172,8 @@ class QuantLinear(torch.nn.Module):
             self._int4 = None  # don't hold a second copy for a kernel that is never used
         if "int8x8" not in used:
             self._w8t = None
+        if "int8pack" not in used:
+            self._w8 = None
         fns = self._kernels([n for n in names if n in used])
         self._fns = {regime: fns[name] for regime, name in self.kernel.items()}
         return dict(self.kernel)
