@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.packed import IntWeight, QuantLinear
+from lowbit.packed import QuantLinear
 from lowbit.packed import kernels
 
 
@@ -15,17 +15,6 @@ def _fresh_choices():
     kernels.clear_choices()
     yield
     kernels.clear_choices()
-
-
-def _weight(bits=4, rows=64, cols=128, group=64, symmetric=True, seed=0, g_idx=False):
-    g = torch.Generator().manual_seed(seed)
-    half = 1 << (bits - 1)
-    codes = torch.randint(-half, half, (rows, cols), generator=g).to(torch.int8)
-    ng = cols // group if group else 1
-    scale = torch.rand(rows, ng, generator=g) + 0.1
-    zero = None if symmetric else torch.randint(-half, half, (rows, ng), generator=g).to(torch.int8)
-    gi = torch.randint(0, ng, (cols,), generator=g, dtype=torch.int32) if g_idx else None
-    return IntWeight(codes, scale, zero, bits, group, gi)
 
 
 @pytest.fixture()
@@ -45,9 +34,9 @@ def timer(monkeypatch):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("layout", ["group", "channel", "g_idx"])
-def test_fast_dequantize_is_bit_identical(bits, symmetric, layout):
-    w = _weight(bits, rows=24, cols=128, group=None if layout == "channel" else 32, symmetric=symmetric,
-                g_idx=layout == "g_idx")
+def test_fast_dequantize_is_bit_identical(bits, symmetric, layout, random_int_weight):
+    w = random_int_weight(bits, 24, 128, None if layout == "channel" else 32, symmetric,
+                          g_idx=layout == "g_idx")
     q = QuantLinear(w)
     assert torch.equal(kernels.unpack_codes(q.weight_packed, bits, w.shape), w.codes)
     assert torch.equal(q.dequantized_weight(), w.dequantize())  # (q - zero) * scale, the same fp32 rounding
@@ -55,8 +44,8 @@ def test_fast_dequantize_is_bit_identical(bits, symmetric, layout):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("g_idx", [False, True])
-def test_chunked_dequant_matmul_agrees_with_reference(symmetric, g_idx):
-    w = _weight(4, rows=64, cols=128, group=32, symmetric=symmetric, g_idx=g_idx)
+def test_chunked_dequant_matmul_agrees_with_reference(symmetric, g_idx, random_int_weight):
+    w = random_int_weight(4, 64, 128, 32, symmetric, g_idx=g_idx)
     q = QuantLinear(w, bias=torch.randn(64))
     x = torch.randn(3, 7, 128)
     ref = q.reference_forward(x)
@@ -67,10 +56,10 @@ def test_chunked_dequant_matmul_agrees_with_reference(symmetric, g_idx):
         assert ((y - ref).norm() / ref.norm()).item() < 1e-6, chunk  # measured 0.0: same dot products
 
 
-def test_row_kernels_only_decode_and_probe_is_small(timer):
+def test_row_kernels_only_decode_and_probe_is_small(timer, random_int_weight):
     calls, state = timer
     state["fast"] = "int4"  # the tinygemm kernel "wins" every timing it enters
-    q = QuantLinear(_weight(4, rows=64, cols=128, group=64), bias=torch.randn(64))
+    q = QuantLinear(random_int_weight(4, 64, 128, 64), bias=torch.randn(64))
     x = torch.randn(1, 300, 128)
     ref = q.reference_forward(x)
     with torch.no_grad():
@@ -85,19 +74,25 @@ def test_row_kernels_only_decode_and_probe_is_small(timer):
         assert torch.allclose(q(x[0, ::150]), ref[0, ::150], rtol=1e-5, atol=1e-5)  # 2 strided rows
 
 
-def test_int8_row_kernel_is_decode_only(timer):
+def test_int8_row_kernel_is_decode_only(timer, random_int_weight):
     calls, state = timer
     state["fast"] = "int8"
-    q = QuantLinear(_weight(8, rows=32, cols=64, group=None))
+    q = QuantLinear(random_int_weight(8, 32, 64, None))
     assert q.select_kernel() == {"decode": "int8pack", "prefill": "dequant"}
     assert set(calls) == {1}
+    packed = q.weight_packed.numel() * 4 + q.weight_scale.numel() * 4
+    assert q.weight_bytes() == packed + 32 * 64  # the int8 codes int8pack keeps are counted
+    state["fast"] = "dequant"
+    q.select_kernel(force=True)
+    assert q._w8 is None and q.weight_bytes() == packed  # and released when it is not chosen
 
 
-def test_choice_is_probed_once_per_signature(timer):
+def test_choice_is_probed_once_per_signature(timer, random_int_weight):
     calls, state = timer
     state["fast"] = "dequant"
-    a, b = QuantLinear(_weight(seed=1)), QuantLinear(_weight(seed=2))  # same signature, other weights
-    c = QuantLinear(_weight(rows=128, seed=3))  # another shape
+    a = QuantLinear(random_int_weight(4, 64, 128, 64, seed=1))
+    b = QuantLinear(random_int_weight(4, 64, 128, 64, seed=2))  # same signature, other weights
+    c = QuantLinear(random_int_weight(4, 128, 128, 64, seed=3))  # another shape
     a.select_kernel()
     probed = len(calls)
     assert probed > 0 and a.kernel == {"decode": "dequant", "prefill": "dequant"}
@@ -111,8 +106,8 @@ def test_choice_is_probed_once_per_signature(timer):
     assert len(calls) == 3 * probed  # force probes again
 
 
-def test_real_probe_picks_applicable_kernels_that_agree():
-    q = QuantLinear(_weight(4, rows=64, cols=128, group=64, symmetric=False), bias=torch.randn(64))
+def test_real_probe_picks_applicable_kernels_that_agree(random_int_weight):
+    q = QuantLinear(random_int_weight(4, 64, 128, 64, False), bias=torch.randn(64))
     chosen = q.select_kernel()
     assert chosen["prefill"] == "dequant" and chosen["decode"] in {"dequant", "int4pack"}
     x = torch.randn(2, 9, 128)

@@ -22,16 +22,6 @@ def _recipe(method, spec, **options):
     return {"name": f"t-{method}", "methods": [{"method": method, "spec": spec, "options": options}]}
 
 
-def _random_int_weight(bits=4, rows=16, cols=64, group=32, symmetric=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    half = 1 << (bits - 1)
-    codes = torch.randint(-half, half, (rows, cols), generator=g).to(torch.int8)
-    ng = cols // group if group else 1
-    scale = torch.rand(rows, ng, generator=g) + 0.1
-    zero = None if symmetric else torch.randint(-half, half, (rows, ng), generator=g).to(torch.int8)
-    return IntWeight(codes, scale, zero, bits, group)
-
-
 def _naive_dequant(w: IntWeight) -> torch.Tensor:
     out = torch.empty(w.shape)
     for r in range(w.shape[0]):
@@ -44,23 +34,23 @@ def _naive_dequant(w: IntWeight) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_quantlinear_dequantizes_exactly(bits, symmetric):
-    w = _random_int_weight(bits, symmetric=symmetric, seed=bits)
+def test_quantlinear_dequantizes_exactly(bits, symmetric, random_int_weight):
+    w = random_int_weight(bits, 16, 64, 32, symmetric, seed=bits)
     q = QuantLinear(w)
     assert torch.equal(unpack_codes(q.weight_packed, bits, w.shape), w.codes)
     assert torch.equal(q.dequantized_weight(), _naive_dequant(w))  # same fp32 ops: exact
     assert q.weight_packed.numel() * 4 == 16 * -(-64 * bits // 32) * 4  # dense int32 words
 
 
-def test_g_idx_dequantization_matches_naive():
-    w = _random_int_weight(4, cols=64, group=32)
+def test_g_idx_dequantization_matches_naive(random_int_weight):
+    w = random_int_weight(4, 16, 64, 32)
     w.g_idx = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     assert torch.equal(QuantLinear(w).dequantized_weight(), _naive_dequant(w))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_every_selected_kernel_agrees_with_reference(symmetric):
-    w = _random_int_weight(4, rows=64, cols=128, group=64, symmetric=symmetric)
+def test_every_selected_kernel_agrees_with_reference(symmetric, random_int_weight):
+    w = random_int_weight(4, 64, 128, 64, symmetric)
     q = QuantLinear(w, bias=torch.randn(64))
     kernels = q._kernels()
     assert "int4pack" in kernels  # 4-bit g64 with integer zeros fits torch's tinygemm layout
@@ -74,8 +64,8 @@ def test_every_selected_kernel_agrees_with_reference(symmetric):
     assert torch.allclose(q(x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_int8_per_channel_kernel():
-    w = _random_int_weight(8, rows=32, cols=64, group=None)
+def test_int8_per_channel_kernel(random_int_weight):
+    w = random_int_weight(8, 32, 64, None)
     q = QuantLinear(w)
     assert "int8pack" in q._kernels()
     x = torch.randn(4, 64)
