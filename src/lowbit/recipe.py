@@ -35,7 +35,7 @@ from lowbit.safeio import load_yaml, read_yaml
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.methods import get_method
 from lowbit.methods.base import WeightMethod
-from lowbit.models.arch import architecture_of
+from lowbit.arch import architecture_of
 from lowbit.spec import PRESETS, QuantSpec, SpecError, preset
 from lowbit.transforms import BlockTransform, get_transform
 

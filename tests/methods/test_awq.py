@@ -12,7 +12,7 @@ from lowbit.methods import get_method
 from lowbit.methods.awq import AWQ, subsample_inputs
 from lowbit.models.folding import fold_scales
 from lowbit.methods.base import LayerStats
-from lowbit.models.arch import ScaleGroup, architecture_of, decoder_blocks
+from lowbit.arch import ScaleGroup, architecture_of, decoder_blocks
 from lowbit.models.capture import capture_block_inputs, run_block
 from lowbit.pipeline.sequential import BlockContext
 from lowbit.quantization import quantize

@@ -37,7 +37,7 @@ def tiny_tokenizer() -> Any:
 
 
 def family_config(family: str) -> Any:
-    """A tiny config of ``family`` (a key of ``lowbit.models.arch.ARCHITECTURES``)."""
+    """A tiny config of ``family`` (a key of ``lowbit.arch.ARCHITECTURES``)."""
     import transformers as T
 
     ids = dict(bos_token_id=EOS, eos_token_id=EOS, pad_token_id=None)

@@ -1,6 +1,6 @@
 """Every architecture lowbit knows survives quantize -> save -> load -> eval with the same logits.
 
-Tiny random models of each family in ``lowbit.models.arch.ARCHITECTURES`` (q/k/v biases, tied
+Tiny random models of each family in ``lowbit.arch.ARCHITECTURES`` (q/k/v biases, tied
 heads, q/k norms, fused projections, OPT, GPT-2's Conv1D) are RTN-quantized to 4 bits, written
 as compressed-tensors and as fake-quant, loaded back with ``lowbit.load_model`` and run.
 """
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowbit.errors import LowbitError
-from lowbit.models.arch import ARCHITECTURES
+from lowbit.arch import ARCHITECTURES
 from lowbit.models.loading import load_model
 from lowbit.quantization import quantize, save_quantized
 

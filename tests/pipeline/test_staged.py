@@ -147,7 +147,7 @@ def test_blocks_with_different_step_counts_round_every_layer_last(tiny_calib):
 
 
 def test_scales_are_never_folded_into_a_rounded_layer():
-    from lowbit.models.arch import scale_groups
+    from lowbit.arch import scale_groups
     from lowbit.models.folding import fold_problem
 
     model = _tiny()

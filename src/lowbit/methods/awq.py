@@ -1,7 +1,7 @@
 """AWQ (Lin et al., 2023): activation-aware weight quantization, following AutoAWQ's behaviour.
 
 Salient input channels (large mean ``|x|``) are protected by scaling them up before rounding:
-for each scale group of a block (``prev`` op -> ``linears``, see ``lowbit.models.arch``)
+for each scale group of a block (``prev`` op -> ``linears``, see ``lowbit.arch``)
 
 1. collect ``x_mean = mean|x|`` per input channel of the group's linears;
 2. grid-search ``alpha in {0, 1/grid, ..., (grid-1)/grid}`` of ``s = x_mean^alpha`` (or
@@ -50,7 +50,7 @@ from lowbit.core.quant import dequantize, fake_quant, quantize, storage_bits
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, PreparedLayer, WeightMethod, register_method
-from lowbit.models.arch import ScaleGroup, scale_groups
+from lowbit.arch import ScaleGroup, scale_groups
 from lowbit.models.folding import fold_problem, fold_scales
 from lowbit.models.capture import BlockInputs, block_output
 

@@ -25,7 +25,7 @@ from lowbit.activations.attach import attach_input_quantizer
 from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, get_method
-from lowbit.models.arch import architecture_of, decoder_blocks
+from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
