@@ -1,7 +1,6 @@
 """Architecture knowledge as data: where the decoder blocks are, which op feeds which linears,
 and what else lowbit knows per model type.  The one place that knowledge lives: transforms,
-methods, the KV cache, the GGUF exporter and evaluation read it from here (``lowbit.arch``
-is the same table under its older name).
+methods, the KV cache, the GGUF exporter and evaluation read it from here.
 
 Methods that move scales between neighbouring ops (AWQ, SmoothQuant, ...) read ``ScaleGroup``
 entries: ``prev`` is the op whose output feeds ``linears`` (a norm or a linear, named relative
