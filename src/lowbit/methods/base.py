@@ -2,12 +2,16 @@
 
 A method is a dataclass config (its knobs) plus:
 
-* ``needs_hessian`` / ``needs_act_stats``: what the pipeline must collect from calibration
-  inputs of each target linear before ``quantize_layer`` is called;
+* ``statistics(name, layer)``: the accumulators (``lowbit.methods.statistics``) the step wants fed
+  with each target linear's calibration inputs before ``quantize_layer`` is called (the default
+  reads the two shorthand flags ``needs_hessian`` / ``needs_act_stats``); the pipeline attaches
+  them and never decides what a step needs;
 * ``prepare_block(ctx)``: optional whole-block work before the layers are quantized
   (e.g. AWQ's scale search and folding), given the block and its calibration inputs;
 * ``finish_block(ctx)``: optional whole-block work after the layers and their inputs are
   quantized (ZeroQuant's layer-by-layer distillation);
+* ``finish_model(model, calib)``: optional end-to-end work once every block is done (training
+  the quantization parameters end to end);
 * ``quantize_layer(name, layer, stats) -> LayerResult``: the new (fake-quant) weight, the
   exact stored bits per weight, and anything an exporter needs (codes, scales, zeros, ...).
 
@@ -32,25 +36,11 @@ import torch
 from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
 from lowbit.fields import check_fields
+from lowbit.methods.statistics import AbsMagnitude, Hessian, InputStatistic, LayerStats
 from lowbit.registry import lookup, registrar
 from lowbit.spec import QuantSpec
 
 OPTIONS_ERROR = "invalid options for method {!r}: "
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one linear layer's inputs ``X`` (tokens x in_features).
-
-    ``hessian`` is ``2/n * X^T X`` (GPTQ's H), ``act_absmean`` the mean |x| per input channel.
-    """
-
-    nsamples: int = 0
-    hessian: torch.Tensor | None = None
-    act_absmean: torch.Tensor | None = None
-    act_absmax: torch.Tensor | None = None
-    sample_inputs: torch.Tensor | None = None  # a few hundred input rows, for error measurement
-    mask: torch.Tensor | None = None  # bool, same shape as the weight: True where an earlier step pruned it to 0
 
 
 @dataclass
@@ -117,12 +107,31 @@ class WeightMethod:
         called after the layer was quantized."""
         return None if self.activations is None else ActQuantizer(self.activations)
 
+    def statistics(self, name: str, layer: torch.nn.Module) -> list[InputStatistic]:
+        """Accumulators to feed with ``layer``'s calibration inputs (default: from the two flags)."""
+        wanted: list[InputStatistic] = []
+        if self.needs_hessian:
+            wanted.append(Hessian())
+        if self.needs_act_stats:
+            wanted.append(AbsMagnitude())
+        return wanted
+
+    def fallback(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> "WeightMethod | None":
+        """The step to round ``layer`` with instead, when this one cannot: RTN with the same spec for a
+        data-driven step's layer that no calibration token reached (an expert the router never chose)."""
+        if stats.nsamples > 0 or not self.statistics(name, layer):
+            return None
+        return get_method("rtn", self.spec, activations=self.activations)
+
     def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
         """Whole-block work before layers are quantized (default: nothing)."""
 
     def finish_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
         """Whole-block work after its layers and their inputs are quantized, before the block's outputs
         feed the next one (ZeroQuant's distillation); default: nothing."""
+
+    def finish_model(self, model: torch.nn.Module, calib: torch.Tensor) -> None:  # noqa: D401 - optional hook
+        """End-to-end work after every block is done (default: nothing)."""
 
     prunes: ClassVar[bool] = False  # leaves a sparsity mask that later steps must keep
 

@@ -79,7 +79,7 @@ class BCQ(WeightMethod):
             raise LowbitError(f"bcq stores alphas as float32, float16 or bfloat16, not {self.spec.scale_dtype}")
 
     @property  # type: ignore[override]
-    def needs_hessian(self) -> bool:  # the pipeline reads it per instance
+    def needs_hessian(self) -> bool:  # per instance: read by WeightMethod.statistics
         return self.hessian_weighted
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from lowbit.core.sparsity import lowest_overall, lowest_per_row
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, register_method
 
@@ -23,14 +24,7 @@ from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, registe
 def magnitude_mask(w: torch.Tensor, sparsity: float, scope: str = "layer") -> torch.Tensor:
     """True at the ``round(sparsity * n)`` smallest ``|w|`` of the layer (or of each row); ties by position."""
     a = w.detach().abs().float()
-    if scope == "row":
-        k = int(round(sparsity * a.shape[1]))
-        idx = a.argsort(dim=1, stable=True)[:, :k]
-        return torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
-    k = int(round(sparsity * a.numel()))
-    flat = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
-    flat[a.reshape(-1).argsort(stable=True)[:k]] = True
-    return flat.reshape(a.shape)
+    return lowest_per_row(a, sparsity) if scope == "row" else lowest_overall(a, sparsity)
 
 
 @register_method

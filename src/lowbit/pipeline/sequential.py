@@ -22,14 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.activations.attach import attach_input_quantizer
-from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer
-from lowbit.errors import LowbitError
-from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, get_method
+from lowbit.activations.quantizer import ActQuantizer
+from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod
 from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
-from lowbit.transforms.rptq import CLUSTERS_ATTR
 
 
 @dataclass
@@ -96,23 +94,18 @@ def _propagate(block: torch.nn.Module, inputs: BlockInputs, collector: StatsColl
     return inputs
 
 
-def _with_fallback(name: str, method: WeightMethod, stats: dict[str, LayerStats]) -> tuple[WeightMethod, str | None]:
-    """RTN with the same spec for a data-driven method's layer that no calibration token reached
-    (an expert the router never chose): reported, never a NaN or a crash."""
-    if not (method.needs_hessian or method.needs_act_stats):
-        return method, None
-    if name in stats and stats[name].nsamples > 0:
-        return method, None
-    warnings.warn(f"{name}: no calibration tokens reached this layer; {method.name} falls back to RTN", stacklevel=4)
-    return get_method("rtn", method.spec, activations=method.activations), f"no calibration tokens: RTN instead of {method.name}"
-
-
 def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stats: dict[str, LayerStats],
                  keep_original: bool) -> tuple[LayerReport, torch.Tensor | None]:
     """Round one layer in place with its step; with ``keep_original``, also return an fp copy of its weight."""
     t0 = time.perf_counter()
-    method, note = _with_fallback(name, assigned, stats)
-    res = method.quantize_layer(name, layer, stats.get(name, LayerStats()))
+    layer_stats = stats.get(name, LayerStats())
+    method, note = assigned, None
+    fallback = assigned.fallback(name, layer, layer_stats)
+    if fallback is not None:
+        warnings.warn(f"{name}: no calibration tokens reached this layer; {assigned.name} falls back to "
+                      f"{fallback.name.upper()}", stacklevel=3)
+        method, note = fallback, f"no calibration tokens: {fallback.name.upper()} instead of {assigned.name}"
+    res = method.quantize_layer(name, layer, layer_stats)
     w = layer.weight.data
     original = w.clone() if keep_original else None
     report = LayerReport(
@@ -135,30 +128,23 @@ def _prepare_layer(name: str, method: WeightMethod, layer: torch.nn.Module, stat
     return prepared
 
 
-def _layer_input_quantizer(name: str, method: WeightMethod, layer: torch.nn.Module) -> ActQuantizer | None:
-    """The method's input quantizer for ``layer``, with what transforms left on the layer: an OS+ shift,
-    RPTQ's channel clusters (which turn a static per-tensor spec into per-cluster ranges)."""
+def _layer_input_quantizer(name: str, method: WeightMethod, transforms: list[Any]) -> ActQuantizer | None:
+    """The step's input quantizer for layer ``name``, adapted by each transform to what it left on the
+    layer's inputs (an OS+ shift, RPTQ's channel clusters)."""
     q = method.input_quantizer(name)
-    if q is None:
-        return None
-    clusters = getattr(layer, CLUSTERS_ATTR, None)
-    if clusters is not None:
-        if type(q) is not ActQuantizer:
-            raise LowbitError(f"{name}: {method.name} quantizes its inputs its own way ({type(q).__name__}); "
-                              "it cannot take RPTQ's channel clusters")
-        q = ClusterActQuantizer(q.spec, clusters)
-    q.shift = getattr(layer, "lowbit_input_shift", None)  # set by the os_plus transform
+    for t in transforms:
+        q = t.input_quantizer(name, q)
     return q
 
 
 @torch.no_grad()
 def _quantize_inputs(block: torch.nn.Module, inputs: BlockInputs, mine: dict[str, WeightMethod],
-                     modules: dict[str, torch.nn.Module]) -> None:
+                     modules: dict[str, torch.nn.Module], transforms: list[Any]) -> None:
     """Attach input quantizers to the block's layers that have an activation spec; static ones are
     calibrated on the block's (already quantized upstream) calibration inputs first."""
     quantizers = {}
     for n, m in mine.items():
-        q = _layer_input_quantizer(n, m, modules[n])
+        q = _layer_input_quantizer(n, m, transforms)
         if q is not None:
             quantizers[n] = attach_input_quantizer(modules[n], q)
     static = {n: q for n, q in quantizers.items() if not q.spec.dynamic}
@@ -192,7 +178,7 @@ def _as_stages(assignments: dict[str, Any]) -> dict[str, list[WeightMethod]]:
 @torch.no_grad()
 def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefix: str, inputs: BlockInputs,
                stage: dict[str, WeightMethod], modules: dict[str, torch.nn.Module],
-               tracks: dict[str, _LayerTrack]) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+               tracks: dict[str, _LayerTrack], transforms: list[Any]) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
     """One stage of one block: prepare, collect statistics, round or rewrite each layer, quantize inputs,
     finish.  Returns the rounded layers' reports and, where no statistics were collected, their fp weights
     (their output errors are measured while the block propagates)."""
@@ -201,11 +187,11 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
                 for m in {id(m): m for m in stage.values()}.values()]
     for method, ctx in contexts:
         method.prepare_block(ctx)
-    hessian = {n for n, m in stage.items() if m.needs_hessian}
-    act = {n for n, m in stage.items() if m.needs_act_stats}
+    wanted = {n: m.statistics(n, modules[n]) for n, m in stage.items()}
+    collected = any(wanted.values())
     stats: dict[str, LayerStats] = {}
-    if hessian or act:
-        collector = StatsCollector({n: modules[n] for n in stage}, hessian, act)
+    if collected:
+        collector = StatsCollector({n: modules[n] for n in stage}, wanted)
         with collector.attached():
             _collect_stats(block, inputs, collector)
         stats = collector.finalize()
@@ -216,7 +202,7 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
     for name, method in stage.items():
         tracks[name].steps.append(method.name)
         if method.rounds():
-            report, original = _round_layer(name, method, modules[name], stats, keep_original=not (hessian or act))
+            report, original = _round_layer(name, method, modules[name], stats, keep_original=not collected)
             reports.append(report)
             if original is not None:
                 originals[name] = original
@@ -226,7 +212,7 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
             if prepared.note:
                 tracks[name].notes.append(prepared.note)
     rounded = {n: m for n, m in stage.items() if m.rounds()}
-    _quantize_inputs(block, inputs, rounded, modules)
+    _quantize_inputs(block, inputs, rounded, modules, transforms)
     for method, ctx in contexts:
         method.finish_block(ctx)
     return reports, originals
@@ -274,12 +260,12 @@ def run_sequential(
         depth = max(len(steps) for steps in mine.values())
         for k in range(depth):  # aligned at the end: every layer's rounding step runs in the block's last stage
             stage = {n: steps[k - depth + len(steps)] for n, steps in mine.items() if k >= depth - len(steps)}
-            r, o = _run_stage(model, block, i, prefix, inputs, stage, modules, tracks)
+            r, o = _run_stage(model, block, i, prefix, inputs, stage, modules, tracks, list(transforms or ()))
             reports += r
             originals.update(o)
         reports += [_unrounded_report(n, modules[n]) for n in mine if not mine[n][-1].rounds()]
         if originals:  # sample the data-free layers' inputs while propagating, for their output errors
-            collector = StatsCollector({n: modules[n] for n in originals}, set(), set())
+            collector = StatsCollector({n: modules[n] for n in originals})
             with collector.attached():
                 _propagate(block, inputs, collector)
             stats = collector.finalize()
@@ -302,5 +288,7 @@ def run_sequential(
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
         release_freed_memory()
+    for step in {id(m): m for steps in staged.values() for m in steps}.values():
+        step.finish_model(model, calib)  # end-to-end work (training) once every block is done
     result.seconds = time.perf_counter() - t_start
     return result

@@ -4,6 +4,8 @@ but quantizes better (scales migrated between ops, channels reordered, ...).
 A transform is a dataclass config plus ``apply_block(ctx)``, called by the sequential pipeline
 for every block before the weight methods see it, with the block's calibration inputs and the
 methods assigned to its layers (so it can score candidates with the formats they will use).
+What it leaves for a layer's input quantizer (an OS+ shift, RPTQ's channel clusters) it keeps
+itself, by full layer name, and applies in ``input_quantizer``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class BlockTransform:
 
     def apply_block(self, ctx: Any) -> None:
         """Rewrite one block, given its calibration inputs and the methods of its layers (default: nothing)."""
+
+    def input_quantizer(self, name: str, quantizer: Any) -> Any:
+        """The input quantizer of layer ``name`` (full name) adapted to what this transform did to the
+        layer's inputs (a shift taken off, channel clusters); default: unchanged."""
+        return quantizer
 
     @classmethod
     def options(cls) -> list[str]:

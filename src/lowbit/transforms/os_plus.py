@@ -11,7 +11,7 @@ range, by the output error of the group's linears under the formats they will be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -40,6 +40,13 @@ class OSPlus(BlockTransform):
     shift: bool = True
     groups: Literal["norms", "all"] = "all"
     sample_rows: int = bounded(1024, ge=1)
+    _shifts: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # by full layer name
+
+    def input_quantizer(self, name: str, quantizer: Any) -> Any:
+        """Take each channel's shift off in front of the quantizer (and add it back after)."""
+        if quantizer is not None and name in self._shifts:
+            quantizer.shift = self._shifts[name]
+        return quantizer
 
     @torch.no_grad()
     def apply_block(self, ctx: Any) -> None:
@@ -62,6 +69,6 @@ class OSPlus(BlockTransform):
             z, s = os_plus_params(cmin, cmax, top * f)
             fold_scales(ctx.block.get_submodule(g.prev), lins, s)
             for n in g.linears:
-                ctx.block.get_submodule(n).lowbit_input_shift = (z / s).float()
+                self._shifts[ctx.prefix + n] = (z / s).float()
             self.records.append({"block": ctx.index, "prev": g.prev, "linears": list(g.linears), "threshold": top * f,
                                  "fraction": f, "error": err, "scaled_channels": int((s > 1).sum())})

@@ -13,11 +13,12 @@ clusters give the ranges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from lowbit.activations.quantizer import ActQuantizer, ClusterActQuantizer
 from lowbit.arch import scale_groups
 from lowbit.core.kmeans import kmeans
 from lowbit.errors import LowbitError
@@ -26,8 +27,6 @@ from lowbit.models.folding import fold_problem
 from lowbit.rotation.permutation import attach_output_permutation, permute_inputs, permute_outputs
 from lowbit.transforms.base import BlockTransform, register_transform
 from lowbit.transforms.smoothquant import GroupInputs
-
-CLUSTERS_ATTR = "lowbit_input_clusters"  # read by the pipeline when it builds the input quantizer
 
 
 def channel_clusters(cmin: torch.Tensor, cmax: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -51,6 +50,17 @@ class RPTQ(BlockTransform):
     clusters: int = bounded(32, ge=1)
     reorder: bool = True
     seed: int = bounded(0, ge=0, le=2**32 - 1)
+    _clusters: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # by full layer name
+
+    def input_quantizer(self, name: str, quantizer: Any) -> Any:
+        """A static per-tensor quantizer becomes one range per channel cluster."""
+        labels = self._clusters.get(name)
+        if labels is None or quantizer is None:
+            return quantizer
+        if type(quantizer) is not ActQuantizer:
+            raise LowbitError(f"{name}: its step quantizes its inputs its own way ({type(quantizer).__name__}); "
+                              "it cannot take RPTQ's channel clusters")
+        return ClusterActQuantizer(quantizer.spec, labels)
 
     def _input_sets(self, ctx: Any) -> list[tuple[Any, list[str]]]:
         """Targets grouped by shared input: ``(scale group or None, relative linear names)``."""
@@ -89,8 +99,8 @@ class RPTQ(BlockTransform):
                 perm = cluster_order(labels)
                 self._fold(ctx.block, g, lins, perm)
                 labels = labels[perm]
-            for lin in lins:
-                setattr(lin, CLUSTERS_ATTR, labels)
+            for n in names:
+                self._clusters[ctx.prefix + n] = labels
             self.records.append({"block": ctx.index, "linears": names, "clusters": int(labels.max()) + 1,
                                  "reordered": reordered, "prev": None if g is None else g.prev})
 
