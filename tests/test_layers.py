@@ -1,14 +1,14 @@
 """The package is layered: no import cycles between the top-level parts of ``lowbit``.
 
 A part is a subpackage (``lowbit.core``, ``lowbit.models``, ...) or a top-level module
-(``lowbit.spec``, ``lowbit.cli``, ...).  Every import statement in every file counts: absolute
+(``lowbit.spec``, ``lowbit.recipe``, ...).  Every import statement in every file counts: absolute
 (``import lowbit.x``, ``from lowbit.x import y``, ``from lowbit import x``), relative, and those
 inside functions (a lazy import hides a cycle from Python, not from the design).  The layers, bottom
 up: core math and the format / architecture descriptions (``errors``, ``fields``, ``spec``, ``core``,
 ``arch``, ``checkpoint``); modules and formats (``rotation``, ``activations``, ``packed``,
 ``kvcache``, ``data``, ``export``); model loading (``models``) and evaluation; steps
 (``transforms``, ``methods``); pipelines and the experiment job (``pipeline``, ``recipe``,
-``quantization``, ``analysis``); the command line (``cli``) on top.
+``quantization``, ``experiment``, ``analysis``); the command line (``cli``) on top.
 """
 
 from __future__ import annotations
@@ -151,6 +151,15 @@ def test_core_math_at_the_bottom():
     allowed = {"errors", "fields", "spec", "core"}
     edges = import_graph(PKG_DIR)
     upward = {e: w for e, w in edges.items() if e[0] in ("spec", "core") and e[1] not in allowed}
+    assert not upward, "\n".join(f"{a} -> {b}: {', '.join(w)}" for (a, b), w in sorted(upward.items()))
+
+
+def test_command_line_on_top():
+    """Nothing in lowbit imports the command line, and the experiment job (run by the command line,
+    sweeps and analyze) imports neither of its callers."""
+    edges = import_graph(PKG_DIR)
+    upward = {e: w for e, w in edges.items()
+              if e[1] == "cli" or (e[0] == "experiment" and e[1] in ("analysis", "cli"))}
     assert not upward, "\n".join(f"{a} -> {b}: {', '.join(w)}" for (a, b), w in sorted(upward.items()))
 
 

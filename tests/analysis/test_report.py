@@ -129,7 +129,7 @@ def _analyze_args(out, **kw) -> argparse.Namespace:
 
 
 def test_cli_functions_parse_and_report(tmp_path, capsys):
-    from lowbit.analysis.cli_analysis import add_analyze_parser, add_report_parser, cmd_report
+    from lowbit.cli.analysis import add_analyze_parser, add_report_parser, cmd_report
 
     parser = argparse.ArgumentParser(prog="lowbit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,7 +147,7 @@ def test_cli_functions_parse_and_report(tmp_path, capsys):
 
 def test_cmd_analyze_quantizes_a_copy_with_a_recipe(tmp_path, tiny_llama, tiny_calib, monkeypatch, capsys):
     """The analyze command's plumbing on the tiny model: load -> calibrate -> recipe on a copy -> analysis.json."""
-    from lowbit.analysis import cli_analysis
+    from lowbit.cli import analysis as cli_analysis
 
     fp_before = {n: p.clone() for n, p in tiny_llama.named_parameters()}
     monkeypatch.setattr("lowbit.models.loading.load_model", lambda *a, **k: (tiny_llama, None))

@@ -154,7 +154,7 @@ def test_real_model_levels_lower_the_error_on_held_out_text(smollm, data_dir):
 
 
 def test_command_line_calibrates_a_setting_that_needs_levels(tiny_llama, tiny_calib, capsys):
-    from lowbit.cli import _ready_kv
+    from lowbit.experiment import ready_kv as _ready_kv
 
     ready = _ready_kv(tiny_llama, None, TINY_KVQUANT, "wikitext2", tiny_calib)
     assert ready.calibrated and len(ready.key_levels) == 2

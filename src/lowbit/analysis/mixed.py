@@ -205,39 +205,7 @@ def mixed_precision_recipe(
     return recipe, summary
 
 
-# ---------------------------------------------------------------- `lowbit quantize --target-bpw / --target-mb`
-def check_cli_args(args: Any) -> None:
-    """LowbitError for flags that do not go with a mixed-precision target (before any work)."""
-    if args.recipe:
-        raise LowbitError("--target-bpw / --target-mb build their own recipe; drop --recipe (use --method, "
-                          "--candidates, --option)")
-    if args.activations:
-        raise LowbitError("--target-bpw / --target-mb allocate weight formats only; drop --activations")
-    if args.sensitivity and Path(args.sensitivity).exists() and not Path(args.sensitivity).is_dir():
-        raise LowbitError(f"--sensitivity {args.sensitivity} is a file: give the results directory that holds (or "
-                          "will hold) sensitivity.json")
-
-
-def recipe_for_cli(args: Any, model: torch.nn.Module, tok: Any, calib: torch.Tensor, progress: bool
-                   ) -> tuple[Any, dict[str, Any]]:
-    """(Recipe, allocation summary) for ``lowbit quantize`` with ``--target-bpw`` or ``--target-mb``."""
-    from lowbit.analysis.candidates import parse_candidates
-    from lowbit.cli_common import parse_options
-    from lowbit.recipe import load_recipe
-
-    opts = parse_options(args.option)
-    recipe_dict, summary = mixed_precision_recipe(
-        model, tok, calib, method=args.method or "gptq", target_bpw=args.target_bpw, target_mb=args.target_mb,
-        options=parse_candidates(args.candidates, not args.asym), sensitivity=args.sensitivity,
-        method_options=opts, progress=progress)
-    recipe = load_recipe(recipe_dict)
-    if args.kv_cache:
-        from lowbit.kvcache import kv_setting
-
-        recipe.kv_cache = kv_setting(None, args.kv_cache)
-    return recipe, summary
-
-
+# ---------------------------------------------------------------- the `lowbit quantize --target-bpw` table
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Rows for the CLI table: target, achieved size, layers per format, predicted loss, sensitivity."""
     target = (f"{summary['target_bpw']} bpw" if summary["target_bpw"] is not None else f"{summary['target_mb']} MB")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from lowbit.analysis.executors import Executor, InlineExecutor
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
 from lowbit.atomic import write_text_atomic
 from lowbit.errors import LowbitError
+from lowbit.experiment import Calibration, Evaluation, Job, ModelSource, run_job
 from lowbit.outputs import check_output
 
 SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
@@ -57,7 +57,7 @@ class SweepData:
 
 
 @dataclass(frozen=True)
-class SweepJob:
+class SweepTask:
     """Everything a worker needs to run one configuration (picklable)."""
 
     model: str
@@ -67,6 +67,13 @@ class SweepJob:
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+
+    def job(self) -> Job:
+        """The experiment job of this configuration: KL and top-1 agreement against the unquantized model."""
+        d = self.data
+        return Job(ModelSource(self.model, device=self.device, cache=self.cache), self.config.recipe(),
+                   Calibration(d.calib, d.nsamples, d.seqlen, d.seed),
+                   Evaluation(d.eval_dataset, "test", d.eval_seqlen, d.eval_windows, against_fp=True))
 
 
 def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list[Any]:
@@ -103,45 +110,30 @@ def expand(methods: list[str], bits: list[int], group_sizes: list[int | None]) -
     return list(dict.fromkeys(combos))  # a repeated item runs once
 
 
-def run_job(job: SweepJob) -> dict[str, Any]:
+def run_task(task: SweepTask) -> dict[str, Any]:
     """Quantize and evaluate one configuration in this process: the sweep row (status "failed" with
     the error's message when lowbit refuses the configuration)."""
-    os.environ.update(job.env)  # before the imports below read their settings (HF_*, LOWBIT_*)
+    os.environ.update(task.env)  # before the imports below read their settings (HF_*, LOWBIT_*)
     import torch
 
-    from lowbit.data import get_calibration
-    from lowbit.eval.memory import device_peak_mb, peak_rss_mb, reset_device_peak
-    from lowbit.eval.perplexity import evaluate
-    from lowbit.models.loading import load_model
-    from lowbit.quantization import quantize
+    from lowbit.eval.memory import peak_rss_mb
 
-    torch.set_num_threads(job.threads)
-    c, d = job.config, job.data
+    torch.set_num_threads(task.threads)
+    c = task.config
     row: dict[str, Any] = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size}
     try:
-        fp, tok = load_model(job.model, device=job.device, cache=job.cache)
-        model, _ = load_model(job.model, device=job.device, cache=job.cache)
-        device = next(model.parameters()).device
-        calib = get_calibration(d.calib, tok, nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed)
-        reset_device_peak(device)
-        t0 = time.perf_counter()
-        report = quantize(model, c.recipe(), calib, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        peak_device = device_peak_mb(device)
-        res = evaluate(model, tok, d.eval_dataset, "test", seqlen=d.eval_seqlen, max_windows=d.eval_windows,
-                       reference=fp)
+        result = run_job(task.job())
     except LowbitError as exc:
         return row | {"status": "failed", "error": str(exc)}
+    report, res = result.report, result.after
     size_mb = report.model_bits_per_weight * report.model_params / 8 / 2**20
     row |= {"status": "ok", "bits_per_weight": report.bits_per_weight,
             "model_bits_per_weight": report.model_bits_per_weight, "size_mb": size_mb,
             "perplexity": res.perplexity, "kl": res.kl, "top1": res.top1_agreement,
-            "eval_windows": res.windows, "quant_seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-            "threads": job.threads, "device": str(device)}
-    if peak_device is not None:
-        row["peak_device_mb"] = peak_device
+            "eval_windows": res.windows, "quant_seconds": result.quant_seconds, "peak_rss_mb": peak_rss_mb(),
+            "threads": task.threads, "device": str(result.device)}
+    if result.peak_device_mb is not None:
+        row["peak_device_mb"] = result.peak_device_mb
     return row
 
 
@@ -158,7 +150,7 @@ def fp_row(model: Any, tok: Any, data: SweepData) -> dict[str, Any]:
 
 def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, executor: Executor | None = None,
               data: SweepData = SweepData(), cache: str | None = None, threads: int = 1,
-              runner: Callable[[SweepJob], dict[str, Any]] = run_job,
+              runner: Callable[[SweepTask], dict[str, Any]] = run_task,
               log: Callable[[str], None] = print, device: str = "cpu", redo: tuple[str, ...] = ()
               ) -> dict[str, Any]:
     """Run the configurations of ``configs`` not yet finished in ``out`` and return the sweep results.
@@ -198,12 +190,12 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
         f"on the {(executor or InlineExecutor()).name} executor")
     _save(out, sweep)
     env = {k: v for k, v in os.environ.items() if k.startswith(("LOWBIT_", "HF_", "XDG_CACHE_HOME"))}
-    jobs = [SweepJob(model_ref, c, data, cache, threads, env, device) for c in todo]
+    tasks = [SweepTask(model_ref, c, data, cache, threads, env, device) for c in todo]
     # closed however the loop ends (an interrupt too), so the executor stops its workers at once
-    with contextlib.closing((executor or InlineExecutor()).run(runner, jobs)) as finished:
-        for job, row in finished:
+    with contextlib.closing((executor or InlineExecutor()).run(runner, tasks)) as finished:
+        for task, row in finished:
             if isinstance(row, BaseException):
-                c = job.config
+                c = task.config
                 row = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size,
                        "status": "failed", "error": f"{type(row).__name__}: {row}"}
             sweep["rows"] = [r for r in sweep["rows"] if r["config"] != row["config"]] + [row]

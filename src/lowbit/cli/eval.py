@@ -1,0 +1,69 @@
+"""``lowbit eval MODEL``: perplexity (GPTQ convention), KL / top-1 agreement against a reference,
+speed and memory, optionally through a quantized KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lowbit.cli.display import print_table
+from lowbit.cli.options import (
+    add_eval_options,
+    add_json_option,
+    add_kv_options,
+    add_loading_options,
+    add_model_options,
+    kv_setup,
+    model_source,
+)
+from lowbit.experiment import load
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="perplexity (GPTQ convention), KL/top-1 vs a reference, speed, memory")
+    add_model_options(p)
+    add_eval_options(p, prefix="--")
+    p.add_argument("--reference", default=None, help="reference model for KL divergence and top-1 agreement")
+    add_loading_options(p)
+    add_kv_options(p)
+    add_json_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.eval.perplexity import evaluate
+
+    model, tok = load(model_source(args))
+    reference = load(model_source(args, args.reference))[0] if args.reference else None
+    kv, pivot = kv_setup(args, model, tok)
+    result = evaluate(model, tok, args.dataset, args.split, args.seqlen, args.max_windows, reference,
+                      progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=kv,
+                      pivot_model=pivot)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_table(result_rows(result))
+    return 0
+
+
+def result_rows(r: Any) -> list[tuple[str, Any]]:
+    """The table of one ``EvalResult``."""
+    rows: list[tuple[str, Any]] = [
+        ("model", r.model),
+        ("data", f"{r.dataset}/{r.split}, {r.windows} windows x {r.seqlen} = {r.tokens} tokens"),
+        ("perplexity", f"{r.perplexity:.4f}"),
+    ]
+    if r.kl is not None:
+        rows += [(f"KL vs {r.reference}", f"{r.kl:.5f} nats/token"), ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%")]
+    if r.kv_cache is not None:
+        rows.append(("KV cache", f"{r.kv_cache}, {r.kv_bytes_per_token:,.0f} bytes per token (all layers)"))
+    rows += [
+        ("throughput", f"{r.tokens_per_s:.1f} tokens/s ({r.seconds:.1f} s)"),
+        ("peak RSS", f"{r.peak_rss_mb:.0f} MiB"),
+    ]
+    if r.peak_device_mb is not None:
+        rows.append(("peak device memory", f"{r.peak_device_mb:.0f} MiB"))
+    rows.append(("device / dtype", f"{r.device} / {r.dtype}"))
+    return rows

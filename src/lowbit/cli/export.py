@@ -1,0 +1,61 @@
+"""``lowbit export INPUT OUTPUT``: rewrite a quantized checkpoint in another format (GGUF too)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lowbit.cli.display import fmt_bytes, print_table
+from lowbit.cli.options import add_dtype_option, add_overwrite_option
+from lowbit.errors import LowbitError
+from lowbit.experiment import ModelSource, load
+from lowbit.export import FORMATS
+from lowbit.outputs import check_output
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="rewrite a quantized checkpoint in another format")
+    p.add_argument("input", help="a directory written by 'lowbit quantize --out' or 'lowbit export'")
+    p.add_argument("output", metavar="OUTPUT", help="directory (a .gguf file for --format gguf) to write; an output "
+                                                    "lowbit wrote before is replaced atomically")
+    add_overwrite_option(p)
+    p.add_argument("--format", default="compressed-tensors", choices=[*FORMATS, "gguf"])
+    p.add_argument("--type", default="Q4_0", help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, F32)")
+    p.add_argument("--embed-type", default="Q8_0", help="GGUF type of the token embedding / untied output head")
+    add_dtype_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.export.codes import attach_codes
+    from lowbit.quantization import SUMMARY_FILE, save_quantized
+
+    src = Path(args.input)
+    if not src.is_dir():
+        raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
+    check_output(args.output, "file" if args.format == "gguf" else "dir", args.overwrite, [src], "OUTPUT")
+    model, tok = load(ModelSource(src, dtype=args.dtype), require_tokenizer=False)
+    attach_codes(model, src)
+    if args.format == "gguf":
+        return _export_gguf(model, tok, args)
+    extra = {n: (src / n).read_text() for n in ("recipe.yaml", SUMMARY_FILE) if (src / n).is_file()}
+    out, written = save_quantized(model, tok, None, args.output, args.format, extra, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print_table([("format", written), ("written to", str(out)), ("size on disk", fmt_bytes(size))])
+    return 0
+
+
+def _export_gguf(model: Any, tok: Any, args: argparse.Namespace) -> int:
+    from lowbit.export.gguf import export_gguf
+
+    report = export_gguf(model, tok, args.output, args.type, args.embed_type)
+    worst = max(report.tensors, key=lambda r: r.rel_error)
+    requant = [r for r in report.tensors if not r.exact and r.type == args.type]
+    rows = [("format", f"gguf {args.type} (embeddings {args.embed_type})"), ("written to", str(report.path)),
+            ("size on disk", fmt_bytes(report.path.stat().st_size)),
+            ("tensors kept code for code", f"{report.exact_count} of {len(report.tensors)}"),
+            ("re-quantized by llama.cpp rules", str(len(requant))),
+            ("largest relative error", f"{worst.rel_error:.2e} ({worst.name}{': ' + worst.note if worst.note else ''})")]
+    print_table(rows)
+    return 0
