@@ -263,9 +263,9 @@ def test_pipeline_end_to_end(tiny_llama, tiny_calib):
     assert all(l["output_error"] is not None for l in rep.layers)
     assert rep.mean_output_error() < rtn.mean_output_error()  # measured: 0.0155 vs 0.0513
     mods = dict(model.named_modules())
-    q = mods["model.layers.0.self_attn.q_proj"].lowbit_artifacts
-    o = mods["model.layers.0.self_attn.o_proj"].lowbit_artifacts
-    down = mods["model.layers.1.mlp.down_proj"].lowbit_artifacts
+    q = mods["model.layers.0.self_attn.q_proj"].quantized.details
+    o = mods["model.layers.0.self_attn.o_proj"].quantized.details
+    down = mods["model.layers.1.mlp.down_proj"].quantized.details
     assert q["awq_scales"].shape == (64,) and q["clip_range"] is None  # q/k are not clipped
     assert o["awq_scales"] is None and o["clip_range"] is not None  # v->o skipped under GQA, still clipped
     assert down["awq_scales"].shape == (128,) and down["quantized"].q.shape == (64, 128)

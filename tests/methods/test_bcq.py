@@ -132,7 +132,7 @@ def test_end_to_end_on_tiny_llama(tiny_llama, tiny_calib, weighted: bool, group:
     assert len(rep.layers) == 14
     for layer in rep.layers:
         mod = tiny_llama.get_submodule(layer["name"])
-        arts = mod.lowbit_artifacts
+        arts = mod.quantized.details
         qt = arts["quantized"]
         assert layer["bits_per_weight"] == storage_bits_per_weight(qt)
         cols = layer["shape"][1]

@@ -178,7 +178,7 @@ def test_end_to_end_tiny_llama(tiny_llama, tiny_calib):
     total_outliers = 0
     for layer in rep.layers:
         rows, cols = layer["shape"]
-        art = dict(tiny_llama.named_modules())[layer["name"]].lowbit_artifacts
+        art = dict(tiny_llama.named_modules())[layer["name"]].quantized.details
         assert layer["extra_params"] == art["outliers"].nnz
         assert layer["bits_per_weight"] == spqr_bits(rows, cols, 3, art["outliers"].nnz)
         assert 0 < layer["output_error"] < 0.05

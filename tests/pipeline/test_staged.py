@@ -123,7 +123,7 @@ def test_pruning_then_gptq_keeps_the_mask_and_beats_pruning_then_rtn(tiny_calib)
             if n.startswith("model.layers."):
                 q = _weights(model)[n]
                 assert torch.all(q[w == 0] == 0), n  # every pruned weight is still exactly 0
-                codes = dict(model.named_modules())[n].lowbit_artifacts.get("codes")
+                codes = dict(model.named_modules())[n].quantized.details.get("codes")
                 if codes is not None:  # GPTQ's codes agree: the code of 0 (symmetric) at the pruned weights
                     assert torch.all(codes[w == 0] == 0), n
         errors[method] = report.mean_output_error()
@@ -155,7 +155,9 @@ def test_scales_are_never_folded_into_a_rounded_layer():
     up_down = next(g for g in scale_groups(model) if g.prev == "mlp.up_proj")
     targets = {n: block.get_submodule(n) for n in up_down.linears}
     assert fold_problem(block, up_down, targets, "awq") is None
-    block.mlp.up_proj.lowbit_artifacts = {"codes": None}
+    from lowbit.quantized_layers import QuantizedWeight, mark_quantized
+
+    mark_quantized(block.mlp.up_proj, QuantizedWeight(None, None, "rtn"))
     assert "already rounded" in fold_problem(block, up_down, targets, "awq")
 
 

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lowbit.core.ste import straight_through
 from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup
 from lowbit.spec import QuantSpec
 
@@ -290,22 +291,15 @@ def dequantize_affine(
     return out.reshape(q.shape)
 
 
-class _FakeQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax):  # type: ignore[override]
-        xv, (s, z) = _prep(x, [scale, zero])
-        out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
-        need = ctx.needs_input_grad[0]
-        outs = [out, torch.empty(xv.shape, dtype=torch.bool, device=x.device)] if need else [out]
-        _run_chunks(_fq_kernel(qmin, qmax, need), xv, [s, z], outs)
-        if need:
-            ctx.save_for_backward(outs[1].reshape(x.shape))
-        return out.reshape(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+@torch.no_grad()
+def _fake_quant_kernel(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, qmax: int,
+                       need_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantize-dequantize ``x`` in one chunked pass; with ``need_mask``, also where it fell in range."""
+    xv, (s, z) = _prep(x, [scale, zero])
+    out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
+    outs = [out, torch.empty(xv.shape, dtype=torch.bool, device=x.device)] if need_mask else [out]
+    _run_chunks(_fq_kernel(qmin, qmax, need_mask), xv, [s, z], outs)
+    return out.reshape(x.shape), outs[1].reshape(x.shape) if need_mask else None
 
 
 def fake_quant_affine(
@@ -316,7 +310,9 @@ def fake_quant_affine(
     if zero is not None:
         zero = torch.as_tensor(zero, dtype=torch.float32, device=x.device).detach()
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).detach()
-    return _FakeQuantSTE.apply(x, scale, zero, qmin, qmax)
+    need = x.requires_grad and torch.is_grad_enabled()
+    out, in_range = _fake_quant_kernel(x.detach(), scale, zero, qmin, qmax, need)
+    return straight_through(x, out, in_range) if need else out
 
 
 # --------------------------------------------------------------------------- spec level

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.core.ste import straight_through
 from lowbit.core.granularity import GroupLayout, group_view, ungroup, valid_mask
 from lowbit.spec import CODEBOOK_FORMATS, QuantSpec
 
@@ -552,24 +553,12 @@ def dequantize_codebook(qt: CodebookQuantized) -> torch.Tensor:
     return ungroup(xg, qt.layout).to(qt.dtype)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward returns the quantized tensor bit-exactly; backward passes the gradient through."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
-
-
 def fake_quant_codebook(
     x: torch.Tensor, spec: QuantSpec, *, weights: torch.Tensor | None = None, iters: int | None = None
 ) -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient (identity backward)."""
     y = dequantize_codebook(quantize_codebook(x, spec, weights=weights, iters=iters))
-    return _StraightThrough.apply(x, y)
+    return straight_through(x, y)
 
 
 def storage_bits_per_weight(qt: CodebookQuantized) -> float:

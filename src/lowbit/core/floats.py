@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from lowbit.core.ste import straight_through
 from lowbit.core.granularity import GroupLayout, group_view, param_shape, ungroup
 from lowbit.spec import QuantSpec, SpecError
 
@@ -552,16 +553,8 @@ def dequantize_float(qt: FloatQuantized) -> torch.Tensor:
     return ungroup(out, qt.layout).to(qt.dtype)
 
 
-class _FakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, spec: QuantSpec, absmax: torch.Tensor | None) -> torch.Tensor:
-        return dequantize_float(quantize_float(x.detach(), spec, absmax=absmax))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
-
-
 def fake_quant_float(x: torch.Tensor, spec: QuantSpec, absmax: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize_float(quantize_float(x, spec))`` with a straight-through (identity) gradient."""
-    return _FakeQuant.apply(x, spec, absmax)
+    with torch.no_grad():
+        y = dequantize_float(quantize_float(x.detach(), spec, absmax=absmax))
+    return straight_through(x, y)

@@ -18,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import weight_args
 from lowbit.export.ct_tensors import packed_tensors, read_int_weight, split_packed
 from lowbit.packed.intweight import IntWeight
+from lowbit.quantized_layers import QuantizedWeight, mark_quantized
 
 CODES_FILE = "lowbit_codes.safetensors"
 
@@ -56,5 +57,5 @@ def attach_codes(model: torch.nn.Module, directory: Path) -> int:
             raise LowbitError(f"{path}: layer {name} is not in the model") from None
         if tuple(layer.weight.shape) != w.shape:
             raise LowbitError(f"{path}: {name} codes are {w.shape} but the layer weight is {tuple(layer.weight.shape)}")
-        layer.lowbit_int_weight = w
+        mark_quantized(layer, QuantizedWeight(w, None, "codes"))
     return len(weights)

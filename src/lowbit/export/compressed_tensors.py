@@ -42,9 +42,11 @@ from lowbit.export.ct_tensors import (
     require,
     split_packed,
 )
-from lowbit.packed.floatweight import float_weight_of
-from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
+from lowbit.core.floats import FloatQuantized
+from lowbit.packed.floatweight import FloatWeight, float_weight_of
+from lowbit.packed.intweight import IntWeight, int_weight_of
 from lowbit.packed.qlinear import QuantLinear
+from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized, quantized_weight
 from lowbit.rotation.online import input_rotations
 from lowbit.rotation.permutation import output_permutations
 from lowbit.spec import QuantSpec, SpecError
@@ -56,9 +58,10 @@ CT_FIX = "re-export the checkpoint (lowbit quantize --out, or lowbit export)"
 def _layer_weight(name: str, layer: torch.nn.Module) -> LayerWeight:
     if isinstance(layer, QuantLinear):
         return layer.int_weight()
-    spec = getattr(layer, "lowbit_spec", None)
+    qw = quantized_weight(layer)
     try:
-        if getattr(layer, "lowbit_float_weight", None) is not None or (spec is not None and spec.type == "float"):
+        if qw is not None and (isinstance(qw.form, (FloatWeight, FloatQuantized))
+                               or (qw.spec is not None and qw.spec.type == "float")):
             return float_weight_of(layer)
         return int_weight_of(layer)
     except LowbitError as e:
@@ -277,8 +280,7 @@ def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: to
         return QuantLinear(w, old.bias, dtype)
     new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=dtype)
     new.weight.data.copy_(w.dequantize(dtype))
-    new.lowbit_float_weight = w
-    return new
+    return mark_quantized(new, QuantizedWeight(w, None, "compressed-tensors"))
 
 
 def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tensor], quantized: set[str]) -> None:

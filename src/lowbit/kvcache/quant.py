@@ -22,6 +22,7 @@ import math
 import torch
 
 from lowbit.core.packing import pack, unpack
+from lowbit.core.ste import straight_through
 
 
 def check_layout(shape: tuple[int, ...], axis: str, group: int) -> None:
@@ -126,12 +127,13 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tenso
 
 def fake_quant_kv(x: torch.Tensor, bits: int, axis: str, group: int, outliers: float = 0.0,
                   levels: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize, outliers restored (for tests and analysis)."""
-    codes, scale, minimum, mask = quantize_kv(x, bits, axis, group, outliers, levels)
-    out = dequantize_kv(codes, scale, minimum, bits, axis, group, levels=levels)
-    if mask is not None:
-        out = torch.where(mask, x.float().half().float(), out)
-    return out.to(x.dtype)
+    """Quantize-dequantize, outliers restored, with the straight-through gradient (KV-cache QAT)."""
+    with torch.no_grad():
+        codes, scale, minimum, mask = quantize_kv(x.detach(), bits, axis, group, outliers, levels)
+        out = dequantize_kv(codes, scale, minimum, bits, axis, group, levels=levels)
+        if mask is not None:
+            out = torch.where(mask, x.detach().float().half().float(), out)
+    return straight_through(x, out.to(x.dtype))
 
 
 class GrowingTensor:

@@ -395,6 +395,7 @@ class AWQ(WeightMethod):
         return LayerResult(
             weight=dequantize(qt).to(w.dtype),
             bits_per_weight=storage_bits(qt, self.spec.scale_dtype),
+            form=qt,
             artifacts={"quantized": qt, "awq_scales": self._scales.pop(name, None),
                        "awq_alpha": self._alpha.pop(name, None), "clip_range": clip},
         )

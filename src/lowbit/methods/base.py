@@ -13,7 +13,9 @@ A method is a dataclass config (its knobs) plus:
 * ``finish_model(model, calib)``: optional end-to-end work once every block is done (training
   the quantization parameters end to end);
 * ``quantize_layer(name, layer, stats) -> LayerResult``: the new (fake-quant) weight, the
-  exact stored bits per weight, and anything an exporter needs (codes, scales, zeros, ...).
+  exact stored bits per weight, and the stored weight's typed form (``IntWeight``, core's
+  ``IntQuantized`` ...) that exporters dispatch on; the pipeline makes the layer a typed
+  ``QuantizedModule`` holding it (``lowbit.quantized_layers``).
 
 A layer may go through several steps, one recipe entry each, in recipe order (staged recipes:
 AWQ's scale search then GPTQ's rounding; magnitude pruning then a quantizer).  At most one of a
@@ -37,6 +39,7 @@ from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
 from lowbit.fields import check_fields
 from lowbit.methods.statistics import AbsMagnitude, Hessian, InputStatistic, LayerStats
+from lowbit.quantized_layers import QuantizedWeight
 from lowbit.registry import lookup, registrar
 from lowbit.spec import QuantSpec
 
@@ -57,8 +60,14 @@ class LayerResult:
 
     weight: torch.Tensor  # fake-quant weight, same shape/dtype as the original
     bits_per_weight: float  # stored bits per weight, scales / zeros / outliers included
-    artifacts: dict[str, Any] = field(default_factory=dict)  # codes, scales, zeros, g_idx, ...
+    form: Any = None  # the stored weight's typed form (``lowbit.quantized_layers``): IntWeight, IntQuantized, ...
+    artifacts: dict[str, Any] = field(default_factory=dict)  # the step's own record, not read by exporters
     extra_params: int = 0  # full-precision values kept beside the codes (outliers), for reporting
+    int_refusal: str | None = None  # why ``form`` has no integer-code form (fractional zeros, fp outliers)
+
+    def stored(self, method: "WeightMethod") -> QuantizedWeight:
+        """The ``QuantizedWeight`` the rounded layer holds."""
+        return QuantizedWeight(self.form, method.spec, method.name, self.artifacts, self.int_refusal)
 
 
 @dataclass

@@ -93,5 +93,6 @@ class BCQ(WeightMethod):
         return LayerResult(
             weight=dequantize_codebook(qt),
             bits_per_weight=storage_bits_per_weight(qt),
+            form=qt,
             artifacts={"quantized": qt, "alphas": qt.codebook, "planes": bcq_planes(qt)},
         )

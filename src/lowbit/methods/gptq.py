@@ -19,6 +19,7 @@ import torch
 
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
+from lowbit.packed.intweight import int_weight_from_codes
 from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
 from lowbit.solvers.hessian import act_order as act_order_perm
 from lowbit.solvers.hessian import fixed_mask, prepare, solve
@@ -92,6 +93,7 @@ class GPTQ(WeightMethod):
         return LayerResult(
             weight=res.weight.to(w.dtype),
             bits_per_weight=bits,
+            form=int_weight_from_codes(res.codes, res.scale, res.zero, res.g_idx, self.spec),
             artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
                        "damp": res.damp_used},
         )

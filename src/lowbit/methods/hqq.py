@@ -317,6 +317,9 @@ class HQQ(WeightMethod):
         return LayerResult(
             weight=wdq,
             bits_per_weight=hqq_bits_per_weight(self.spec, w.numel(), qt.layout.num_groups),
+            form=qt,
             artifacts={"quantized": qt, "codes": qt.q, "scale": scale, "zero": zero,
                        "zero_dtype": "float16" if not self.spec.symmetric else "int"},
+            int_refusal=None if self.spec.symmetric else
+            "zero points are fractional (HQQ); integer formats need integer zero points",
         )

@@ -47,4 +47,4 @@ class LLMInt8(WeightMethod):
         w = self.linear_weight(name, layer).data
         qt = quantize(w.float(), self.spec)
         return LayerResult(weight=dequantize(qt).to(w.dtype), bits_per_weight=storage_bits(qt, self.spec.scale_dtype),
-                           artifacts={"quantized": qt})
+                           form=qt, artifacts={"quantized": qt})

@@ -27,6 +27,7 @@ import torch
 from lowbit.core.quant import dequantize, quantize
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
+from lowbit.packed.intweight import OUTLIERS_REFUSAL, int_weight_from_codes
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
 from lowbit.solvers.hessian import prepare, solve
@@ -148,8 +149,10 @@ class OWQ(WeightMethod):
         return LayerResult(
             weight=res.weight.to(w.dtype),
             bits_per_weight=owq_bits(rows, cols, k, res.scale.shape[1], self.spec),
+            form=int_weight_from_codes(res.codes, res.scale, res.zero, res.g_idx, self.spec),
             artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
                        "fp_idx": res.fp_idx, "fp_weight": res.fp_weight, "damp": res.damp_used},
+            int_refusal=None if res.fp_idx is None else OUTLIERS_REFUSAL,
             extra_params=k * rows,
         )
 

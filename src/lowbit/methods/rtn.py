@@ -26,5 +26,6 @@ class RTN(WeightMethod):
         return LayerResult(
             weight=dequantize(qt).to(w.dtype),
             bits_per_weight=storage_bits(qt, self.spec.scale_dtype),
+            form=qt,
             artifacts={"quantized": qt},
         )

@@ -40,6 +40,7 @@ import torch
 from lowbit.core.affine import code_dtype
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
+from lowbit.packed.intweight import OUTLIERS_REFUSAL
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.solvers.affine import check_int_spec
 from lowbit.solvers.hessian import act_order as act_order_perm
@@ -396,6 +397,7 @@ class SpQR(WeightMethod):
         return LayerResult(
             weight=res.weight.to(w.dtype),
             bits_per_weight=bits,
+            int_refusal=OUTLIERS_REFUSAL,
             artifacts={"codes": res.codes, "scale_codes": res.scale_codes, "zero_codes": res.zero_codes,
                        "stat_scale": res.stat_scale, "stat_zero": res.stat_zero, "g_idx": res.g_idx,
                        "perm": res.perm if act else None, "outliers": res.outliers, "threshold": res.threshold,

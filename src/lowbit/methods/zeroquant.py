@@ -22,6 +22,7 @@ from lowbit.fields import bounded
 from lowbit.methods.base import register_method
 from lowbit.methods.rtn import RTN
 from lowbit.models.capture import block_output
+from lowbit.quantized_layers import mark_quantized
 from lowbit.spec import QuantSpec
 
 W8_GROUP = QuantSpec(type="int", bits=8, granularity="group", group_size=64, scale_dtype="float16")
@@ -84,6 +85,6 @@ class ZeroQuant(RTN):
                 layer.weight.copy_(masters[n].detach())
                 res = self.quantize_layer(n, layer, None)  # type: ignore[arg-type]
                 layer.weight.copy_(res.weight)
-                layer.lowbit_artifacts = res.artifacts
+                mark_quantized(layer, res.stored(self))
         self.records.append({"block": ctx.index, "mse_before": before, "mse_after": after})
         self._fp, self._teacher = {}, []

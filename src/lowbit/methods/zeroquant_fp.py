@@ -50,5 +50,7 @@ class ZeroQuantFP(WeightMethod):
             wq = wq + a.float() @ b.float()
             bits += (a.numel() + b.numel()) * 16
             art["lorc"] = (a, b)
+        # with LoRC factors the weight is no longer the float grid's: only fake-quant holds it
         return LayerResult(weight=wq.to(w.dtype), bits_per_weight=bits / (rows * cols), artifacts=art,
+                           form=None if rank else qt,
                            extra_params=(rows + cols) * rank)

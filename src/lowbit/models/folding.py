@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.arch import ScaleGroup
+from lowbit.quantized_layers import is_quantized
 
 
 def prev_width(prev: torch.nn.Module) -> int | None:
@@ -63,7 +64,7 @@ def fold_problem(block: torch.nn.Module, g: ScaleGroup, targets: dict[str, torch
     if len(widths) != 1:
         return f"linears have different input widths {sorted(widths)}"
     prev = block.get_submodule(g.prev)
-    if getattr(prev, "lowbit_artifacts", None) is not None:
+    if is_quantized(prev):
         return f"{g.prev} is already rounded: scaling it would move it off its quantization grid"
     pw = prev_width(prev)
     if pw is None:

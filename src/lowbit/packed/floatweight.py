@@ -9,7 +9,6 @@ NVFP4 blocks), ``global_scale`` NVFP4's per-tensor fp32 factor (1.0 otherwise).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -17,6 +16,7 @@ from lowbit.core.floats import FloatQuantized
 from lowbit.core.granularity import ungroup
 from lowbit.errors import LowbitError
 from lowbit.packed.intweight import expand_groups
+from lowbit.quantized_layers import quantized_weight
 
 
 @dataclass
@@ -64,11 +64,10 @@ def float_weight_from(qt: FloatQuantized) -> FloatWeight:
 
 def float_weight_of(layer: torch.nn.Module) -> FloatWeight:
     """The ``FloatWeight`` of a layer lowbit quantized with a float spec."""
-    known = getattr(layer, "lowbit_float_weight", None)
-    if known is not None:
-        return known
-    art: dict[str, Any] | None = getattr(layer, "lowbit_artifacts", None)
-    qt = None if art is None else art.get("quantized")
-    if not isinstance(qt, FloatQuantized):
+    qw = quantized_weight(layer)
+    form = None if qw is None else qw.form
+    if isinstance(form, FloatWeight):
+        return form
+    if not isinstance(form, FloatQuantized):
         raise LowbitError("this layer has no float-format codes (quantize it with a float spec: FP8_E4M3, NVFP4)")
-    return float_weight_from(qt)
+    return float_weight_from(form)

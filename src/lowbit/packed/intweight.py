@@ -12,12 +12,13 @@ raise a ``LowbitError`` saying why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from lowbit.core.affine import IntQuantized
 from lowbit.errors import LowbitError
+from lowbit.quantized_layers import quantized_weight
+from lowbit.spec import QuantSpec
 
 
 def expand_groups(p: torch.Tensor, group_size: int | None, g_idx: torch.Tensor | None, cols: int) -> torch.Tensor:
@@ -84,7 +85,7 @@ def _signed(codes: torch.Tensor, zero: torch.Tensor, bits: int, signed: bool, sy
     return q.to(torch.int8), z.to(torch.int8)
 
 
-def _from_int_quantized(qt: IntQuantized) -> IntWeight:
+def int_weight_from_quantized(qt: IntQuantized) -> IntWeight:
     lay = qt.layout
     if len(lay.shape) != 2 or lay.kind not in ("group", "channel", "tensor"):
         raise LowbitError(f"{lay.kind} granularity has no packed linear form; use group or channel quantization")
@@ -97,36 +98,36 @@ def _from_int_quantized(qt: IntQuantized) -> IntWeight:
     return IntWeight(codes, scale.contiguous(), z, qt.bits, lay.group_size if lay.kind == "group" else None)
 
 
-def is_quantized(layer: torch.nn.Module) -> bool:
-    """Whether lowbit quantized this layer (in this process, or codes read back from disk)."""
-    return getattr(layer, "lowbit_int_weight", None) is not None or getattr(layer, "lowbit_artifacts", None) is not None
+OUTLIERS_REFUSAL = ("the layer keeps full-precision outliers or quantized statistics (OWQ / SpQR); "
+                    "integer group formats cannot hold them")
+
+
+def int_weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor,
+                          spec: QuantSpec) -> IntWeight:
+    """The ``IntWeight`` of GPTQ-family results: (out, in) codes, (out, n_groups) scales and zeros and
+    each column's group ``g_idx`` (kept only when it is not ``col // group_size``)."""
+    q, z = _signed(codes, zero, spec.bits, spec.signed, spec.symmetric)
+    cols = q.shape[1]
+    gs = spec.group_size if spec.granularity == "group" else None
+    g = g_idx.to(torch.int32)
+    natural = torch.arange(cols, device=g.device) // gs if gs else torch.zeros_like(g)
+    keep = None if torch.equal(g.long(), natural.long()) else g
+    return IntWeight(q, scale.contiguous(), z, spec.bits, gs, keep)
 
 
 def int_weight_of(layer: torch.nn.Module) -> IntWeight:
-    """The ``IntWeight`` of a layer quantized by lowbit (``LowbitError`` if it has none)."""
-    known = getattr(layer, "lowbit_int_weight", None)
-    if known is not None:
-        return known
-    art: dict[str, Any] | None = getattr(layer, "lowbit_artifacts", None)
-    spec = getattr(layer, "lowbit_spec", None)
-    if art is None or spec is None:
+    """The ``IntWeight`` of a layer quantized by lowbit, by the type of its stored form (``LowbitError``
+    saying why when it has none)."""
+    qw = quantized_weight(layer)
+    if qw is None:
         raise LowbitError("this layer was not quantized by lowbit (no codes to pack)")
-    if art.get("fp_idx") is not None or "scale_codes" in art:
-        raise LowbitError("the layer keeps full-precision outliers or quantized statistics (OWQ / SpQR); "
-                          "integer group formats cannot hold them")
-    if spec.type != "int":
-        raise LowbitError(f"{spec.type} weights are not integer codes; choose a float or codebook format")
-    if art.get("zero_dtype") == "float16":
-        raise LowbitError("zero points are fractional (HQQ); integer formats need integer zero points")
-    if "codes" in art and "g_idx" in art:  # GPTQ family: (out, in) codes, (out, n_groups) params
-        codes, z = _signed(art["codes"], art["zero"], spec.bits, spec.signed, spec.symmetric)
-        cols = codes.shape[1]
-        gs = spec.group_size if spec.granularity == "group" else None
-        g_idx = art["g_idx"].to(torch.int32)
-        natural = torch.arange(cols, device=g_idx.device) // gs if gs else torch.zeros_like(g_idx)
-        keep = None if torch.equal(g_idx.long(), natural.long()) else g_idx
-        return IntWeight(codes, art["scale"].contiguous(), z, spec.bits, gs, keep)
-    qt = art.get("quantized")
-    if isinstance(qt, IntQuantized):
-        return _from_int_quantized(qt)
-    raise LowbitError(f"no integer codes found for this layer (artifacts: {', '.join(sorted(art))})")
+    if qw.int_refusal:
+        raise LowbitError(qw.int_refusal)
+    form = qw.form
+    if isinstance(form, IntWeight):
+        return form
+    if isinstance(form, IntQuantized):
+        return int_weight_from_quantized(form)
+    if qw.spec is not None and qw.spec.type != "int":
+        raise LowbitError(f"{qw.spec.type} weights are not integer codes; choose a float or codebook format")
+    raise LowbitError(f"{qw.method} weights have no integer-code form ({type(form).__name__})")

@@ -20,7 +20,8 @@ from lowbit.activations.quantizer import ActQuantizer
 from lowbit.core.packing import pack, to_unsigned
 from lowbit.errors import LowbitError
 from lowbit.packed import kernels
-from lowbit.packed.intweight import IntWeight, int_weight_of, is_quantized
+from lowbit.packed.intweight import IntWeight, int_weight_of
+from lowbit.quantized_layers import is_quantized
 from lowbit.rotation.online import copy_input_rotation
 
 DECODE_TOKENS = 4  # inputs with at most this many tokens use the decode kernel

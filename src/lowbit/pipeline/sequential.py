@@ -28,6 +28,7 @@ from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
+from lowbit.quantized_layers import mark_quantized
 
 
 @dataclass
@@ -115,8 +116,7 @@ def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stat
         seconds=time.perf_counter() - t0, note=note,
     )
     w.copy_(res.weight)
-    layer.lowbit_artifacts = res.artifacts
-    layer.lowbit_spec = method.spec
+    mark_quantized(layer, res.stored(method))
     return report, original
 
 

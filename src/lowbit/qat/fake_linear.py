@@ -1,0 +1,117 @@
+"""``FakeQuantLinear``: the training form of an integer-quantized linear layer.
+
+It holds the latent full-precision weight, per-group scales and (asymmetric specs) zero points as
+parameters, in the signed code convention of ``IntWeight`` (codes in ``[-2^(b-1), 2^(b-1))``,
+``W = s * (q - z)``); its forward uses the LSQ fake-quantized weight (``lowbit.core.lsq``), so the
+weight, the scales and the zero points all train.  It starts from a round-to-nearest min-max range
+or from the codes a PTQ step produced (GPTQ, AWQ: ``prepare_fake_quant`` on an already quantized
+model), and ``convert`` gives back a plain linear holding the trained ``IntWeight`` as a typed
+quantized layer, so every exporter takes a trained model unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.core.lsq import fake_quant_lsq, lsq_codes, lsq_grad_factor
+from lowbit.core.quant import quantize
+from lowbit.errors import LowbitError
+from lowbit.packed.intweight import IntWeight, int_weight_from_quantized, int_weight_of
+from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized
+from lowbit.spec import QuantSpec
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if spec.type != "int" or spec.granularity not in ("group", "channel"):
+        raise LowbitError(f"fake-quant training takes int specs with group or channel granularity, not "
+                          f"{spec.type} {spec.granularity}; use e.g. W4_G64")
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A linear layer whose weight is fake-quantized with learnable scales and zero points."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: IntWeight, spec: QuantSpec,
+                 grad_scaling: bool = True) -> None:
+        super().__init__()
+        if init.g_idx is not None:
+            raise LowbitError("act-order codes (g_idx) cannot be trained in place; quantize with act_order: false "
+                              "or static_groups: true")
+        self.spec = spec
+        self.bits = init.bits
+        self.group_size = init.group_size or weight.shape[1]
+        if weight.shape[1] % self.group_size:
+            raise LowbitError(f"group size {self.group_size} does not divide {weight.shape[1]} input features")
+        self.weight = torch.nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
+        self.scale = torch.nn.Parameter(init.scale.detach().float().clone())  # (out, n_groups)
+        self.zero = None if init.zero is None else torch.nn.Parameter(init.zero.detach().float().clone())
+        self.qmin, self.qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        self.grad_factor = lsq_grad_factor(self.group_size, self.qmax) if grad_scaling else 1.0
+
+    @classmethod
+    def from_linear(cls, layer: torch.nn.Module, spec: QuantSpec, grad_scaling: bool = True) -> "FakeQuantLinear":
+        """Start from the layer's own codes when a step already rounded it, else from RTN min-max."""
+        _check_spec(spec)
+        w = layer.weight.data
+        init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
+        return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling)
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1, self.group_size)
+
+    def fake_weight(self) -> torch.Tensor:
+        """The fake-quantized weight (differentiable in weight, scale and zero)."""
+        z = None if self.zero is None else self.zero.unsqueeze(-1)
+        wq = fake_quant_lsq(self._grouped(self.weight), self.scale.unsqueeze(-1), z, self.qmin, self.qmax,
+                            self.grad_factor)
+        return wq.reshape(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def int_weight(self) -> IntWeight:
+        """The trained codes, scales and zero points as an ``IntWeight`` (dequantizes to ``fake_weight``)."""
+        z = None if self.zero is None else self.zero.detach().unsqueeze(-1)
+        q, zr = lsq_codes(self._grouped(self.weight.detach()), self.scale.detach().unsqueeze(-1), z, self.qmin,
+                          self.qmax)
+        codes = q.reshape(self.weight.shape).to(torch.int8)
+        zero = None if zr is None else zr.squeeze(-1).clamp(self.qmin, self.qmax).to(torch.int8)
+        return IntWeight(codes, self.scale.detach().float().clone(), zero, self.bits,
+                         self.group_size if self.spec.granularity == "group" else None)
+
+    def convert(self, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
+        """A plain linear with the trained weight on its grid, as a typed quantized layer."""
+        iw = self.int_weight()
+        out = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            out.weight.copy_(iw.dequantize(dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias.detach())
+        return mark_quantized(out, QuantizedWeight(iw, self.spec, "qat"))
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bits={self.bits}, group={self.group_size}"
+
+
+def prepare_fake_quant(model: torch.nn.Module, names: Iterable[str], spec: QuantSpec,
+                       grad_scaling: bool = True) -> dict[str, FakeQuantLinear]:
+    """Swap each named linear for a ``FakeQuantLinear`` (in place); returns them by name."""
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, torch.nn.Linear):
+            raise LowbitError(f"{name} is a {type(layer).__name__}; fake-quant training swaps torch.nn.Linear layers")
+        out[name] = FakeQuantLinear.from_linear(layer, spec, grad_scaling).to(layer.weight.device)
+        model.set_submodule(name, out[name])
+    return out
+
+
+def convert_fake_quant(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Swap every ``FakeQuantLinear`` back for its typed quantized linear; returns their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).convert(dtype))
+    return names
