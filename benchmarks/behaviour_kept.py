@@ -35,7 +35,8 @@ ROWS = [
     ("KIVI4 (KV cache)", "kv_cache", ["ppl", "KIVI4"], ["kv_cache.py", "--only", "ppl", "--settings", "none", "KIVI4"]),
     ("mixed 3.5 bpw", "mixed_precision", ["rows", "mixed-3.50"], ["mixed_precision.py", "--redo", "mixed-3.50"]),
     ("gptq-w3g64", "weight_only", ["gptq-w3g64"], ["weight_only.py", "--only", "gptq-w3g64"]),
-    ("awq-w3g64", "weight_only", ["awq-w3g64"], ["weight_only.py", "--only", "awq-w3g64"]),]
+    ("awq-w3g64", "weight_only", ["awq-w3g64"], ["weight_only.py", "--only", "awq-w3g64"]),
+]
 
 
 def _row(data: dict | None, path: list[str]) -> dict | None:

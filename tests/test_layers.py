@@ -5,7 +5,7 @@ A part is a subpackage (``lowbit.core``, ``lowbit.models``, ...) or a top-level 
 (``import lowbit.x``, ``from lowbit.x import y``, ``from lowbit import x``), relative, and those
 inside functions (a lazy import hides a cycle from Python, not from the design).  The layers, bottom
 up: core math and the format / architecture descriptions (``errors``, ``fields``, ``spec``, ``core``,
-``arch``, ``checkpoint``); modules and formats (``rotation``, ``activations``, ``packed``,
+``arch``, ``checkpoint``); modules and formats (``rotation``, ``activations``, ``quantized_layers``, ``packed``, ``qat``,
 ``kvcache``, ``data``, ``export``); model loading (``models``) and evaluation; steps
 (``transforms``, ``methods``); pipelines and the experiment job (``pipeline``, ``recipe``,
 ``quantization``, ``experiment``, ``analysis``); the command line (``cli``) on top.

@@ -24,7 +24,8 @@ from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantize
 from lowbit.spec import QuantSpec
 
 
-def _check_spec(spec: QuantSpec) -> None:
+def check_trainable_spec(spec: QuantSpec) -> None:
+    """LowbitError unless fake-quant training can hold ``spec`` (int, group or channel granularity)."""
     if spec.type != "int" or spec.granularity not in ("group", "channel"):
         raise LowbitError(f"fake-quant training takes int specs with group or channel granularity, not "
                           f"{spec.type} {spec.granularity}; use e.g. W4_G64")
@@ -54,7 +55,7 @@ class FakeQuantLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, layer: torch.nn.Module, spec: QuantSpec, grad_scaling: bool = True) -> "FakeQuantLinear":
         """Start from the layer's own codes when a step already rounded it, else from RTN min-max."""
-        _check_spec(spec)
+        check_trainable_spec(spec)
         w = layer.weight.data
         init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
         return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling)
