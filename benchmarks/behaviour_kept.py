@@ -66,7 +66,8 @@ def table() -> list[dict]:
         old, new = _row(_load(name, BEFORE_REV), path), _row(_load(name, None), path)
         rows.append({"row": label, "ppl_before": None if old is None else old.get("perplexity"),
                      "ppl_now": None if new is None else new.get("perplexity"),
-                     "seconds_before": _seconds(old), "seconds_now": _seconds(new)})
+                     "seconds_before": _seconds(old), "seconds_now": _seconds(new),
+                     "rerun": new is not None and new != old})  # a re-run always records new seconds
     return rows
 
 
@@ -87,10 +88,10 @@ def main() -> None:
              f"(KIVI4: evaluation seconds) before the step-contract rewrite (git {BEFORE_REV}) and now, each re-run "
              "by its own benchmark script with unchanged settings. Times are from different runs of the same 2-core "
              "machine; compare them only with the load noted in the commit that recorded them.", "",
-             "| row | ppl before | ppl now | s before | s now |", "|---|---|---|---|---|"]
+             "| row | ppl before | s before | ppl now | s now |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['row']} | {_f(r['ppl_before'], '.3f')} | {_f(r['ppl_now'], '.3f')} | "
-                     f"{_f(r['seconds_before'], '.0f')} | {_f(r['seconds_now'], '.0f')} |")
+        now = f"{_f(r['ppl_now'], '.3f')} | {_f(r['seconds_now'], '.0f')}" if r["rerun"] else "not re-run | -"
+        lines.append(f"| {r['row']} | {_f(r['ppl_before'], '.3f')} | {_f(r['seconds_before'], '.0f')} | {now} |")
     write_results("behaviour_kept", {"before_rev": BEFORE_REV, "rows": rows}, lines)
 
 
