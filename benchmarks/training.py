@@ -68,8 +68,8 @@ def main() -> None:
     lines = ["# Training-based quantization", "",
              "smollm2-135m, perplexity on the first 10 WikiText-2 test windows of 2048 (fp32: "
              f"{ptq['fp32']['perplexity']:.2f}). Block-AP trains on the calibration windows (128 x 512 WikiText-2 "
-             "validation tokens, seed 0; batches of 8 windows, one optimizer step each), starting from GPTQ's codes. "
-             "Wall time is the whole quantization (GPTQ start + training) on this 2-core CPU; the PTQ rows' times are "
+             "validation tokens, seed 0; batches of 8 windows, one optimizer step each), starting from round-to-nearest. "
+             "Wall time is the whole quantization (start + training) on this 2-core CPU; the PTQ rows' times are "
              "from weight_only.json (other runs: compare ratios to its fp32 eval speed, given per row).", "",
              "| row | bits | ppl | PTQ at equal bits | train tokens / block | steps (total) | wall s | eval tok/s |",
              "|---|---|---|---|---|---|---|---|"]
