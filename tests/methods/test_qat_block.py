@@ -48,3 +48,27 @@ def test_specs_it_cannot_train_are_refused():
         get_method("qat-block", preset("NF4"))
     with pytest.raises(LowbitError, match="epochs"):
         get_method("qat-block", W2, {"epochs": 0})
+
+
+def test_e2e_qp_trains_scales_only_and_keeps_codes(tiny_llama, tiny_calib):
+    method = get_method("qat-block", W2, {"init": "rtn", "epochs": 1, "e2e_steps": 6, "e2e_lr": 1e-2,
+                                          "e2e_batch": 4})
+    targets = {n: method for n, m in tiny_llama.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    from lowbit.pipeline.sequential import run_sequential
+
+    codes_seen = {}
+
+    def keep_codes(model, calib, original=method.finish_model):
+        codes_seen.update({n: int_weight_of(model.get_submodule(n)).codes.clone() for n in targets})
+        original(model, calib)
+
+    method.finish_model = keep_codes
+    run_sequential(tiny_llama, targets, tiny_calib, batch_size=4, progress=False)
+    e2e = method.records[-1]
+    assert e2e["e2e_steps"] == 6 and e2e["e2e_tokens"] == 6 * 4 * tiny_calib.shape[1]
+    for n in targets:
+        layer = tiny_llama.get_submodule(n)
+        assert quantized_weight(layer).method == "qat-block"
+        assert torch.equal(int_weight_of(layer).codes, codes_seen[n])  # codes frozen, scales moved
+    assert all(p.requires_grad for p in tiny_llama.parameters())  # the model's own flags are back

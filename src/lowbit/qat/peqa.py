@@ -9,6 +9,7 @@ typed quantized layers holding the tuned scales, which every exporter takes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -64,11 +65,14 @@ class ScaleTunedLinear(torch.nn.Module):
         return mark_quantized(out, QuantizedWeight(iw, self.spec, "peqa"))
 
 
-def prepare_peqa(model: torch.nn.Module) -> dict[str, ScaleTunedLinear]:
-    """Swap every integer-quantized linear for a ``ScaleTunedLinear`` and freeze everything else."""
+def prepare_peqa(model: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, ScaleTunedLinear]:
+    """Swap every integer-quantized linear (or those of ``names``) for a ``ScaleTunedLinear`` and freeze
+    everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_quantized(m)}
+    wanted = None if names is None else set(names)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_quantized(m)
+              and (wanted is None or n in wanted)}
     if not layers:
         raise LowbitError("PEQA tunes the scales of integer-quantized layers, and this model has none; quantize it "
                           "first (e.g. lowbit quantize --recipe gptq-w4g64)")

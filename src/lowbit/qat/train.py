@@ -35,23 +35,30 @@ def train_next_token(model: torch.nn.Module, windows: torch.Tensor, steps: int, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
     gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     result = TrainResult(trained_params=sum(p.numel() for p in params))
     was_training = model.training
     model.train()
     try:
-        for _ in range(steps):
-            if len(order) < batch_size:
-                order = torch.randperm(windows.shape[0], generator=gen).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-            batch = windows[idx].to(next(model.parameters()).device)
-            opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            result.losses.append(loss.item())
-            result.tokens += batch.numel()
+        with torch.enable_grad():  # callers may run under no_grad (the sequential pipeline does)
+            _steps(model, windows, steps, batch_size, gen, opt, sched, result)
     finally:
         model.train(was_training)
     return result
+
+
+def _steps(model: torch.nn.Module, windows: torch.Tensor, steps: int, batch_size: int, gen: torch.Generator,
+           opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, result: TrainResult) -> None:
+    """The optimizer steps: batches drawn without replacement per pass over the windows."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.randperm(windows.shape[0], generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = windows[idx].to(next(model.parameters()).device)
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        result.losses.append(loss.item())
+        result.tokens += batch.numel()
