@@ -73,3 +73,41 @@ def test_bad_inputs(tiny_llama, tiny_calib, tmp_path):
     save_file({"x.scale": torch.ones(1)}, str(bad), metadata={"format": "lowbit-peqa-scales"})
     with pytest.raises(LowbitError, match="other layers"):
         load_task(model, bad)
+
+
+
+def _word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))} | {"[UNK]": 255}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def test_finetune_cli_on_a_saved_checkpoint(tiny_llama, tiny_calib, tmp_path, capsys):
+    """The user path: quantize -> save -> lowbit finetune --method peqa -> a task file that swaps in."""
+    import json
+
+    from lowbit.cli import main
+    from lowbit.models.loading import load_model
+    from lowbit.quantization import save_quantized
+
+    model = _quantized(tiny_llama, tiny_calib)
+    words = [f"w{i % 40}" for i in range(4000)]
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(" ".join(words[i:i + 20]) for i in range(0, len(words), 20)))
+    ckpt, _ = save_quantized(model, _word_tokenizer(words), None, tmp_path / "q")
+    out = tmp_path / "task"
+    args = [str(ckpt), "--steps", "3", "--batch-size", "2", "--seqlen", "16", "--data", str(text), "--out", str(out)]
+    assert main(["finetune", *args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 2 * 16 and summary["task_bytes"] > 0
+    loaded, _ = load_model(ckpt, require_tokenizer=False)
+    prepare_peqa(loaded)
+    load_task(loaded, out / "peqa_task.safetensors")  # the task swaps into the saved checkpoint
+    (out / "notes.txt").write_text("mine")  # now the directory holds a file lowbit did not write
+    assert main(["finetune", *args]) == 2  # refused before any work: --overwrite needed
+    assert "error:" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert main(["finetune", *args[:2], "0", *args[3:], "--overwrite"]) == 2  # --steps 0

@@ -1,6 +1,6 @@
 """The ``lowbit`` command line: ``lowbit info|eval|quantize ...``.
 
-One module per command (``info``, ``eval``, ``quantize`` for quantize and compress, ``generate``,
+One module per command (``info``, ``eval``, ``quantize`` for quantize and compress, ``finetune``, ``generate``,
 ``bench``, ``sweep``, ``export``, ``analysis`` for analyze and report), each with ``add_parser(sub)``
 and the function its parser runs; the option groups they share are in ``lowbit.cli.options``.
 The command line is the top layer: nothing else in lowbit imports it."""
@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lowbit.cli import analysis, bench, export, generate, info, quantize, sweep
+from lowbit.cli import analysis, bench, export, finetune, generate, info, quantize, sweep
 from lowbit.cli import eval as eval_command
 from lowbit.errors import LowbitError
 
-COMMANDS = (info, eval_command, quantize, generate, bench, sweep, export, analysis)  # the order --help lists
+COMMANDS = (info, eval_command, quantize, finetune, generate, bench, sweep, export, analysis)  # the order --help lists
 
 __all__ = ["build_parser", "main"]
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.packed.intweight import IntWeight, expand_groups, int_weight_of
+from lowbit.packed.qlinear import QuantLinear
 from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized, quantized_weight
 
 TASK_FORMAT = "lowbit-peqa-scales"
@@ -65,24 +66,30 @@ class ScaleTunedLinear(torch.nn.Module):
         return mark_quantized(out, QuantizedWeight(iw, self.spec, "peqa"))
 
 
+def _int_layer(m: torch.nn.Module) -> bool:
+    """A layer lowbit quantized (in memory) or a packed one read back from a checkpoint."""
+    return isinstance(m, QuantLinear) or (isinstance(m, torch.nn.Linear) and is_quantized(m))
+
+
 def prepare_peqa(model: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, ScaleTunedLinear]:
     """Swap every integer-quantized linear (or those of ``names``) for a ``ScaleTunedLinear`` and freeze
     everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
     wanted = None if names is None else set(names)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_quantized(m)
-              and (wanted is None or n in wanted)}
+    layers = {n: m for n, m in model.named_modules() if _int_layer(m) and (wanted is None or n in wanted)}
     if not layers:
         raise LowbitError("PEQA tunes the scales of integer-quantized layers, and this model has none; quantize it "
                           "first (e.g. lowbit quantize --recipe gptq-w4g64)")
     out = {}
     for name, layer in layers.items():
         try:
-            iw = int_weight_of(layer)
+            iw = layer.int_weight() if isinstance(layer, QuantLinear) else int_weight_of(layer)
         except LowbitError as e:
             raise LowbitError(f"{name}: {e}; PEQA needs integer codes") from None
-        out[name] = ScaleTunedLinear(iw, layer.bias, quantized_weight(layer).spec).to(layer.weight.device)
+        qw = quantized_weight(layer)
+        device = iw.codes.device
+        out[name] = ScaleTunedLinear(iw, layer.bias, None if qw is None else qw.spec).to(device)
         model.set_submodule(name, out[name])
     return out
 
