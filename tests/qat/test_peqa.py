@@ -111,3 +111,37 @@ def test_finetune_cli_on_a_saved_checkpoint(tiny_llama, tiny_calib, tmp_path, ca
     assert main(["finetune", *args]) == 2  # refused before any work: --overwrite needed
     assert "error:" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
     assert main(["finetune", *args[:2], "0", *args[3:], "--overwrite"]) == 2  # --steps 0
+
+
+
+def test_resume_ends_bit_identical_and_refuses_other_runs(tiny_llama, tiny_calib, tmp_path):
+    import copy
+
+    model = _quantized(tiny_llama, tiny_calib)
+    prepare_peqa(model)
+    start = copy.deepcopy(model)
+    text = torch.arange(64).repeat(8, 1) % 50
+    kw = {"steps": 6, "lr": 1e-2, "batch_size": 2}
+    full_model = copy.deepcopy(start)
+    full = train_next_token(full_model, text, **kw)
+
+    killed = copy.deepcopy(start)
+    calls = {"n": 0}
+
+    def die_on_fifth(module, args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    handle = killed.register_forward_pre_hook(die_on_fifth)
+    ckpt = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_next_token(killed, text, checkpoint=ckpt, every=2, **kw)
+    handle.remove()
+    resumed_model = copy.deepcopy(start)  # a new process: the model as loaded, plus the checkpoint
+    resumed = train_next_token(resumed_model, text, checkpoint=ckpt, every=2, resume=True, **kw)
+    assert resumed.resumed_at == 4 and resumed.losses == full.losses
+    for (n, a), b in zip(task_scales(full_model).items(), task_scales(resumed_model).values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(LowbitError, match="another run"):
+        train_next_token(copy.deepcopy(start), text[:4], checkpoint=ckpt, resume=True, **kw)  # other data

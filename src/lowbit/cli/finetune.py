@@ -43,6 +43,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=int, default=0, help="perplexity on this many WikiText-2 test windows "
                                                                "of 2048 before and after (0: none)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="training state written here every --save-every steps (atomic), for --resume")
+    p.add_argument("--save-every", type=int, default=0, metavar="K")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (same arguments): ends "
+                                                        "bit-identical to an uninterrupted run")
     p.add_argument("--out", required=True, help="directory for the task's scales and finetune.json")
     add_overwrite_option(p)
     add_dtype_option(p)
@@ -57,8 +62,14 @@ def _check(args: argparse.Namespace) -> Path:
             raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise LowbitError(f"--lr must be positive, got {args.lr}")
-    if args.eval_windows < 0:
-        raise LowbitError(f"--eval-windows must be 0 or more, got {args.eval_windows}")
+    if args.eval_windows < 0 or args.save_every < 0:
+        raise LowbitError("--eval-windows and --save-every must be 0 or more")
+    if (args.resume or args.save_every) and not args.checkpoint:
+        raise LowbitError("--resume and --save-every need --checkpoint FILE (where the training state lives)")
+    if args.resume and not Path(args.checkpoint).is_file():
+        raise LowbitError(f"--resume: no checkpoint at {args.checkpoint}; drop --resume to start over")
+    if args.checkpoint and not args.resume:
+        check_output(args.checkpoint, "file", args.overwrite, [args.model], "--checkpoint")
     return check_output(args.out, "dir", args.overwrite, [args.model], "--out")
 
 
@@ -85,12 +96,13 @@ def run(args: argparse.Namespace) -> int:
 
     before = ppl()
     t0 = time.perf_counter()
-    result = train_next_token(model, windows, args.steps, args.lr, args.batch_size, args.seed)
+    result = train_next_token(model, windows, args.steps, args.lr, args.batch_size, args.seed,
+                              checkpoint=args.checkpoint, every=args.save_every, resume=args.resume)
     seconds = time.perf_counter() - t0
     after = ppl()
     summary = {"method": args.method, "model": str(args.model), "data": args.data, "steps": args.steps,
                "tokens": result.tokens, "trained_params": result.trained_params, "layers": len(layers),
-               "seconds": seconds, "loss_first": result.losses[0], "loss_last": result.losses[-1],
+               "seconds": seconds, "resumed_at_step": result.resumed_at, "loss_first": result.losses[0], "loss_last": result.losses[-1],
                "perplexity_before": before, "perplexity_after": after, "eval_windows": args.eval_windows}
     with allow_replace(out) if args.overwrite else contextlib.nullcontext(), atomic_dir(out) as tmp:
         summary["task_bytes"] = save_task(model, tmp / TASK_FILE)

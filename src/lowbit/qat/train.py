@@ -1,15 +1,23 @@
 """A small seeded training loop for causal LMs: next-token loss on token windows, AdamW, cosine decay.
 
 Used by PEQA (scales only) and end-to-end QAT: whatever parameters of the model require gradients train.
+With a checkpoint path, the whole state (trained parameters, optimizer, schedule, batch order, losses) is
+written atomically every ``every`` steps; ``resume`` continues from it and ends bit-identical to a run
+that was never interrupted.  A checkpoint records what run it belongs to (the trained tensors' names and
+shapes, the data, the settings) and is refused for any other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 
 
@@ -18,10 +26,31 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step
     tokens: int = 0
     trained_params: int = 0
+    resumed_at: int = 0  # the step a resumed run started from (0: from the start)
+
+
+@dataclass
+class _State:
+    step: int = 0
+    order: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def _run_id(model: torch.nn.Module, windows: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int) -> str:
+    """What a checkpoint must match: the trained tensors, the data and the settings."""
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(f"{n}:{tuple(p.shape)};".encode())
+    h.update(windows.contiguous().cpu().numpy().tobytes())
+    h.update(f"{steps},{lr!r},{batch_size},{seed}".encode())
+    return h.hexdigest()
 
 
 def train_next_token(model: torch.nn.Module, windows: torch.Tensor, steps: int, lr: float = 1e-4,
-                     batch_size: int = 4, seed: int = 0) -> TrainResult:
+                     batch_size: int = 4, seed: int = 0, checkpoint: str | Path | None = None, every: int = 0,
+                     resume: bool = False) -> TrainResult:
     """Train the parameters of ``model`` that require gradients on ``windows`` (n, seqlen) token ids:
     ``steps`` AdamW steps of ``batch_size`` windows each, drawn without replacement per pass (seeded)."""
     if steps < 1:
@@ -29,36 +58,75 @@ def train_next_token(model: torch.nn.Module, windows: torch.Tensor, steps: int, 
     if windows.dim() != 2 or windows.shape[0] < batch_size:
         raise LowbitError(f"training needs at least one batch of {batch_size} windows, got {tuple(windows.shape)}; "
                           "use more data or a smaller batch size")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LowbitError("no parameter of this model requires gradients: nothing to train")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
     gen = torch.Generator().manual_seed(seed)
-    result = TrainResult(trained_params=sum(p.numel() for p in params))
+    state = _State()
+    run_id = _run_id(model, windows, steps, lr, batch_size, seed) if checkpoint is not None else ""
+    if resume:
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise LowbitError(f"nothing to resume: no checkpoint at {checkpoint}")
+        _load(Path(checkpoint), run_id, model, names, opt, sched, gen, state)
+    result = TrainResult(trained_params=sum(p.numel() for p in params), resumed_at=state.step)
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():  # callers may run under no_grad (the sequential pipeline does)
-            _steps(model, windows, steps, batch_size, gen, opt, sched, result)
+            while state.step < steps:
+                _step(model, windows, batch_size, gen, opt, sched, state)
+                if checkpoint is not None and every and (state.step % every == 0 or state.step == steps):
+                    _save(Path(checkpoint), run_id, model, names, opt, sched, gen, state)
     finally:
         model.train(was_training)
+    result.losses, result.tokens = state.losses, state.tokens
     return result
 
 
-def _steps(model: torch.nn.Module, windows: torch.Tensor, steps: int, batch_size: int, gen: torch.Generator,
-           opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, result: TrainResult) -> None:
-    """The optimizer steps: batches drawn without replacement per pass over the windows."""
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.randperm(windows.shape[0], generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = windows[idx].to(next(model.parameters()).device)
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        result.losses.append(loss.item())
-        result.tokens += batch.numel()
+def _step(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, gen: torch.Generator,
+          opt: torch.optim.Optimizer, sched: Any, state: _State) -> None:
+    """One optimizer step on the next ``batch_size`` windows of the shuffled order."""
+    if len(state.order) < batch_size:
+        state.order = torch.randperm(windows.shape[0], generator=gen).tolist()
+    idx, state.order = state.order[:batch_size], state.order[batch_size:]
+    batch = windows[idx].to(next(model.parameters()).device)
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    sched.step()
+    state.step += 1
+    state.losses.append(loss.item())
+    state.tokens += batch.numel()
+
+
+def _save(path: Path, run_id: str, model: torch.nn.Module, names: list[str], opt: torch.optim.Optimizer,
+          sched: Any, gen: torch.Generator, state: _State) -> None:
+    params = dict(model.named_parameters())
+    blob = {"run_id": run_id, "params": {n: params[n].detach().cpu().clone() for n in names},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+            "step": state.step, "order": state.order, "losses": state.losses, "tokens": state.tokens}
+    with atomic_file(path) as tmp:
+        torch.save(blob, tmp)
+
+
+@torch.no_grad()
+def _load(path: Path, run_id: str, model: torch.nn.Module, names: list[str], opt: torch.optim.Optimizer,
+          sched: Any, gen: torch.Generator, state: _State) -> None:
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise LowbitError(f"{path} is not a lowbit training checkpoint ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("run_id") != run_id:
+        raise LowbitError(f"{path} belongs to another run (other model, data or settings); resume with the same "
+                          "arguments, or start over without --resume")
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].copy_(blob["params"][n])
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    gen.set_state(blob["generator"])
+    state.step, state.order, state.losses, state.tokens = blob["step"], blob["order"], blob["losses"], blob["tokens"]
