@@ -1,5 +1,6 @@
-"""Training-time quantized modules: fake-quantized layers with learnable ranges, and the swaps that
-put them in a model and take them out again as typed quantized layers."""
+"""Training with quantization: fake-quantized layers with learnable ranges (``fake_linear``), PEQA's
+scale-only tuning (``peqa``), QLoRA's frozen NF4 base under peft adapters (``qlora``) and the seeded,
+resumable training loop they share (``train``)."""
 
 from lowbit.qat.fake_linear import FakeQuantLinear, convert_fake_quant, prepare_fake_quant
 
