@@ -72,3 +72,16 @@ def test_e2e_qp_trains_scales_only_and_keeps_codes(tiny_llama, tiny_calib):
         assert quantized_weight(layer).method == "qat-block"
         assert torch.equal(int_weight_of(layer).codes, codes_seen[n])  # codes frozen, scales moved
     assert all(p.requires_grad for p in tiny_llama.parameters())  # the model's own flags are back
+
+
+def test_report_measures_the_trained_weight(tiny_llama, tiny_calib):
+    """The layer report's errors are those of the final (trained) weight, not of the RTN start."""
+    spec = W2.to_dict()
+    entry = {"method": "qat-block", "spec": spec, "ignore": ["lm_head"],
+             "options": {"init": "rtn", "epochs": 4, "lr_weight": 1e-3, "lr_quant": 1e-3}}
+    fp = {n: m.weight.detach().clone() for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)}
+    report = quantize(tiny_llama, {"name": "t", "methods": [entry]}, tiny_calib, batch_size=4, progress=False)
+    for layer in report.layers:
+        w = tiny_llama.get_submodule(layer["name"]).weight.data
+        expect = (fp[layer["name"]] - w).pow(2).sum().item() / fp[layer["name"]].pow(2).sum().item()
+        assert layer["weight_error"] == pytest.approx(expect, rel=1e-6)

@@ -180,8 +180,8 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
                stage: dict[str, WeightMethod], modules: dict[str, torch.nn.Module],
                tracks: dict[str, _LayerTrack], transforms: list[Any]) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
     """One stage of one block: prepare, collect statistics, round or rewrite each layer, quantize inputs,
-    finish.  Returns the rounded layers' reports and, where no statistics were collected, their fp weights
-    (their output errors are measured while the block propagates)."""
+    finish.  Returns the rounded layers' reports and, where no statistics were collected or the step trains
+    after rounding, their fp weights (their errors are measured while the block propagates)."""
     contexts = [(m, BlockContext(model, block, index, prefix, inputs,
                                  {n: modules[n] for n, mm in stage.items() if mm is m}))
                 for m in {id(m): m for m in stage.values()}.values()]
@@ -202,7 +202,10 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
     for name, method in stage.items():
         tracks[name].steps.append(method.name)
         if method.rounds():
-            report, original = _round_layer(name, method, modules[name], stats, keep_original=not collected)
+            # a step that trains the block after rounding (finish_block) changes the weight again: its layers'
+            # errors are measured on the final weight, while the block propagates
+            trains = type(method).finish_block is not WeightMethod.finish_block
+            report, original = _round_layer(name, method, modules[name], stats, keep_original=not collected or trains)
             reports.append(report)
             if original is not None:
                 originals[name] = original
@@ -271,8 +274,9 @@ def run_sequential(
             stats = collector.finalize()
             for r in reports:
                 if r.name in originals:
-                    r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name],
-                                                  modules[r.name].weight.data)
+                    final = modules[r.name].weight.data
+                    r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name], final)
+                    r.weight_error = _weight_error(originals[r.name], final)
             del stats
         else:
             _propagate(block, inputs)
