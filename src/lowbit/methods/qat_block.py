@@ -142,8 +142,11 @@ class QATBlock(WeightMethod):
             return
         fqs = {}
         for n in ctx.layers:
-            latent, start = self._start.pop(n)
-            fqs[n] = FakeQuantLinear(latent, None, start, self.spec)
+            if n in self._start:  # a layer no calibration token reached was rounded by the fallback instead
+                latent, start = self._start.pop(n)
+                fqs[n] = FakeQuantLinear(latent, None, start, self.spec)
+        if not fqs:
+            return
         before = self._loss(ctx, fqs)
         steps = self.epochs * len(self._teacher)
         opt, sched = self._optimizer(fqs, steps)
