@@ -77,6 +77,27 @@ def mark_quantized(layer: torch.nn.Module, weight: QuantizedWeight) -> torch.nn.
     return layer
 
 
+def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+                     ) -> QuantizedLinear:
+    """A new typed linear holding ``weight``: its ``weight`` parameter is ``weight.form.dequantize(dtype)``
+    (any form with ``shape`` and ``dequantize``), its bias a copy of ``bias``."""
+    out_f, in_f = weight.form.shape
+    layer = torch.nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.form.dequantize(dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+    return mark_quantized(layer, weight)
+
+
+def convert_modules(model: torch.nn.Module, cls: type, dtype: torch.dtype = torch.float32, **kw: object) -> list[str]:
+    """Swap every ``cls`` module of ``model`` for what its ``convert(dtype, **kw)`` returns; their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, cls)]
+    for name in names:
+        model.set_submodule(name, model.get_submodule(name).convert(dtype, **kw))
+    return names
+
+
 def quantized_weight(layer: torch.nn.Module) -> QuantizedWeight | None:
     """The layer's ``QuantizedWeight``, or None when no step rounded it."""
     return layer.quantized if isinstance(layer, QuantizedModule) else None

@@ -46,7 +46,7 @@ from lowbit.core.floats import FloatQuantized
 from lowbit.packed.floatweight import FloatWeight, float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of
 from lowbit.packed.qlinear import QuantLinear
-from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized, quantized_weight
+from lowbit.quantized_layers import QuantizedWeight, is_quantized, quantized_linear, quantized_weight
 from lowbit.rotation.online import input_rotations
 from lowbit.rotation.permutation import output_permutations
 from lowbit.spec import QuantSpec, SpecError
@@ -278,9 +278,7 @@ def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: to
                           f"disagree; {CT_FIX}")
     if isinstance(w, IntWeight):
         return QuantLinear(w, old.bias, dtype)
-    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, dtype=dtype)
-    new.weight.data.copy_(w.dequantize(dtype))
-    return mark_quantized(new, QuantizedWeight(w, None, "compressed-tensors"))
+    return quantized_linear(QuantizedWeight(w, None, "compressed-tensors"), old.bias, dtype)
 
 
 def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tensor], quantized: set[str]) -> None:

@@ -39,7 +39,7 @@ from lowbit.packed.intweight import int_weight_from_codes, int_weight_from_quant
 from lowbit.qat.fake_linear import FakeQuantLinear, check_trainable_spec
 from lowbit.qat.peqa import convert_peqa, prepare_peqa
 from lowbit.qat.train import train_next_token
-from lowbit.quantized_layers import QuantizedWeight, mark_quantized, quantized_weight
+from lowbit.quantized_layers import QuantizedWeight, mark_quantized
 from lowbit.solvers.storage import CodeBlock, bits_per_weight
 
 
@@ -85,11 +85,9 @@ class QATBlock(WeightMethod):
         try:
             result = train_next_token(model, calib, self.e2e_steps, self.e2e_lr, min(self.e2e_batch, calib.shape[0]))
         finally:
-            convert_peqa(model)
+            convert_peqa(model, method=self.name)
             for p, g in grads.items():
                 p.requires_grad_(g)
-        for n in self._trained:  # the layers are new typed modules now: keep this step's name on them
-            quantized_weight(model.get_submodule(n)).method = self.name
         self.records.append({"e2e_steps": self.e2e_steps, "e2e_tokens": result.tokens,
                              "e2e_loss_first": result.losses[0], "e2e_loss_last": result.losses[-1]})
 

@@ -20,7 +20,7 @@ from lowbit.core.lsq import fake_quant_lsq, lsq_codes, lsq_grad_factor
 from lowbit.core.quant import quantize
 from lowbit.errors import LowbitError
 from lowbit.packed.intweight import IntWeight, int_weight_from_quantized, int_weight_of
-from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized
+from lowbit.quantized_layers import QuantizedWeight, convert_modules, is_quantized, quantized_linear
 from lowbit.spec import QuantSpec
 
 
@@ -83,15 +83,9 @@ class FakeQuantLinear(torch.nn.Module):
         return IntWeight(codes, self.scale.detach().float().clone(), zero, self.bits,
                          self.group_size if self.spec.granularity == "group" else None)
 
-    def convert(self, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
+    def convert(self, dtype: torch.dtype = torch.float32, method: str = "qat") -> torch.nn.Linear:
         """A plain linear with the trained weight on its grid, as a typed quantized layer."""
-        iw = self.int_weight()
-        out = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None, dtype=dtype)
-        with torch.no_grad():
-            out.weight.copy_(iw.dequantize(dtype))
-            if self.bias is not None:
-                out.bias.copy_(self.bias.detach())
-        return mark_quantized(out, QuantizedWeight(iw, self.spec, "qat"))
+        return quantized_linear(QuantizedWeight(self.int_weight(), self.spec, method), self.bias, dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bits={self.bits}, group={self.group_size}"
@@ -112,7 +106,4 @@ def prepare_fake_quant(model: torch.nn.Module, names: Iterable[str], spec: Quant
 
 def convert_fake_quant(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
     """Swap every ``FakeQuantLinear`` back for its typed quantized linear; returns their names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-    for name in names:
-        model.set_submodule(name, model.get_submodule(name).convert(dtype))
-    return names
+    return convert_modules(model, FakeQuantLinear, dtype)

@@ -21,7 +21,7 @@ from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.packed.intweight import IntWeight, expand_groups, int_weight_of
 from lowbit.packed.qlinear import QuantLinear
-from lowbit.quantized_layers import QuantizedWeight, is_quantized, mark_quantized, quantized_weight
+from lowbit.quantized_layers import QuantizedWeight, convert_modules, is_quantized, quantized_linear, quantized_weight
 
 TASK_FORMAT = "lowbit-peqa-scales"
 
@@ -56,14 +56,9 @@ class ScaleTunedLinear(torch.nn.Module):
         return IntWeight(self.codes.clone(), self.scale.detach().clone(), None if self.zero is None else
                          self.zero.clone(), self.bits, self.group_size)
 
-    def convert(self, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
-        iw = self.int_weight()
-        out = torch.nn.Linear(iw.shape[1], iw.shape[0], bias=self.bias is not None, dtype=dtype)
-        with torch.no_grad():
-            out.weight.copy_(iw.dequantize(dtype))
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return mark_quantized(out, QuantizedWeight(iw, self.spec, "peqa"))
+    def convert(self, dtype: torch.dtype = torch.float32, method: str = "peqa") -> torch.nn.Linear:
+        """A plain linear holding the codes with the current scales, as a typed quantized layer."""
+        return quantized_linear(QuantizedWeight(self.int_weight(), self.spec, method), self.bias, dtype)
 
 
 def _int_layer(m: torch.nn.Module) -> bool:
@@ -129,9 +124,7 @@ def load_task(model: torch.nn.Module, path: str | Path) -> None:
             m.scale.copy_(s)
 
 
-def convert_peqa(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Swap every ``ScaleTunedLinear`` back for a typed quantized linear with its current scales."""
-    names = [n for n, m in model.named_modules() if isinstance(m, ScaleTunedLinear)]
-    for n in names:
-        model.set_submodule(n, model.get_submodule(n).convert(dtype))
-    return names
+def convert_peqa(model: torch.nn.Module, dtype: torch.dtype = torch.float32, method: str = "peqa") -> list[str]:
+    """Swap every ``ScaleTunedLinear`` back for a typed quantized linear with its current scales, recorded as
+    made by ``method``."""
+    return convert_modules(model, ScaleTunedLinear, dtype, method=method)
