@@ -98,6 +98,8 @@ def quantize(
     transforms = rec.build_transforms()
     for t in transforms:
         t.check_model(model)
+    if rec.kv_cache is not None:
+        model.lowbit_kv_cache = rec.kv_cache  # the cache the model will run with: training steps (LLM-QAT) read it
     t0 = time.perf_counter()
     for t in transforms:
         t.apply_model(model)

@@ -16,8 +16,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from lowbit.activations.attach import act_quantizer_of, attach_input_quantizer
 from lowbit.core.lsq import fake_quant_lsq, lsq_codes, lsq_grad_factor
-from lowbit.core.quant import quantize
+from lowbit.core.quant import dequantize, quantize
+from lowbit.core.ste import straight_through
 from lowbit.errors import LowbitError
 from lowbit.packed.intweight import IntWeight, int_weight_from_quantized, int_weight_of
 from lowbit.quantized_layers import QuantizedWeight, convert_modules, is_quantized, quantized_linear
@@ -35,7 +37,7 @@ class FakeQuantLinear(torch.nn.Module):
     """A linear layer whose weight is fake-quantized with learnable scales and zero points."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: IntWeight, spec: QuantSpec,
-                 grad_scaling: bool = True) -> None:
+                 grad_scaling: bool = True, learn_range: bool = True) -> None:
         super().__init__()
         if init.g_idx is not None:
             raise LowbitError("act-order codes (g_idx) cannot be trained in place; quantize with act_order: false "
@@ -47,24 +49,32 @@ class FakeQuantLinear(torch.nn.Module):
             raise LowbitError(f"group size {self.group_size} does not divide {weight.shape[1]} input features")
         self.weight = torch.nn.Parameter(weight.detach().float().clone())
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
-        self.scale = torch.nn.Parameter(init.scale.detach().float().clone())  # (out, n_groups)
-        self.zero = None if init.zero is None else torch.nn.Parameter(init.zero.detach().float().clone())
+        self.learn_range = learn_range
+        if learn_range:
+            self.scale = torch.nn.Parameter(init.scale.detach().float().clone())  # (out, n_groups)
+            self.zero = None if init.zero is None else torch.nn.Parameter(init.zero.detach().float().clone())
+        else:
+            self.scale = self.zero = None
         self.qmin, self.qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
         self.grad_factor = lsq_grad_factor(self.group_size, self.qmax) if grad_scaling else 1.0
 
     @classmethod
-    def from_linear(cls, layer: torch.nn.Module, spec: QuantSpec, grad_scaling: bool = True) -> "FakeQuantLinear":
+    def from_linear(cls, layer: torch.nn.Module, spec: QuantSpec, grad_scaling: bool = True,
+                    learn_range: bool = True) -> "FakeQuantLinear":
         """Start from the layer's own codes when a step already rounded it, else from RTN min-max."""
         check_trainable_spec(spec)
         w = layer.weight.data
         init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
-        return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling)
+        return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling, learn_range)
 
     def _grouped(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1, self.group_size)
 
     def fake_weight(self) -> torch.Tensor:
         """The fake-quantized weight (differentiable in weight, scale and zero)."""
+        if not self.learn_range:
+            w = self.weight
+            return straight_through(w, dequantize(quantize(w.detach(), self.spec)).to(w.dtype))
         z = None if self.zero is None else self.zero.unsqueeze(-1)
         wq = fake_quant_lsq(self._grouped(self.weight), self.scale.unsqueeze(-1), z, self.qmin, self.qmax,
                             self.grad_factor)
@@ -75,6 +85,8 @@ class FakeQuantLinear(torch.nn.Module):
 
     def int_weight(self) -> IntWeight:
         """The trained codes, scales and zero points as an ``IntWeight`` (dequantizes to ``fake_weight``)."""
+        if not self.learn_range:
+            return int_weight_from_quantized(quantize(self.weight.detach(), self.spec))
         z = None if self.zero is None else self.zero.detach().unsqueeze(-1)
         q, zr = lsq_codes(self._grouped(self.weight.detach()), self.scale.detach().unsqueeze(-1), z, self.qmin,
                           self.qmax)
@@ -92,18 +104,33 @@ class FakeQuantLinear(torch.nn.Module):
 
 
 def prepare_fake_quant(model: torch.nn.Module, names: Iterable[str], spec: QuantSpec,
-                       grad_scaling: bool = True) -> dict[str, FakeQuantLinear]:
-    """Swap each named linear for a ``FakeQuantLinear`` (in place); returns them by name."""
+                       grad_scaling: bool = True, learn_range: bool = True) -> dict[str, FakeQuantLinear]:
+    """Swap each named linear for a ``FakeQuantLinear`` (in place; an input quantizer on the layer moves
+    with it); returns them by name."""
     out = {}
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, torch.nn.Linear):
             raise LowbitError(f"{name} is a {type(layer).__name__}; fake-quant training swaps torch.nn.Linear layers")
-        out[name] = FakeQuantLinear.from_linear(layer, spec, grad_scaling).to(layer.weight.device)
+        out[name] = FakeQuantLinear.from_linear(layer, spec, grad_scaling, learn_range).to(layer.weight.device)
+        _move_input_quantizer(layer, out[name])
         model.set_submodule(name, out[name])
     return out
 
 
-def convert_fake_quant(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Swap every ``FakeQuantLinear`` back for its typed quantized linear; returns their names."""
-    return convert_modules(model, FakeQuantLinear, dtype)
+def convert_fake_quant(model: torch.nn.Module, dtype: torch.dtype = torch.float32, method: str = "qat") -> list[str]:
+    """Swap every ``FakeQuantLinear`` back for its typed quantized linear (input quantizers kept); returns
+    their names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    olds = [model.get_submodule(n) for n in names]
+    convert_modules(model, FakeQuantLinear, dtype, method=method)
+    for name, old in zip(names, olds):
+        _move_input_quantizer(old, model.get_submodule(name))
+    return names
+
+
+def _move_input_quantizer(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """``dst`` quantizes its inputs as ``src`` did (activation fake quantization trains along)."""
+    q = act_quantizer_of(src)
+    if q is not None:
+        attach_input_quantizer(dst, q)
