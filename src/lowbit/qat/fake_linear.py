@@ -26,11 +26,16 @@ from lowbit.quantized_layers import QuantizedWeight, convert_modules, is_quantiz
 from lowbit.spec import QuantSpec
 
 
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def check_trainable_spec(spec: QuantSpec) -> None:
     """LowbitError unless fake-quant training can hold ``spec`` (int, group or channel granularity)."""
     if spec.type != "int" or spec.granularity not in ("group", "channel"):
         raise LowbitError(f"fake-quant training takes int specs with group or channel granularity, not "
                           f"{spec.type} {spec.granularity}; use e.g. W4_G64")
+    if spec.scale_dtype not in ("float32", *_SCALE_DTYPES):
+        raise LowbitError(f"fake-quant training keeps float32, float16 or bfloat16 scales, not {spec.scale_dtype}")
 
 
 class FakeQuantLinear(torch.nn.Module):
@@ -67,6 +72,12 @@ class FakeQuantLinear(torch.nn.Module):
         init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
         return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling, learn_range)
 
+    def _stored_scale(self) -> torch.Tensor:
+        """The scale as the spec stores it (fp16 / bf16 scales rounded, the gradient straight through), so
+        what trains is what exports (GGUF's fp16 block scales hold the codes exactly)."""
+        dtype = _SCALE_DTYPES.get(self.spec.scale_dtype)
+        return self.scale if dtype is None else straight_through(self.scale, self.scale.to(dtype).float())
+
     def _grouped(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1, self.group_size)
 
@@ -76,7 +87,7 @@ class FakeQuantLinear(torch.nn.Module):
             w = self.weight
             return straight_through(w, dequantize(quantize(w.detach(), self.spec)).to(w.dtype))
         z = None if self.zero is None else self.zero.unsqueeze(-1)
-        wq = fake_quant_lsq(self._grouped(self.weight), self.scale.unsqueeze(-1), z, self.qmin, self.qmax,
+        wq = fake_quant_lsq(self._grouped(self.weight), self._stored_scale().unsqueeze(-1), z, self.qmin, self.qmax,
                             self.grad_factor)
         return wq.reshape(self.weight.shape)
 
@@ -88,11 +99,11 @@ class FakeQuantLinear(torch.nn.Module):
         if not self.learn_range:
             return int_weight_from_quantized(quantize(self.weight.detach(), self.spec))
         z = None if self.zero is None else self.zero.detach().unsqueeze(-1)
-        q, zr = lsq_codes(self._grouped(self.weight.detach()), self.scale.detach().unsqueeze(-1), z, self.qmin,
-                          self.qmax)
+        scale = self._stored_scale().detach()
+        q, zr = lsq_codes(self._grouped(self.weight.detach()), scale.unsqueeze(-1), z, self.qmin, self.qmax)
         codes = q.reshape(self.weight.shape).to(torch.int8)
         zero = None if zr is None else zr.squeeze(-1).clamp(self.qmin, self.qmax).to(torch.int8)
-        return IntWeight(codes, self.scale.detach().float().clone(), zero, self.bits,
+        return IntWeight(codes, scale.float().clone(), zero, self.bits,
                          self.group_size if self.spec.granularity == "group" else None)
 
     def convert(self, dtype: torch.dtype = torch.float32, method: str = "qat") -> torch.nn.Linear:
