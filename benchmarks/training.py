@@ -8,6 +8,10 @@ same evaluation).  Finished rows are kept; ``--only NAME ...`` re-runs some.
 
     python benchmarks/training.py
     python benchmarks/training.py --only qat-block-w3g64
+    python benchmarks/training.py --table-only
+
+The other training benchmarks write their own results (``llm_qat.py``, ``finetune.py``, ``optim_states.py``);
+``training.md`` ends with their tables, so the issue's must-shows read in one place.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ROWS = {
     "qat-block-w2g64": (2, []),
     "qat-block-w4g64": (4, ["gptq-w4g64-asym"]),
 }
+PARTS = ["llm_qat", "finetune", "optim_states"]  # results/NAME.md of the other training benchmarks
 CALIB_TOKENS = 128 * 512
 BLOCKS = 30
 
@@ -50,10 +55,11 @@ def _epochs(name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--table-only", action="store_true", help="rewrite training.md from the JSONs")
     args = parser.parse_args()
     path = RESULTS / "training.json"
     rows: dict = json.loads(path.read_text()) if path.exists() else {}
-    for name in args.only or list(ROWS):
+    for name in [] if args.table_only else args.only or list(ROWS):
         if name in rows and not args.only:
             continue
         r = _run(name)
@@ -80,6 +86,10 @@ def main() -> None:
         ref = ", ".join(f"{x} {ptq[x]['perplexity']:.2f}" for x in refs if x in ptq) or "GPTQ W2 collapses (~2000)"
         lines.append(f"| {name} | {bits} | {r['perplexity']:.2f} | {ref} | {r['train_tokens_per_block']} | "
                      f"{r['steps']} | {r['quant_seconds']:.0f} | {r['eval_tokens_per_s']:.0f} |")
+    for part in PARTS:  # the other training benchmarks' tables, as they wrote them
+        md = RESULTS / f"{part}.md"
+        if md.exists():
+            lines += ["", *("#" + x if x.startswith("#") else x for x in md.read_text().splitlines())]
     write_results("training", rows, lines)
 
 

@@ -79,12 +79,19 @@ def mark_quantized(layer: torch.nn.Module, weight: QuantizedWeight) -> torch.nn.
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
                      ) -> QuantizedLinear:
-    """A new typed linear holding ``weight``: its ``weight`` parameter is ``weight.form.dequantize(dtype)``
-    (any form with ``shape`` and ``dequantize``), its bias a copy of ``bias``."""
-    out_f, in_f = weight.form.shape
+    """A new typed linear holding ``weight``: its ``weight`` parameter is the form dequantized (an
+    ``IntWeight``, or any ``lowbit.core`` quantized tensor: int, float, codebook), its bias a copy of ``bias``."""
+    form = weight.form
+    if hasattr(form, "layout"):  # IntQuantized / FloatQuantized / CodebookQuantized
+        from lowbit.core.quant import dequantize
+
+        dense = dequantize(form).to(dtype)
+    else:  # IntWeight
+        dense = form.dequantize(dtype)
+    out_f, in_f = dense.shape
     layer = torch.nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype)
     with torch.no_grad():
-        layer.weight.copy_(weight.form.dequantize(dtype))
+        layer.weight.copy_(dense)
         if bias is not None:
             layer.bias.copy_(bias.detach())
     return mark_quantized(layer, weight)

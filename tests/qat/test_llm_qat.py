@@ -105,5 +105,21 @@ def test_llm_qat_lowers_kl_to_the_fp_model_below_round_to_nearest(tiny_llama):
 def test_llm_qat_rejects_untrainable_specs():
     from lowbit.methods import get_method
 
-    with pytest.raises(LowbitError, match="fake-quant training takes int specs"):
-        get_method("llm-qat", preset("NF4"))
+    kmeans = QuantSpec(type="codebook", fmt="kmeans", bits=3, granularity="channel")
+    with pytest.raises(LowbitError, match="no gradient reaches its table"):
+        get_method("llm-qat", kmeans)
+    with pytest.raises(LowbitError, match="learnable-range .* takes int specs"):
+        get_method("llm-qat", preset("NF4"), {"learn_range": True})
+
+
+@pytest.mark.parametrize("name", ["NF4", "MXFP4"])
+def test_minmax_training_takes_float_and_fixed_codebook_specs(name):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    fq = FakeQuantLinear.from_linear(lin, preset(name), learn_range=False)
+    x = torch.randn(16, 64)
+    fq(x).square().sum().backward()
+    assert fq.weight.grad.abs().sum() > 0  # straight through the format's rounding
+    out = fq.convert()
+    assert torch.equal(out.weight, fq.fake_weight().detach())
+    assert quantized_weight(out).spec.type == preset(name).type

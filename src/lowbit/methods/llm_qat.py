@@ -18,7 +18,7 @@ is of that start); the training runs once every block is done (``finish_model``)
     kv_cache: KV4
     methods:
       - {method: llm-qat, spec: {type: int, bits: 4, granularity: channel}, activations: A8_TOKEN,
-         options: {steps: 100, lr: 5e-5}}
+         options: {steps: 100, lr: 1e-4}}
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LLMQAT(WeightMethod):
     ``temperature``, ``optimizer`` (adamw | adamw8bit | adamw4bit), ``seed``."""
 
     steps: int = bounded(100, ge=1, le=10_000_000)
-    lr: float = bounded(5e-5, gt=0, le=1)
+    lr: float = bounded(1e-4, gt=0, le=1)
     batch: int = bounded(4, ge=1, le=4096)
     learn_range: bool = False
     temperature: float = bounded(1.0, gt=0, le=100)
@@ -60,7 +60,7 @@ class LLMQAT(WeightMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_trainable_spec(self.spec)
+        check_trainable_spec(self.spec, self.learn_range)
         if self.optimizer not in OPTIMIZERS:
             from lowbit.errors import LowbitError
 

@@ -29,37 +29,51 @@ from lowbit.spec import QuantSpec
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def check_trainable_spec(spec: QuantSpec) -> None:
-    """LowbitError unless fake-quant training can hold ``spec`` (int, group or channel granularity)."""
+FITTED_CODEBOOKS = ("kmeans", "bcq")  # tables fitted to each layer: no gradient reaches them
+
+
+def check_trainable_spec(spec: QuantSpec, learn_range: bool = True) -> None:
+    """LowbitError unless fake-quant training can hold ``spec``: learnable ranges (LSQ) take int specs with
+    group or channel granularity; min-max ranges (``learn_range=False``) any int, float or fixed-table codebook."""
+    if not learn_range:
+        if spec.type == "codebook" and spec.fmt in FITTED_CODEBOOKS:
+            raise LowbitError(f"the {spec.fmt} codebook is fitted to each layer's weights, so no gradient reaches its "
+                              "table and training cannot keep it; train with nf4, an int or a float spec")
+        return
     if spec.type != "int" or spec.granularity not in ("group", "channel"):
-        raise LowbitError(f"fake-quant training takes int specs with group or channel granularity, not "
-                          f"{spec.type} {spec.granularity}; use e.g. W4_G64")
+        raise LowbitError(f"learnable-range (LSQ) training takes int specs with group or channel granularity, not "
+                          f"{spec.type} {spec.granularity}; use e.g. W4_G64, or min-max ranges (learn_range: false) "
+                          "for float and nf4 specs")
     if spec.scale_dtype not in ("float32", *_SCALE_DTYPES):
         raise LowbitError(f"fake-quant training keeps float32, float16 or bfloat16 scales, not {spec.scale_dtype}")
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """A linear layer whose weight is fake-quantized with learnable scales and zero points."""
+    """A linear layer whose weight is fake-quantized with learnable scales and zero points (or min-max ranges)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: IntWeight, spec: QuantSpec,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, init: IntWeight | None, spec: QuantSpec,
                  grad_scaling: bool = True, learn_range: bool = True) -> None:
         super().__init__()
+        check_trainable_spec(spec, learn_range)
+        self.spec = spec
+        self.learn_range = learn_range
+        self.weight = torch.nn.Parameter(weight.detach().float().clone())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
+        self.scale = self.zero = None
+        self.bits, self.group_size = spec.bits, spec.group_size
+        if not learn_range:
+            return
+        if init is None:
+            raise LowbitError("learnable ranges start from integer codes: pass init (an IntWeight)")
         if init.g_idx is not None:
             raise LowbitError("act-order codes (g_idx) cannot be trained in place; quantize with act_order: false "
                               "or static_groups: true")
-        self.spec = spec
         self.bits = init.bits
         self.group_size = init.group_size or weight.shape[1]
         if weight.shape[1] % self.group_size:
             raise LowbitError(f"group size {self.group_size} does not divide {weight.shape[1]} input features")
-        self.weight = torch.nn.Parameter(weight.detach().float().clone())
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone())
-        self.learn_range = learn_range
-        if learn_range:
-            self.scale = torch.nn.Parameter(init.scale.detach().float().clone())  # (out, n_groups)
-            self.zero = None if init.zero is None else torch.nn.Parameter(init.zero.detach().float().clone())
-        else:
-            self.scale = self.zero = None
+        self.scale = torch.nn.Parameter(init.scale.detach().float().clone())  # (out, n_groups)
+        self.zero = None if init.zero is None else torch.nn.Parameter(init.zero.detach().float().clone())
         self.qmin, self.qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
         self.grad_factor = lsq_grad_factor(self.group_size, self.qmax) if grad_scaling else 1.0
 
@@ -67,9 +81,11 @@ class FakeQuantLinear(torch.nn.Module):
     def from_linear(cls, layer: torch.nn.Module, spec: QuantSpec, grad_scaling: bool = True,
                     learn_range: bool = True) -> "FakeQuantLinear":
         """Start from the layer's own codes when a step already rounded it, else from RTN min-max."""
-        check_trainable_spec(spec)
+        check_trainable_spec(spec, learn_range)
         w = layer.weight.data
-        init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
+        init = None
+        if learn_range:
+            init = int_weight_of(layer) if is_quantized(layer) else int_weight_from_quantized(quantize(w.float(), spec))
         return cls(w, layer.bias.data if layer.bias is not None else None, init, spec, grad_scaling, learn_range)
 
     def _stored_scale(self) -> torch.Tensor:
@@ -108,10 +124,12 @@ class FakeQuantLinear(torch.nn.Module):
 
     def convert(self, dtype: torch.dtype = torch.float32, method: str = "qat") -> torch.nn.Linear:
         """A plain linear with the trained weight on its grid, as a typed quantized layer."""
-        return quantized_linear(QuantizedWeight(self.int_weight(), self.spec, method), self.bias, dtype)
+        form = self.int_weight() if self.spec.type == "int" else quantize(self.weight.detach(), self.spec)
+        return quantized_linear(QuantizedWeight(form, self.spec, method), self.bias, dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bits={self.bits}, group={self.group_size}"
+        return (f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, {self.spec.type} bits={self.bits}, "
+                f"group={self.group_size}, ranges={'learned' if self.learn_range else 'min-max'}")
 
 
 def prepare_fake_quant(model: torch.nn.Module, names: Iterable[str], spec: QuantSpec,
