@@ -11,6 +11,7 @@ peft = pytest.importorskip("peft")
 
 from lowbit.qat.qlora import FrozenQuantLinear, add_lora, quantize_base  # noqa: E402
 from lowbit.qat.train import train_next_token  # noqa: E402
+from lowbit.spec import preset  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,3 +43,20 @@ def test_adapters_train_and_load_in_plain_peft(tiny_llama, tmp_path):
     theirs = {n.split("base_model.model.")[-1]: p for n, p in plain.named_parameters() if "lora_" in n}
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_frozen_base_backward_matches_dense_and_keeps_no_weight():
+    """The input gradient through the NF4 base equals the dense one; autograd saves no dequantized weight."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    q = FrozenQuantLinear.from_linear(lin, preset("NF4"))
+    x = torch.randn(3, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    y.square().sum().backward()
+    dense = q.dequantized_weight()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, dense, lin.bias).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)  # measured max |diff| ~5e-7
+    assert not any(t.shape == dense.shape for t in saved)

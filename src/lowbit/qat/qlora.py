@@ -22,6 +22,20 @@ from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec, preset
 
 
+class _FrozenMatmul(torch.autograd.Function):
+    """``x @ W^T`` whose backward dequantizes ``W`` again instead of keeping it: only the codes stay in
+    memory between forward and backward (QLoRA's memory saving; the base gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: "FrozenQuantLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
 class FrozenQuantLinear(torch.nn.Module):
     """A linear whose weight lives only as codebook codes (dequantized per forward); not trainable."""
 
@@ -40,8 +54,8 @@ class FrozenQuantLinear(torch.nn.Module):
         return dequantize_codebook(self.qt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        out = _FrozenMatmul.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def bits_per_weight(self) -> float:
         return storage_bits_per_weight(self.qt)
