@@ -30,6 +30,7 @@ ROWS = {
     "qat-block-w3g64": (3, ["gptq-w3g64-asym", "owq-w3g64"]),
     "qat-block-w2g64": (2, []),
     "qat-block-w4g64": (4, ["gptq-w4g64-asym"]),
+    "qat-block-e2e-w3g64": (3, ["gptq-w3g64-asym", "owq-w3g64"]),
 }
 PARTS = ["llm_qat", "finetune", "optim_states"]  # results/NAME.md of the other training benchmarks
 CALIB_TOKENS = 128 * 512
@@ -45,11 +46,11 @@ def _run(name: str) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _epochs(name: str) -> int:
+def _options(name: str) -> dict:
     import yaml
 
     text = (HERE.parent / "src" / "lowbit" / "recipes" / f"{name}.yaml").read_text()
-    return int(yaml.safe_load(text)["methods"][0]["options"]["epochs"])
+    return yaml.safe_load(text)["methods"][0]["options"]
 
 
 def main() -> None:
@@ -65,9 +66,11 @@ def main() -> None:
         r = _run(name)
         if r is None:
             continue
-        epochs = _epochs(name)
+        opts = _options(name)
+        epochs, e2e = int(opts["epochs"]), int(opts.get("e2e_steps", 0))
         r |= {"train_tokens_per_block": CALIB_TOKENS * epochs, "steps_per_block": epochs * 128 // 8,
-              "steps": BLOCKS * epochs * 128 // 8}
+              "steps": BLOCKS * epochs * 128 // 8 + e2e, "e2e_steps": e2e,
+              "e2e_tokens": e2e * int(opts.get("e2e_batch", 4)) * 512}
         rows[name] = r
         print(f"{name}: ppl {r['perplexity']:.3f} in {r['quant_seconds']:.0f} s", flush=True)
     ptq = json.loads((RESULTS / "weight_only.json").read_text())
@@ -76,7 +79,9 @@ def main() -> None:
              f"{ptq['fp32']['perplexity']:.2f}). Block-AP trains on the calibration windows (128 x 512 WikiText-2 "
              "validation tokens, seed 0; batches of 8 windows, one optimizer step each), starting from round-to-nearest. "
              "Wall time is the whole quantization (start + training) on this 2-core CPU; the PTQ rows' times are "
-             "from weight_only.json (other runs: compare ratios to its fp32 eval speed, given per row).", "",
+             "from weight_only.json (other runs: compare ratios to its fp32 eval speed, given per row). The -e2e row adds "
+             "E2E-QP: the scales alone trained end to end (next-token loss, batches of 4 calibration windows); its "
+             "steps column counts those too.", "",
              "| row | bits | ppl | PTQ at equal bits | train tokens / block | steps (total) | wall s | eval tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, (bits, refs) in ROWS.items():
