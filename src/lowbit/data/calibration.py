@@ -35,7 +35,7 @@ def selfgen_windows(
     seqlen: int = 512,
     seed: int = 0,
     greedy_prefix: int = 3,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> torch.Tensor:
     """Data-free calibration text sampled from the model itself (LLM-QAT's generation scheme).
 
