@@ -56,6 +56,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--merge", default=None, metavar="{dequantized,requantized}",
                    help="lora/qlora: also write DIR/merged, the adapters folded into the base (dequantized: a plain "
                         "checkpoint; requantized: rounded to --spec)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, ~1/3 more time")
     p.add_argument("--eval-windows", type=int, default=0, help="perplexity on this many WikiText-2 test windows "
                                                                "of 2048 before and after (0: none)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
@@ -78,7 +80,8 @@ def _config(args: argparse.Namespace) -> TuneConfig:
     return TuneConfig(method=args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       rank=args.rank, alpha=args.alpha, targets=args.targets or LORA_TARGETS, spec=args.spec,
                       optimizer=args.optim, learn_range={"auto": None, "learned": True, "minmax": False}[args.ranges],
-                      merge=args.merge, checkpoint=args.checkpoint, every=args.save_every, resume=args.resume)
+                      merge=args.merge, checkpoint=args.checkpoint, every=args.save_every, resume=args.resume,
+                      gradient_checkpointing=args.gradient_checkpointing)
 
 
 class ProgressLine:

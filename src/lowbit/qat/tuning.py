@@ -34,7 +34,8 @@ class TuneConfig:
     ``merge="requantized"`` rounds the merged weights to; ``learn_range``: QAT trains LSQ scales and zero
     points (True) or keeps min-max ranges with a straight-through gradient (False); None picks LSQ for int
     group / channel specs and min-max for the rest (float, NF4); ``alpha`` None: ``2 * rank``;
-    ``checkpoint``, ``every``, ``resume``: ``train_next_token``'s resumable training state."""
+    ``checkpoint``, ``every``, ``resume``: ``train_next_token``'s resumable training state;
+    ``gradient_checkpointing``: transformers' activation recomputation per decoder block."""
 
     method: str = "qlora"
     steps: int = 100
@@ -51,6 +52,7 @@ class TuneConfig:
     checkpoint: str | None = None
     every: int = 0
     resume: bool = False
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):  # "q_proj,v_proj"
@@ -188,6 +190,11 @@ def _mean_bits(model: torch.nn.Module, names: list[str]) -> float:
 def prepare(model: torch.nn.Module, cfg: TuneConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The module to train for ``cfg.method`` (a peft model for LoRA / QLoRA, else ``model`` itself, changed
     in place) and what it is: layers, base bits per weight."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise LowbitError(f"{type(model).__name__} does not support gradient checkpointing; drop "
+                              "--gradient-checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = block_linears(model)
     if not names:
         raise LowbitError(f"{type(model).__name__} has no linear layers in its decoder blocks to fine-tune")
@@ -216,8 +223,9 @@ def prepare(model: torch.nn.Module, cfg: TuneConfig) -> tuple[torch.nn.Module, d
         bits = quantize_base(model, names)
     else:
         bits = _mean_bits(model, names)
-    with warnings.catch_warnings():  # peft warns about the custom NF4 base layer it is told to wrap
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the adapters' init is seeded too
         warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        torch.manual_seed(cfg.seed)
         peft_model = add_lora(model, list(cfg.targets), r=cfg.rank, alpha=cfg.lora_alpha)
     wrapped = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".base_layer"))
     return peft_model, {"layers": wrapped, "base_bits_per_weight": bits}
