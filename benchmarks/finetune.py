@@ -150,7 +150,7 @@ def run_lora(method: str, args: argparse.Namespace) -> dict:
     model, tok = _load(args)
     windows = training_windows("wikitext2", tok, args.steps, args.batch_size, args.seqlen, args.seed)
     cfg = TuneConfig(method=method, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                     rank=args.rank, optimizer=args.optim)
+                     rank=args.rank, optimizer=args.optim, gradient_checkpointing=args.gradient_checkpointing)
     trained, info = prepare(model, cfg)
     load_peak = peak_rss_mb()
     rss_start = _settle()
@@ -223,7 +223,8 @@ def _child_args(args: argparse.Namespace) -> list[str]:
     out = ["--steps", str(args.steps), "--rank", str(args.rank), "--seed", str(args.seed),
            "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--optim", args.optim,
            "--eval-windows", str(args.eval_windows), "--eval-seqlen", str(args.eval_seqlen), "--recipe", args.recipe]
-    return out + (["--base", args.base] if args.base else []) + (["--dry"] if args.dry else [])
+    return (out + (["--base", args.base] if args.base else []) + (["--dry"] if args.dry else [])
+            + (["--gradient-checkpointing"] if args.gradient_checkpointing else []))
 
 
 def _mb(x: float | None) -> str:
@@ -236,7 +237,8 @@ def _lines(rows: dict) -> list[str]:
     if lora:
         s = rows["settings_lora"]
         lines += [f"smollm2-135m; {s['steps']} steps of {s['batch_size']} x {s['seqlen']} WikiText-2 validation "
-                  f"tokens, lr {s['lr']}, rank {s['rank']} (alpha {2 * s['rank']}), {s['optim']}, seed {s['seed']}; "
+                  f"tokens, lr {s['lr']}, rank {s['rank']} (alpha {2 * s['rank']}), {s['optim']}, seed {s['seed']}"
+                  f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}; "
                   f"perplexity on the first {s['eval_windows']} WikiText-2 test windows of {s['eval_seqlen']} "
                   "(before: the adapters off). Memory in MB (RSS in MiB); the training peak RSS is the high-water "
                   "mark from the prepared model on (reset there); loading holds the fp32 checkpoint.", "",
@@ -284,6 +286,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--recipe", default="rtn-w4g64-asym", help="PEQA's quantized base, made fresh")
     parser.add_argument("--base", default=None, help="PEQA's quantized base: a saved checkpoint instead")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both LoRA runs (the QLoRA paper's setting)")
     parser.add_argument("--dry", action="store_true", help="tiny random model, a few short steps; writes nothing")
     args = parser.parse_args()
     if args.dry:
@@ -300,7 +303,7 @@ def main() -> None:
             continue
         lr = args.lr if args.lr is not None else (1e-4 if part == "peqa" else 5e-4)
         settings = {k: getattr(args, k) for k in ("steps", "rank", "seed", "batch_size", "seqlen", "optim",
-                                                  "eval_windows", "eval_seqlen")} | {"lr": lr}
+                                                  "eval_windows", "eval_seqlen", "gradient_checkpointing")} | {"lr": lr}
         for run in runs:
             r = run_child(str(HERE), ["--one", run, *_child_args(args), "--lr", str(lr)])
             if r is not None:
