@@ -276,10 +276,14 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
             )
         for n, m in chosen.items():
             steps = assignments.setdefault(n, [])
-            if steps and steps[-1].rounds():
-                raise LowbitError(f"layer {n}: recipe entry {entry.method!r} comes after {steps[-1].name!r}, which "
-                                  "already rounded it; put the rounding step last (steps that train quantized "
-                                  "weights are not supported yet)")
+            rounded_by = next((s.name for s in steps if s.rounds()), None)
+            if method.after_rounding and rounded_by is None:
+                raise LowbitError(f"layer {n}: {entry.method!r} trains what a rounding step made, and no earlier entry "
+                                  "rounds this layer; put it after the rounding step (e.g. qat-block, gptq)")
+            if rounded_by is not None and not method.after_rounding:
+                raise LowbitError(f"layer {n}: recipe entry {entry.method!r} comes after {rounded_by!r}, which "
+                                  "already rounded it; put the rounding step last (only steps that train the "
+                                  "rounded layers, such as qat-e2e, may follow it)")
             method.validate_layer(n, m)
             steps.append(method)
     for n, steps in assignments.items():
@@ -297,7 +301,7 @@ def _check_steps(layer: str, steps: list[WeightMethod]) -> None:
         if step.activations is not None and not step.rounds():
             raise LowbitError(f"layer {layer}: {step.name!r} does not round the layer here, so its 'activations' would "
                               "never apply; give the activation spec to the rounding step")
-    last = steps[-1]
+    last = [s for s in steps if not s.after_rounding][-1]
     if not last.rounds() and not last.prunes:
         raise LowbitError(f"layer {layer}: its last step {last.name!r} only prepares the weight (e.g. awq with round: "
                           "false); add a rounding step after it (gptq, rtn ...) or drop round: false")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,28 +52,36 @@ def test_specs_it_cannot_train_are_refused():
         get_method("qat-block", W2, {"epochs": 0})
 
 
-def test_e2e_qp_trains_scales_only_and_keeps_codes(tiny_llama, tiny_calib):
-    method = get_method("qat-block", W2, {"init": "rtn", "epochs": 1, "e2e_steps": 6, "e2e_lr": 1e-2,
-                                          "e2e_batch": 4})
-    targets = {n: method for n, m in tiny_llama.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
-    from lowbit.pipeline.sequential import run_sequential
+def test_e2e_stage_trains_scales_only_and_keeps_codes(tiny_llama, tiny_calib):
+    """qat-e2e after qat-block: the step sizes train end to end, the integer codes stay."""
+    from lowbit.quantization import quantize
 
-    codes_seen = {}
-
-    def keep_codes(model, calib, original=method.finish_model):
-        codes_seen.update({n: int_weight_of(model.get_submodule(n)).codes.clone() for n in targets})
-        original(model, calib)
-
-    method.finish_model = keep_codes
-    run_sequential(tiny_llama, targets, tiny_calib, batch_size=4, progress=False)
-    e2e = method.records[-1]
-    assert e2e["e2e_steps"] == 6 and e2e["e2e_tokens"] == 6 * 4 * tiny_calib.shape[1]
-    for n in targets:
-        layer = tiny_llama.get_submodule(n)
-        assert quantized_weight(layer).method == "qat-block"
-        assert torch.equal(int_weight_of(layer).codes, codes_seen[n])  # codes frozen, scales moved
+    recipe = {"name": "t", "methods": [
+        {"method": "qat-block", "spec": W2.to_dict(), "ignore": ["lm_head"], "options": {"epochs": 1}},
+        {"method": "qat-e2e", "ignore": ["lm_head"], "options": {"steps": 6, "lr": 1e-2, "batch": 4}}]}
+    before = copy.deepcopy(tiny_llama)
+    quantize(before, {**recipe, "methods": recipe["methods"][:1]}, tiny_calib, batch_size=4, progress=False)
+    report = quantize(tiny_llama, recipe, tiny_calib, batch_size=4, progress=False)
+    e2e = report.extra["methods"]["qat-e2e"][0]
+    assert e2e["steps"] == 6 and e2e["tokens"] == 6 * 4 * tiny_calib.shape[1] and e2e["layers"] == 14
+    assert e2e["loss_last"] < e2e["loss_first"]  # measured 5.55 -> 5.42
+    for n, layer in tiny_llama.named_modules():
+        if quantized_weight(layer) is None:
+            continue
+        assert quantized_weight(layer).method == "qat-e2e"
+        ref = int_weight_of(before.get_submodule(n))
+        assert torch.equal(int_weight_of(layer).codes, ref.codes)  # codes frozen (same block pass, same seed)
+        assert not torch.equal(int_weight_of(layer).scale, ref.scale)  # scales moved
     assert all(p.requires_grad for p in tiny_llama.parameters())  # the model's own flags are back
+
+
+def test_e2e_stage_needs_a_rounding_step_before_it(tiny_llama, tiny_calib):
+    from lowbit.quantization import quantize
+
+    alone = {"name": "t", "methods": [{"method": "qat-e2e", "ignore": ["lm_head"]},
+                                      {"method": "rtn", "spec": "W4_G32", "ignore": ["lm_head"]}]}
+    with pytest.raises(LowbitError, match="put it after the rounding step"):
+        quantize(tiny_llama, alone, tiny_calib, progress=False)
 
 
 def test_report_measures_the_trained_weight(tiny_llama, tiny_calib):

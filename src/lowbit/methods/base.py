@@ -81,6 +81,9 @@ class WeightMethod:
     needs_hessian: ClassVar[bool] = False
     needs_act_stats: ClassVar[bool] = False
     accepts_activations: ClassVar[bool] = True  # False where the method quantizes its inputs its own way
+    # True for a step that trains what an earlier step rounded (qat-e2e): it follows the rounding step, does no
+    # per-layer work in the block pass and works in ``finish_model``
+    after_rounding: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Check each option against its field's type and bounds (``lowbit.fields``); subclasses call

@@ -53,7 +53,7 @@ class LLMQAT(WeightMethod):
     learn_range: bool = False
     temperature: float = bounded(1.0, gt=0, le=100)
     optimizer: str = "adamw"
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
     records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
     name: ClassVar[str] = "llm-qat"

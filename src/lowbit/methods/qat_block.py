@@ -13,11 +13,12 @@ paper, both forced by one process on a CPU: the teacher is the full-precision bl
 inputs (the outputs of the already trained blocks, as in GPTQ's sequential pass), where the paper
 also keeps a separate full-precision input stream; and the paper's 4096 x 2048-token training set is
 replaced by the pipeline's calibration windows.  Only linear weights and their quantization
-parameters train (norms stay).  The paper's second phase, E2E-QP (``e2e_steps``), then trains the
-scales alone end to end with the next-token loss on the calibration windows (``finish_model``)::
+parameters train (norms stay).  The paper's second phase, E2E-QP, is the ``qat-e2e`` stage that may
+follow (the scales alone trained end to end)::
 
     methods:
       - {method: qat-block, spec: W3_G64, options: {epochs: 4}}
+      - {method: qat-e2e, options: {steps: 60}}
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from lowbit.methods.statistics import Hessian, InputStatistic
 from lowbit.models.capture import block_output
 from lowbit.packed.intweight import int_weight_from_codes, int_weight_from_quantized
 from lowbit.qat.fake_linear import FakeQuantLinear, check_trainable_spec
-from lowbit.qat.peqa import convert_peqa, prepare_peqa
-from lowbit.qat.train import train_next_token
 from lowbit.quantized_layers import QuantizedWeight, mark_quantized
 from lowbit.solvers.storage import CodeBlock, bits_per_weight
 
@@ -47,8 +46,7 @@ from lowbit.solvers.storage import CodeBlock, bits_per_weight
 @dataclass
 class QATBlock(WeightMethod):
     """Options: ``init`` (rtn | gptq), ``epochs``, ``lr_weight``, ``lr_quant`` (scales and zero points),
-    ``train_weights`` (off: quantization parameters only), ``damp`` (GPTQ start), ``e2e_steps`` / ``e2e_lr`` /
-    ``e2e_batch`` (E2E-QP after the blocks)."""
+    ``train_weights`` (off: quantization parameters only), ``damp`` (GPTQ start)."""
 
     # defaults for the pipeline's 128 x 512 calibration tokens (16 batches: 64 steps a block), chosen on smollm2's
     # first two blocks at W3 g64: block MSE 0.167 (RTN) -> 0.053 / 0.040, below GPTQ's 0.072 / 0.058; the paper's
@@ -60,11 +58,6 @@ class QATBlock(WeightMethod):
     lr_quant: float = bounded(2e-4, ge=0, le=1)
     train_weights: bool = True
     damp: float = bounded(0.01, gt=0)
-    # E2E-QP: after every block, train the step sizes (scales) only, end to end, with the next-token loss on
-    # the calibration windows (codes and zero points frozen: PEQA's form); 0 steps: off
-    e2e_steps: int = bounded(0, ge=0, le=100000)
-    e2e_lr: float = bounded(2e-5, gt=0, le=1)
-    e2e_batch: int = bounded(4, ge=1, le=4096)
     records: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
     name: ClassVar[str] = "qat-block"
@@ -74,22 +67,6 @@ class QATBlock(WeightMethod):
         check_trainable_spec(self.spec)
         self._start: dict[str, tuple[torch.Tensor, Any]] = {}  # latent weight and IntWeight start, by layer
         self._teacher: list[torch.Tensor] = []
-        self._trained: list[str] = []  # layers finished by finish_block, for E2E-QP
-
-    def finish_model(self, model: torch.nn.Module, calib: torch.Tensor) -> None:
-        """E2E-QP (``e2e_steps`` > 0): the scales of this step's layers trained end to end."""
-        if not self.e2e_steps or not self._trained:
-            return
-        grads = {p: p.requires_grad for p in model.parameters()}
-        prepare_peqa(model, self._trained)
-        try:
-            result = train_next_token(model, calib, self.e2e_steps, self.e2e_lr, min(self.e2e_batch, calib.shape[0]))
-        finally:
-            convert_peqa(model, method=self.name)
-            for p, g in grads.items():
-                p.requires_grad_(g)
-        self.records.append({"e2e_steps": self.e2e_steps, "e2e_tokens": result.tokens,
-                             "e2e_loss_first": result.losses[0], "e2e_loss_last": result.losses[-1]})
 
     def statistics(self, name: str, layer: torch.nn.Module) -> list[InputStatistic]:
         return [Hessian()] if self.init == "gptq" else []
@@ -167,7 +144,6 @@ class QATBlock(WeightMethod):
                 iw = fq.int_weight()
                 layer.weight.copy_(iw.dequantize(layer.weight.dtype))
                 mark_quantized(layer, QuantizedWeight(iw, self.spec, self.name, {"init": self.init}))
-                self._trained.append(n)
         # the last epoch's mean loss stands for "after" (a separate pass would cost a sixth of the training)
         self.records.append({"block": ctx.index, "mse_before": before, "mse_epochs": epoch_loss, "steps": steps})
         self._teacher = []

@@ -240,7 +240,10 @@ def run_sequential(
     """Run each layer's steps (full layer name -> [steps] in order, or a single step) block by block on
     ``calib`` (n, seqlen); ``transforms`` (``lowbit.transforms``) rewrite each block first."""
     t_start = time.perf_counter()
-    staged = _as_stages(assignments)
+    every_step = _as_stages(assignments)
+    # steps that train rounded layers (qat-e2e) do no per-layer work: they act in finish_model only
+    staged = {n: [m for m in steps if not m.after_rounding] for n, steps in every_step.items()}
+    staged = {n: steps for n, steps in staged.items() if steps}
     modules = dict(model.named_modules())
     blocks = decoder_blocks(model)
     prefix_root = architecture_of(model).blocks
@@ -292,7 +295,7 @@ def run_sequential(
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
         release_freed_memory()
-    for step in {id(m): m for steps in staged.values() for m in steps}.values():
-        step.finish_model(model, calib)  # end-to-end work (training) once every block is done
+    for step in {id(m): m for steps in every_step.values() for m in steps}.values():
+        step.finish_model(model, calib)  # end-to-end work (training) once every block is done, in recipe order
     result.seconds = time.perf_counter() - t_start
     return result
