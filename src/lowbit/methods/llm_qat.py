@@ -37,8 +37,8 @@ from lowbit.kvcache.fake import check_trainable_kv
 from lowbit.methods.base import LayerResult, LayerStats, WeightMethod, register_method
 from lowbit.qat.distill import LogitDistillation
 from lowbit.qat.fake_linear import check_trainable_spec, convert_fake_quant, prepare_fake_quant
-from lowbit.qat.optim import OPTIMIZERS
-from lowbit.qat.train import train_next_token
+from lowbit.qat.optim import check_optimizer
+from lowbit.qat.train import grad_flags_restored, train_next_token
 
 
 @register_method
@@ -61,10 +61,7 @@ class LLMQAT(WeightMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_trainable_spec(self.spec, self.learn_range)
-        if self.optimizer not in OPTIMIZERS:
-            from lowbit.errors import LowbitError
-
-            raise LowbitError(f"llm-qat optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer, "llm-qat optimizer")
         self._fp: dict[str, torch.Tensor] = {}  # the full-precision weights: the teacher's and the start
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
@@ -88,21 +85,18 @@ class LLMQAT(WeightMethod):
         teacher = copy.deepcopy(model)
         for q in input_quantizers(teacher).values():
             q.enabled = False
-        grads = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
         dtype = next(iter(self._fp.values())).dtype
-        prepare_fake_quant(model, list(self._fp), self.spec, learn_range=self.learn_range)
-        self._fp.clear()
-        try:
-            result = train_next_token(model, calib, self.steps, self.lr, min(self.batch, calib.shape[0]), self.seed,
-                                      optimizer=self.optimizer,
-                                      loss_fn=LogitDistillation(teacher, kv, self.temperature))
-        finally:
-            convert_fake_quant(model, dtype, method=self.name)
-            for p, g in grads.items():
-                p.requires_grad_(g)
+        with grad_flags_restored(model):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            prepare_fake_quant(model, list(self._fp), self.spec, learn_range=self.learn_range)
+            self._fp.clear()
+            try:
+                result = train_next_token(model, calib, self.steps, self.lr, min(self.batch, calib.shape[0]),
+                                          self.seed, optimizer=self.optimizer,
+                                          loss_fn=LogitDistillation(teacher, kv, self.temperature))
+            finally:
+                convert_fake_quant(model, dtype, method=self.name)
         self.records.append({"steps": self.steps, "tokens": result.tokens, "kv_cache": None if kv is None else kv.name,
                              "kl_first": result.losses[0], "kl_last": result.losses[-1],
-                             "kl_first10": sum(result.losses[:10]) / len(result.losses[:10]),
-                             "kl_last10": sum(result.losses[-10:]) / len(result.losses[-10:])})
+                             "kl_first10": result.mean_loss(first=10), "kl_last10": result.mean_loss(last=10)})

@@ -18,12 +18,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import WeightMethod, register_method
-from lowbit.qat.optim import OPTIMIZERS
+from lowbit.qat.optim import check_optimizer
 from lowbit.qat.peqa import convert_peqa, prepare_peqa
-from lowbit.qat.train import train_next_token
+from lowbit.qat.train import grad_flags_restored, train_next_token
 
 
 @register_method
@@ -43,8 +42,7 @@ class QATE2E(WeightMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.optimizer not in OPTIMIZERS:
-            raise LowbitError(f"qat-e2e optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer, "qat-e2e optimizer")
         self._layers: list[str] = []
 
     def rounds(self) -> bool:
@@ -58,17 +56,14 @@ class QATE2E(WeightMethod):
         """Train the scales of this entry's layers end to end; codes and zero points stay."""
         if not self._layers:
             return
-        grads = {p: p.requires_grad for p in model.parameters()}
         dtype = model.get_submodule(self._layers[0]).weight.dtype
-        prepare_peqa(model, self._layers)
-        try:
-            result = train_next_token(model, calib, self.steps, self.lr, min(self.batch, calib.shape[0]), self.seed,
-                                      optimizer=self.optimizer)
-        finally:
-            convert_peqa(model, dtype, method=self.name)
-            for p, g in grads.items():
-                p.requires_grad_(g)
+        with grad_flags_restored(model):
+            prepare_peqa(model, self._layers)
+            try:
+                result = train_next_token(model, calib, self.steps, self.lr, min(self.batch, calib.shape[0]),
+                                          self.seed, optimizer=self.optimizer)
+            finally:
+                convert_peqa(model, dtype, method=self.name)
         self.records.append({"steps": self.steps, "tokens": result.tokens, "layers": len(self._layers),
                              "loss_first": result.losses[0], "loss_last": result.losses[-1],
-                             "loss_first10": sum(result.losses[:10]) / len(result.losses[:10]),
-                             "loss_last10": sum(result.losses[-10:]) / len(result.losses[-10:])})
+                             "loss_first10": result.mean_loss(first=10), "loss_last10": result.mean_loss(last=10)})

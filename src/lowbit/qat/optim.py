@@ -27,7 +27,7 @@ import torch
 from lowbit.core.state_quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
 from lowbit.errors import LowbitError
 
-__all__ = ["OPTIMIZERS", "QuantizedAdamW", "make_optimizer", "state_bytes"]
+__all__ = ["OPTIMIZERS", "QuantizedAdamW", "check_optimizer", "make_optimizer", "state_bytes"]
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 MIN_QUANT_NUMEL = 4096  # smaller tensors (norms, biases) keep fp32 moments, as bitsandbytes and torchao do
@@ -164,6 +164,12 @@ class QuantizedAdamW(torch.optim.Optimizer):
             raise LowbitError(f"optimizer state for a parameter of shape {tuple(p.shape)} does not fit "
                               f"{group['bits']}-bit AdamW ({', '.join(bad) or 'step'}); resume with the optimizer "
                               "it was saved from, or start over")
+
+
+def check_optimizer(name: str, where: str = "optimizer") -> None:
+    """LowbitError unless ``name`` is one of :data:`OPTIMIZERS`."""
+    if name not in OPTIMIZERS:
+        raise LowbitError(f"unknown {where} {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def make_optimizer(name: str, params: Iterable[Any], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

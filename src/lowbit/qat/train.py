@@ -12,10 +12,11 @@ shapes, the data, the settings) and is refused for any other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ class TrainResult:
     tokens: int = 0
     trained_params: int = 0
     resumed_at: int = 0  # the step a resumed run started from (0: from the start)
+
+    def mean_loss(self, first: int = 0, last: int = 0) -> float:
+        """Mean loss of the first ``first`` (or the last ``last``) steps."""
+        part = self.losses[:first] if first else self.losses[-last:]
+        return sum(part) / len(part)
+
+
+@contextlib.contextmanager
+def grad_flags_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` as it was on entry, whatever a training step froze or swapped."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        for p, g in flags.items():
+            p.requires_grad_(g)
 
 
 @dataclass

@@ -92,7 +92,7 @@ class TuneConfig:
 def check_config(cfg: TuneConfig) -> None:
     """LowbitError (naming the option) for anything the run would refuse, before any work."""
     from lowbit.qat.fake_linear import check_trainable_spec
-    from lowbit.qat.optim import OPTIMIZERS
+    from lowbit.qat.optim import check_optimizer
 
     if cfg.method not in METHODS:
         raise LowbitError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
@@ -102,8 +102,7 @@ def check_config(cfg: TuneConfig) -> None:
             raise LowbitError(f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
     if not cfg.lr > 0:
         raise LowbitError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise LowbitError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check_optimizer(cfg.optimizer)
     if cfg.every < 0:
         raise LowbitError(f"--save-every must be 0 or more, got {cfg.every}")
     if (cfg.resume or cfg.every) and not cfg.checkpoint:
