@@ -288,7 +288,7 @@ def run_sequential(
             r.steps = track.steps
             if track.notes:
                 r.note = "; ".join([*track.notes, *([r.note] if r.note else [])])
-            if track.mask is not None:
+            if track.mask is not None or any(m.prunes for m in mine[r.name]):
                 r.sparsity = (modules[r.name].weight.data == 0).float().mean().item()
         result.layers.extend(reports)
         errs = [r.output_error for r in reports if r.output_error is not None]
