@@ -85,24 +85,24 @@ def run(args: argparse.Namespace) -> int:
 
     check_batch_size(args.batch_size, "--batch-size")
     mixed = mixed_precision.wanted(args)  # per-layer formats by sensitivity
-    _check_outputs(args)
+    check_outputs(args)
     progress = not args.json and sys.stderr.isatty()
     if mixed:
         mixed_precision.check_args(args)
         recipe: Any = mixed_precision.recipe_builder(args, progress, _kv_option(args))
     else:
         recipe = _recipe_from_args(args)
-    result = run_job(_job(args, recipe, progress))
+    result = run_job(job_from_args(args, recipe, progress))
     report = result.report
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
     else:
         allocation = report.extra.get("mixed_precision")
-        print_table(_rows(report, result.before, result.after, args.out) + (summary_rows(allocation) if allocation else []))
+        print_table(report_rows(report, result.before, result.after, args.out) + (summary_rows(allocation) if allocation else []))
     return 0
 
 
-def _job(args: argparse.Namespace, recipe: Any, progress: bool) -> Job:
+def job_from_args(args: argparse.Namespace, recipe: Any, progress: bool) -> Job:
     """The experiment job the flags describe."""
     ev = Evaluation(args.eval_dataset, args.eval_split, args.eval_seqlen, args.max_windows, args.data_dir,
                     before=True) if args.eval else None
@@ -110,7 +110,7 @@ def _job(args: argparse.Namespace, recipe: Any, progress: bool) -> Job:
     return Job(model_source(args), recipe, calibration(args), ev, out, args.batch_size, progress=progress)
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(args: argparse.Namespace) -> None:
     """``--out`` and ``--sensitivity`` are safe to write (nothing of the user's is lost), before any work."""
     if args.out is not None:
         inputs = input_paths(args.model, args.recipe, args.calib, args.eval_dataset, args.data_dir, cache=args.cache)
@@ -151,7 +151,7 @@ def _kv_option(args: argparse.Namespace) -> Any:
     return kv_setting(None, args.kv_cache)
 
 
-def _rows(report: Any, before: Any, after: Any, out: str | None) -> list[tuple[str, Any]]:
+def report_rows(report: Any, before: Any, after: Any, out: str | None) -> list[tuple[str, Any]]:
     """The table of one run: its report, perplexity before and after, where it was written."""
     rows: list[tuple[str, Any]] = [
         ("recipe", report.recipe["name"]),

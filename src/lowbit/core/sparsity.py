@@ -37,3 +37,15 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     if not 0 < n < m <= 64:
         raise ValueError(f"pattern {pattern!r} needs 0 < N < M <= 64")
     return n, m
+
+
+def owl_sparsities(outlier_ratios: torch.Tensor, target: float, lam: float) -> torch.Tensor:
+    """OWL's per-layer sparsities: outlier ratios rescaled to ``[0, 2 lam]``, centred so the densities average
+    ``1 - target``; more outliers, more density.  Equal ratios (or one layer): ``target`` everywhere."""
+    r = outlier_ratios.double()
+    spread = r.max() - r.min() if r.numel() else r.new_zeros(())
+    if r.numel() < 2 or spread == 0:
+        return torch.full_like(r, target)
+    scaled = (r - r.min()) / spread * (2 * lam)
+    density = scaled - scaled.mean() + (1 - target)
+    return 1 - density

@@ -6,6 +6,8 @@ A method is a dataclass config (its knobs) plus:
   with each target linear's calibration inputs before ``quantize_layer`` is called (the default
   reads the two shorthand flags ``needs_hessian`` / ``needs_act_stats``); the pipeline attaches
   them and never decides what a step needs;
+* ``prepare_model(model, calib, layers, batch_size)``: optional whole-model work before the first block
+  (OWL measures every block's outliers on the dense model);
 * ``prepare_block(ctx)``: optional whole-block work before the layers are quantized
   (e.g. AWQ's scale search and folding), given the block and its calibration inputs;
 * ``finish_block(ctx)``: optional whole-block work after the layers and their inputs are
@@ -134,6 +136,11 @@ class WeightMethod:
         if stats.nsamples > 0 or not self.statistics(name, layer):
             return None
         return get_method("rtn", self.spec, activations=self.activations)
+
+    def prepare_model(self, model: torch.nn.Module, calib: torch.Tensor, layers: dict[str, torch.nn.Module],
+                      batch_size: int) -> None:  # noqa: D401 - optional hook
+        """Whole-model work before the first block, given the layers this step is assigned (OWL's outlier
+        pass over the dense model); default: nothing."""
 
     def prepare_block(self, ctx: "Any") -> None:  # noqa: D401 - optional hook
         """Whole-block work before layers are quantized (default: nothing)."""

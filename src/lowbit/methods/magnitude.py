@@ -1,5 +1,6 @@
-"""Unstructured magnitude pruning (Han et al., 2015): zero the ``sparsity`` fraction of a layer's weights with
-the smallest ``|w|``, per layer (``scope: layer``) or per output row (``scope: row``, Wanda's comparison group).
+"""Magnitude pruning (Han et al., 2015): zero the weights with the smallest ``|w|``, over the whole layer
+(``scope: layer``), per output row (``scope: row``, Wanda's comparison group) or N of every M
+(``pattern: "2:4"``); ``owl: true`` spreads the sparsity over blocks by their outliers (``methods.pruning``).
 
 A non-rounding step: the pruned weight stays in full precision and its mask travels to the steps after it,
 which keep the zeros (RTN keeps them exactly; GPTQ freezes them in its sweep)::
@@ -17,8 +18,8 @@ from typing import Literal
 import torch
 
 from lowbit.core.sparsity import lowest_overall, lowest_per_row
-from lowbit.fields import bounded
-from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, register_method
+from lowbit.methods.base import LayerStats, PreparedLayer, register_method
+from lowbit.methods.pruning import Pruner
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float, scope: str = "layer") -> torch.Tensor:
@@ -29,30 +30,16 @@ def magnitude_mask(w: torch.Tensor, sparsity: float, scope: str = "layer") -> to
 
 @register_method
 @dataclass
-class Magnitude(WeightMethod):
+class Magnitude(Pruner):
     """Prune the smallest weights to zero (module docstring); the spec is not used."""
 
-    sparsity: float = bounded(0.5, ge=0.0, lt=1.0)
     scope: Literal["layer", "row"] = "layer"
 
     name = "magnitude"
-    accepts_activations = False
-    prunes = True
-
-    def rounds(self) -> bool:
-        return False
-
-    def keeps_mask(self) -> bool:
-        return True  # an earlier mask is merged into this one
-
-    def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
-        self.linear_weight(name, layer)  # any 2-D weight: no groups to divide
 
     @torch.no_grad()
     def prepare_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
         w = self.linear_weight(name, layer).data
-        mask = magnitude_mask(w, self.sparsity, self.scope)
-        if stats.mask is not None:  # an earlier step's zeros stay zeros
-            mask |= stats.mask
+        mask = self.select(name, w.abs().float(), self.scope == "row", stats.mask)
         w.masked_fill_(mask, 0.0)
-        return PreparedLayer(mask=mask, note=f"{100 * mask.float().mean().item():.1f}% pruned (magnitude, {self.scope})")
+        return PreparedLayer(mask=mask, note=self.note(mask, self.pattern or self.scope))

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.core.sparsity import lowest_n_of_m, lowest_overall, parse_pattern
-from lowbit.errors import LowbitError
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, PreparedLayer, WeightMethod, register_method
+from lowbit.methods.pruning import Pruner
 from lowbit.packed.intweight import int_weight_from_codes
 from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
 from lowbit.solvers.hessian import prepare, solve
@@ -78,70 +77,55 @@ def sparsegpt_prune(
 
 @register_method
 @dataclass
-class SparseGPT(WeightMethod):
+class SparseGPT(Pruner):
     """SparseGPT pruning (module docstring); ``quantize: true`` rounds the kept weights to ``spec`` jointly."""
 
-    sparsity: float = bounded(0.5, ge=0.0, lt=1.0)
-    pattern: str | None = None  # "N:M" semi-structured (2:4, 4:8); sparsity is then N/M
     block_size: int = bounded(128, ge=1)  # lazy-update block, also the adaptive mask-selection block
     damp: float = bounded(0.01, gt=0)
     quantize: bool = False
 
     name = "sparsegpt"
     needs_hessian = True
-    prunes = True
+    accepts_activations = True  # when it rounds (quantize: true); the recipe check refuses it otherwise
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pattern is not None:
-            parse_pattern(self.pattern)
         if self.quantize:
             check_int_spec(self.spec, "sparsegpt with quantize: true")
 
     def rounds(self) -> bool:
         return self.quantize
 
-    def keeps_mask(self) -> bool:
-        return True  # an earlier mask is merged into this one
-
     def validate_layer(self, name: str, layer: torch.nn.Module) -> None:
-        cols = self.linear_weight(name, layer).shape[1]
-        if self.pattern is not None and cols % parse_pattern(self.pattern)[1]:
-            raise LowbitError(f"{name} has {cols} input features, not a multiple of {self.pattern}'s M; "
-                              "use another pattern or unstructured sparsity")
+        super().validate_layer(name, layer)
         if self.quantize:
-            super().validate_layer(name, layer)
+            WeightMethod.validate_layer(self, name, layer)  # the spec's groups divide the layer
 
     def fallback(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> WeightMethod | None:
         return super().fallback(name, layer, stats) if self.quantize else None
 
-    def _pattern(self) -> tuple[int, int] | None:
-        return None if self.pattern is None else parse_pattern(self.pattern)
+    def _how(self) -> str:
+        return self.pattern or "unstructured"
 
-    def _note(self, mask: torch.Tensor) -> str:
-        return f"{100 * mask.float().mean().item():.1f}% pruned (sparsegpt, {self.pattern or 'unstructured'})"
+    def _prune(self, name: str, w: torch.Tensor, stats: LayerStats, spec: QuantSpec | None) -> SparseGPTResult:
+        hessian = self.require_hessian(name, stats)
+        return sparsegpt_prune(w, hessian, self.layer_sparsity(name), self.n_of_m(), self.block_size, self.damp,
+                               spec, stats.mask)
 
     @torch.no_grad()
     def prepare_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
         w = self.linear_weight(name, layer).data
-        if stats.nsamples == 0 or stats.hessian is None:
-            score = w.abs().float()  # nothing to reconstruct from: magnitude, same pattern
-            pat = self._pattern()
-            mask = lowest_n_of_m(score, *pat) if pat else lowest_overall(score, self.sparsity)
-            if stats.mask is not None:
-                mask |= stats.mask
+        if stats.nsamples == 0 or stats.hessian is None:  # nothing to reconstruct from: by magnitude
+            mask = self.select(name, w.abs().float(), False, stats.mask)
             w.masked_fill_(mask, 0.0)
-            return PreparedLayer(mask=mask, note=self._note(mask) + "; no calibration tokens: by magnitude")
-        res = sparsegpt_prune(w, stats.hessian, self.sparsity, self._pattern(), self.block_size, self.damp,
-                              mask=stats.mask)
+            return PreparedLayer(mask=mask, note=self.note(mask, self._how()) + "; no calibration tokens: by magnitude")
+        res = self._prune(name, w, stats, None)
         w.copy_(res.weight.to(w.dtype))
-        return PreparedLayer(mask=res.mask, note=self._note(res.mask))
+        return PreparedLayer(mask=res.mask, note=self.note(res.mask, self._how()))
 
     def quantize_layer(self, name: str, layer: torch.nn.Module, stats: LayerStats) -> LayerResult:
-        self.require_hessian(name, stats)
         w = layer.weight.data
-        res = sparsegpt_prune(w, stats.hessian, self.sparsity, self._pattern(), self.block_size, self.damp,
-                              self.spec, stats.mask)
+        res = self._prune(name, w, stats, self.spec)
         assert res.codes is not None and res.scale is not None and res.zero is not None and res.g_idx is not None
         bits = bits_per_weight(w.numel(), [CodeBlock.of_spec(w.numel(), res.scale.numel(), self.spec)])
         return LayerResult(

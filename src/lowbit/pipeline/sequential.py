@@ -245,6 +245,9 @@ def run_sequential(
     staged = {n: [m for m in steps if not m.after_rounding] for n, steps in every_step.items()}
     staged = {n: steps for n, steps in staged.items() if steps}
     modules = dict(model.named_modules())
+    for step in {id(m): m for steps in every_step.values() for m in steps}.values():
+        mine = {n: modules[n] for n, steps in every_step.items() if any(s is step for s in steps)}
+        step.prepare_model(model, calib, mine, batch_size)  # whole-model work before the blocks (OWL's pass)
     blocks = decoder_blocks(model)
     prefix_root = architecture_of(model).blocks
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)

@@ -1,0 +1,88 @@
+"""``lowbit prune``: one pruning step (magnitude, Wanda, SparseGPT) as an experiment job: calibrate, prune the
+decoder's linear layers, evaluate, save a dense checkpoint whose pruned weights are exactly zero.
+
+Pruning then quantizing is a recipe: ``lowbit compress --recipe sparsegpt24-gptq-w4g64``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from lowbit.cli import quantize
+from lowbit.cli.display import print_table
+from lowbit.cli.options import (
+    add_calibration_options,
+    add_eval_options,
+    add_json_option,
+    add_loading_options,
+    add_model_options,
+    add_overwrite_option,
+    parse_options,
+)
+from lowbit.errors import LowbitError
+from lowbit.experiment import run_job
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune a model's linear layers (magnitude, wanda, sparsegpt; unstructured or N:M)")
+    add_model_options(p)
+    p.add_argument("--method", default="sparsegpt", choices=PRUNERS)
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's weights pruned, in [0, 1)")
+    p.add_argument("--pattern", default=None, metavar="N:M",
+                   help="semi-structured: N of every M consecutive input weights pruned (2:4, 4:8); replaces --sparsity")
+    p.add_argument("--owl", action="store_true",
+                   help="OWL: prune blocks with more outlier weights less (sparsity +- 0.08 around --sparsity, same mean)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    add_calibration_options(p, batch_size=8)
+    p.add_argument("--eval", action="store_true", help="perplexity before and after")
+    add_eval_options(p)
+    p.add_argument("--out", default=None, help="write the pruned model + summary here (a new directory, or one "
+                                               "lowbit wrote, which is replaced)")
+    add_overwrite_option(p)
+    add_loading_options(p)
+    add_json_option(p)
+    p.set_defaults(func=run, recipe=None, format="auto", sensitivity=None)
+
+
+def prune_recipe(method: str, sparsity: float, pattern: str | None, options: dict[str, Any]) -> Any:
+    """The one-entry recipe of the flags (lm_head is never pruned), checked."""
+    from lowbit.recipe import recipe_from_dict
+
+    if method not in PRUNERS:
+        raise LowbitError(f"--method must be one of {', '.join(PRUNERS)}, got {method!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise LowbitError(f"--sparsity must be in [0, 1) (the fraction of each layer's weights pruned), got {sparsity:g}")
+    opts = dict(options)
+    if pattern is not None:
+        opts["pattern"] = pattern
+        name = f"{method}-{pattern.replace(':', 'of')}"
+    else:
+        opts["sparsity"] = sparsity
+        name = f"{method}-{round(100 * sparsity)}{'-owl' if opts.get('owl') else ''}"
+    return recipe_from_dict({"name": name, "methods": [{"method": method, "ignore": ["lm_head"], "options": opts}]},
+                            name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.data.windows import check_batch_size
+
+    check_batch_size(args.batch_size, "--batch-size")
+    options = parse_options(args.option) | ({"owl": True} if args.owl else {})
+    recipe = prune_recipe(args.method, args.sparsity, args.pattern, options)
+    quantize.check_outputs(args)
+    progress = not args.json and sys.stderr.isatty()
+    result = run_job(quantize.job_from_args(args, recipe, progress))
+    report = result.report
+    if args.json:
+        print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
+        return 0
+    pruned = [layer["sparsity"] for layer in report.to_dict()["layers"] if layer.get("sparsity") is not None]
+    rows = [row for row in quantize.report_rows(report, result.before, result.after, args.out)
+            if row[0] not in ("bits per weight", "model bits per weight", "layers quantized")]
+    rows.insert(1, ("layers pruned", f"{len(pruned)} (mean sparsity {sum(pruned) / max(1, len(pruned)):.3f})"))
+    print_table(rows)
+    return 0
