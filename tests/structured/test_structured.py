@@ -113,3 +113,35 @@ def test_other_architectures_are_refused(tiny_calib):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).eval()
     with pytest.raises(LowbitError, match="Llama-layout"):
         prune_structured(model, tiny_calib, StructuredPlan(drop_layers=0))
+
+
+def test_prune_structured_cli_end_to_end(run_cli, smollm, data_dir, tmp_path):
+    """Depth pruning of the real model through the CLI: a smaller checkpoint plain transformers loads."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "depth"
+    code, stdout, err = run_cli("prune", "smollm2-135m", "--structured", "depth", "--drop-layers", "3", "--nsamples", "4",
+                                "--seqlen", "128", "--eval", "--max-windows", "1", "--eval-seqlen", "256",
+                                "--out", str(out), "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["config"]["num_hidden_layers"] == 27 and len(summary["dropped_layers"]) == 3
+    assert summary["fraction"] == pytest.approx(0.9, abs=0.03)  # measured 0.905: embeddings stay
+    assert summary["ppl_after"] > summary["ppl_before"]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.num_hidden_layers == 27 and count_params(loaded) == summary["params_after"]
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (("--structured", "width"), ("either --keep-params",)),
+    (("--structured", "width", "--keep-params", "1.2"), ("--keep-params must be in (0, 1)",)),
+    (("--hidden-size", "9999"), ("hidden_size must be in 1..576",)),
+    (("--keep-params", "0.7", "--drop-layers", "2"), ("not both",)),
+])
+def test_bad_structured_input(run_cli, clean_error, smollm, args, needles, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = run_cli("prune", "smollm2-135m", *args, "--out", str(out))
+    clean_error(code, err, *needles)
+    assert not out.exists()

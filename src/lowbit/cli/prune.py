@@ -36,6 +36,15 @@ def add_parser(sub: Any) -> None:
                    help="semi-structured: N of every M consecutive input weights pruned (2:4, 4:8); replaces --sparsity")
     p.add_argument("--owl", action="store_true",
                    help="OWL: prune blocks with more outlier weights less (sparsity +- 0.08 around --sparsity, same mean)")
+    s = p.add_argument_group("structured pruning (a smaller dense model; Llama-layout models)")
+    s.add_argument("--structured", choices=["width", "depth"], default=None,
+                   help="width: MLP channels and hidden size (Minitron importance); depth: whole blocks (ShortGPT)")
+    s.add_argument("--keep-params", type=float, default=None, metavar="F",
+                   help="fraction of the parameters kept (e.g. 0.7), or give the sizes below")
+    s.add_argument("--intermediate-size", type=int, default=None)
+    s.add_argument("--heads-per-group", type=int, default=None, help="query heads kept per key/value head")
+    s.add_argument("--hidden-size", type=int, default=None)
+    s.add_argument("--drop-layers", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     add_calibration_options(p, batch_size=8)
     p.add_argument("--eval", action="store_true", help="perplexity before and after")
@@ -71,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.data.windows import check_batch_size
 
     check_batch_size(args.batch_size, "--batch-size")
+    if args.structured or _sizes_given(args):
+        return _run_structured(args)
     options = parse_options(args.option) | ({"owl": True} if args.owl else {})
     recipe = prune_recipe(args.method, args.sparsity, args.pattern, options)
     quantize.check_outputs(args)
@@ -84,5 +95,43 @@ def run(args: argparse.Namespace) -> int:
     rows = [row for row in quantize.report_rows(report, result.before, result.after, args.out)
             if row[0] not in ("bits per weight", "model bits per weight", "layers quantized")]
     rows.insert(1, ("layers pruned", f"{len(pruned)} (mean sparsity {sum(pruned) / max(1, len(pruned)):.3f})"))
+    print_table(rows)
+    return 0
+
+
+def _sizes_given(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.intermediate_size, args.heads_per_group, args.hidden_size)) or bool(
+        args.drop_layers)
+
+
+def _run_structured(args: argparse.Namespace) -> int:
+    """``--structured``: cut the model down (``lowbit.structured``) and save a dense checkpoint."""
+    from lowbit.cli.options import calibration, model_source
+    from lowbit.experiment import Evaluation
+    from lowbit.structured import StructuredPlan
+    from lowbit.structured.job import run_structured
+
+    if _sizes_given(args) == (args.keep_params is not None):
+        raise LowbitError("structured pruning needs either --keep-params F (with --structured width|depth) or the "
+                          "sizes (--intermediate-size, --heads-per-group, --hidden-size, --drop-layers), not both")
+    if args.keep_params is not None and not 0 < args.keep_params < 1:
+        raise LowbitError(f"--keep-params must be in (0, 1) (the fraction of parameters kept), got {args.keep_params:g}")
+    plan = StructuredPlan(args.intermediate_size, args.heads_per_group, args.hidden_size,
+                          args.drop_layers) if _sizes_given(args) else None
+    quantize.check_outputs(args)
+    summary = run_structured(model_source(args), calibration(args), plan, args.keep_params, args.structured or "width",
+                             Evaluation(args.eval_dataset, args.eval_split, args.eval_seqlen, args.max_windows,
+                                        args.data_dir) if args.eval else None, args.out, args.overwrite, args.batch_size)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows = [("parameters", f"{summary['params_before']:,} -> {summary['params_after']:,} ({summary['fraction']:.3f})"),
+            ("config", ", ".join(f"{k} {v}" for k, v in summary["config"].items())),
+            ("dropped layers", ", ".join(map(str, summary["dropped_layers"])) or "none"),
+            ("calibration", f"{summary['calib_tokens']:,} tokens"), ("time", f"{summary['seconds']:.1f} s")]
+    if "ppl_before" in summary:
+        rows += [("perplexity before", f"{summary['ppl_before']:.4f}"), ("perplexity after", f"{summary['ppl_after']:.4f}")]
+    if args.out:
+        rows.append(("written to", args.out))
     print_table(rows)
     return 0
