@@ -49,6 +49,24 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A 2-block Llama (hidden 64) with smollm2's tokenizer, saved as an HF directory (read-only: copy to change)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lowbit.models.loading import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    out = tmp_path_factory.mktemp("model") / "small"
+    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def tiny_calib():
     """Random token windows for the tiny models: (8, 32) ids below 256."""

@@ -23,21 +23,8 @@ MODEL, MODEL_PARENT = "<model>", "<model parent>"  # stand for the small checkpo
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> Path:
-    """A 2-block Llama (hidden 64) with smollm2's tokenizer, saved as an HF directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lowbit.models.loading import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("model") / "small"
-    LlamaForCausalLM(cfg).eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def small_model(small_model_dir) -> Path:
+    return small_model_dir
 
 
 @pytest.fixture()

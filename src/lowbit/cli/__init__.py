@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lowbit.cli import analysis, bench, export, finetune, generate, info, prune, quantize, sweep
+from lowbit.cli import analysis, bench, distill, export, finetune, generate, info, prune, quantize, sweep
 from lowbit.cli import eval as eval_command
 from lowbit.errors import LowbitError
 
-COMMANDS = (info, eval_command, quantize, prune, finetune, generate, bench, sweep, export, analysis)  # the order --help lists
+COMMANDS = (info, eval_command, quantize, prune, distill, finetune, generate, bench, sweep, export, analysis)  # the order --help lists
 
 __all__ = ["build_parser", "main"]
 
