@@ -298,11 +298,15 @@ def _check_steps(layer: str, steps: list[WeightMethod]) -> None:
         if pruned_by is not None and not step.keeps_mask():
             raise LowbitError(f"layer {layer}: {step.name!r} after {pruned_by!r} would move the pruned weights off 0 "
                               "(it does not keep a pruning mask); round with gptq, or rtn with an int or float spec")
+        factorized_by = next((s.name for s in steps[:i] if s.factorizes), None)
+        if factorized_by is not None:
+            raise LowbitError(f"layer {layer}: {step.name!r} after {factorized_by!r}, which stores the layer as two "
+                              "low-rank factors; rounding their product would lose the savings: put it last")
         if step.activations is not None and not step.rounds():
             raise LowbitError(f"layer {layer}: {step.name!r} does not round the layer here, so its 'activations' would "
                               "never apply; give the activation spec to the rounding step")
     last = [s for s in steps if not s.after_rounding][-1]
-    if not last.rounds() and not last.prunes:
+    if not last.rounds() and not last.prunes and not last.factorizes:
         raise LowbitError(f"layer {layer}: its last step {last.name!r} only prepares the weight (e.g. awq with round: "
                           "false); add a rounding step after it (gptq, rtn ...) or drop round: false")
 

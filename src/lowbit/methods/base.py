@@ -54,6 +54,7 @@ class PreparedLayer:
 
     mask: torch.Tensor | None = None  # True where the weight is now pruned to zero (kept so by later steps)
     note: str | None = None  # for the report, e.g. "50.0% pruned (magnitude)"
+    stored_params: int | None = None  # values the layer stores now, when not one per weight (low-rank factors)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class WeightMethod:
         """End-to-end work after every block is done (default: nothing)."""
 
     prunes: ClassVar[bool] = False  # leaves a sparsity mask that later steps must keep
+    factorizes: ClassVar[bool] = False  # stores the layer as low-rank factors: a final step, nothing rounds after it
 
     def keeps_mask(self) -> bool:
         """Whether this step leaves an earlier step's pruned weights exactly 0 (checked before work)."""

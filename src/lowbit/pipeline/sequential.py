@@ -168,6 +168,7 @@ class _LayerTrack:
     steps: list[str] = field(default_factory=list)
     mask: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    stored_params: int | None = None  # a factorizing step's stored values
 
 
 def _as_stages(assignments: dict[str, Any]) -> dict[str, list[WeightMethod]]:
@@ -212,6 +213,8 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
         else:
             prepared = _prepare_layer(name, method, modules[name], stats.get(name, LayerStats()))
             tracks[name].mask = prepared.mask
+            if prepared.stored_params is not None:
+                tracks[name].stored_params = prepared.stored_params
             if prepared.note:
                 tracks[name].notes.append(prepared.note)
     rounded = {n: m for n, m in stage.items() if m.rounds()}
@@ -221,10 +224,12 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
     return reports, originals
 
 
-def _unrounded_report(name: str, layer: torch.nn.Module) -> LayerReport:
-    """A layer whose steps all kept full precision (pruned only): stored at its element width."""
+def _unrounded_report(name: str, layer: torch.nn.Module, stored_params: int | None = None) -> LayerReport:
+    """A layer whose steps all kept full precision (pruned or factorized): stored at its element width, in
+    ``stored_params`` values when a step factorized it."""
     w = layer.weight.data
-    return LayerReport(name=name, method="none", shape=tuple(w.shape), bits_per_weight=8.0 * w.element_size(),
+    share = 1.0 if stored_params is None else stored_params / w.numel()
+    return LayerReport(name=name, method="none", shape=tuple(w.shape), bits_per_weight=8.0 * w.element_size() * share,
                        output_error=None, weight_error=0.0)
 
 
@@ -272,7 +277,7 @@ def run_sequential(
             r, o = _run_stage(model, block, i, prefix, inputs, stage, modules, tracks, list(transforms or ()))
             reports += r
             originals.update(o)
-        reports += [_unrounded_report(n, modules[n]) for n in mine if not mine[n][-1].rounds()]
+        reports += [_unrounded_report(n, modules[n], tracks[n].stored_params) for n in mine if not mine[n][-1].rounds()]
         if originals:  # sample the data-free layers' inputs while propagating, for their output errors
             collector = StatsCollector({n: modules[n] for n in originals})
             with collector.attached():
