@@ -60,9 +60,9 @@ def test_report_from_sweep_and_sensitivity(tmp_path):
     configs = re.findall(r"^\| ((?:rtn|gptq)-w\dg64) \|", text, flags=re.M)
     assert configs == ["gptq-w3g64", "gptq-w4g64", "rtn-w3g64", "rtn-w4g64"]
     # sweep.md's table with a Pareto column; the unquantized reference row first
-    assert "| fp | - | - | - | 32.000 | 513.1 | 18.840 | 0 | 100.0% | 0 | - |  |" in text
-    assert "| gptq-w4g64 | gptq | 4 | 64 | 4.500 | 28.1 | 21.000 | 0.0100 | 90.0% | 2 | 800 | yes |" in text
-    assert "| rtn-w3g64 | rtn | 3 | 64 | 3.500 | 21.9 | 60.000 | 0.0200 | 90.0% | 2 | 800 |  |" in text
+    assert "| fp | - | - | - | 0 | 32.000 | 513.1 | 18.840 | 0 | 100.0% | 0 | - |  |" in text
+    assert "| gptq-w4g64 | gptq | 4 | 64 | 0 | 4.500 | 28.1 | 21.000 | 0.0100 | 90.0% | 2 | 800 | yes |" in text
+    assert "| rtn-w3g64 | rtn | 3 | 64 | 0 | 3.500 | 21.9 | 60.000 | 0.0200 | 90.0% | 2 | 800 |  |" in text
     assert "first 10 windows of 2048 tokens of wikitext2 test" in text
     assert "RuntimeError: boom \\| pipe" in text
     assert "![perplexity vs bits per weight](plots/ppl_vs_bpw.png)" in text

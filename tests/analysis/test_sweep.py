@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -34,6 +36,39 @@ def test_expand_names_every_combination_and_refuses_bad_lists():
         make_executor("slurm")
     with pytest.raises(LowbitError, match="at least 1"):
         LocalExecutor(0)
+
+
+def test_sparsity_axis_names_and_recipes():
+    configs = expand(["none", "gptq"], [4], [64], [0.0, 0.5], "wanda")
+    assert [c.name for c in configs] == ["gptq-w4g64", "wanda50", "wanda50-gptq-w4g64"]
+    assert [e["method"] for e in configs[2].recipe()["methods"]] == ["wanda", "gptq"]
+    assert configs[2].recipe()["methods"][0]["options"] == {"sparsity": 0.5}
+    assert [e["method"] for e in configs[1].recipe()["methods"]] == ["wanda"]
+    assert configs[1].row()["sparsity"] == 0.5 and configs[0].row()["pruner"] is None
+    with pytest.raises(LowbitError, match=r"sparsities must lie in \[0, 1\)"):
+        expand(["rtn"], [4], [64], [1.0])
+    with pytest.raises(LowbitError, match="unknown pruner"):
+        expand(["rtn"], [4], [64], [0.5], "random")
+    with pytest.raises(LowbitError, match="needs a sparsity above 0"):
+        expand(["none"], [4], [64], [0.0])
+
+
+def test_sparsity_sweep_runs_on_a_tiny_model_and_plots(tiny_llama, tiny_calib, tmp_path):
+    """Each configuration's recipe runs (pruned only, pruned then quantized) and the plot draws one line per
+    quantization across sparsities."""
+    from lowbit.analysis.plots import plot_ppl_vs_sparsity
+    from lowbit.quantization import quantize
+
+    rows = []
+    for c in expand(["none", "rtn"], [4], [32], [0.0, 0.5], "magnitude"):
+        model = copy.deepcopy(tiny_llama)
+        report = quantize(model, c.recipe(), tiny_calib, batch_size=4, progress=False)
+        w = model.model.layers[0].mlp.up_proj.weight
+        assert (w == 0).float().mean().item() >= (0.5 if c.sparsity else 0.0)
+        rows.append(c.row() | {"status": "ok", "perplexity": 10.0 + 10 * c.sparsity + c.bits,
+                               "bits_per_weight": report.bits_per_weight})
+    path = plot_ppl_vs_sparsity(rows, tmp_path / "s.png", 9.0)
+    assert path.stat().st_size > 1000
 
 
 def _fake_runner(calls):

@@ -90,6 +90,38 @@ def plot_ppl_vs_bpw(sweep_rows: Sequence[Mapping[str, Any]], path: str | Path, f
     return save_figure(ppl_vs_bpw_figure(sweep_rows, fp_perplexity, metric), path)
 
 
+def ppl_vs_sparsity_figure(rows: Sequence[Mapping[str, Any]], fp_value: float | None = None) -> Any:
+    """One line per quantization (method, bits, group; "none": pruned only): x = sparsity, y = perplexity (log)."""
+    good = ok_rows(rows)
+    if not good:
+        raise LowbitError("no successful sweep rows with a perplexity: nothing to plot")
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.subplots()
+    lines: dict[str, list[Mapping[str, Any]]] = {}
+    for r in good:
+        key = "pruned only" if r["method"] == "none" else f"{r['method']} w{r['bits']} g{r.get('group_size') or 'ch'}"
+        lines.setdefault(key, []).append(r)
+    for key in sorted(lines):
+        pts = sorted(lines[key], key=lambda r: r.get("sparsity") or 0.0)
+        ax.plot([r.get("sparsity") or 0.0 for r in pts], [r["perplexity"] for r in pts], marker="o", label=key)
+    if fp_value is not None and math.isfinite(fp_value) and fp_value > 0:
+        ax.plot([0.0], [fp_value], marker="*", color="black", linestyle="none", label="fp32")
+    if all(r["perplexity"] > 0 for r in good):
+        _log_y(ax)
+    ax.set_xlabel("sparsity (fraction of each layer's weights pruned)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity vs sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_ppl_vs_sparsity(sweep_rows: Sequence[Mapping[str, Any]], path: str | Path,
+                         fp_perplexity: float | None = None) -> Path:
+    """``ppl_vs_sparsity_figure`` saved as a PNG."""
+    return save_figure(ppl_vs_sparsity_figure(sweep_rows, fp_perplexity), path)
+
+
 def _type_colours(types: Sequence[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 

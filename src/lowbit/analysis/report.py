@@ -155,7 +155,7 @@ class Doc:
 # ------------------------------------------------------------------ sections
 
 def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
-    from lowbit.analysis.plots import ok_rows, plot_ppl_vs_bpw
+    from lowbit.analysis.plots import ok_rows, plot_ppl_vs_bpw, plot_ppl_vs_sparsity
 
     doc.heading("Quality vs size (sweep)")
     rows = sweep.get("rows", [])
@@ -169,6 +169,8 @@ def _sweep_section(doc: Doc, sweep: Mapping[str, Any], plots: Path) -> None:
         doc.image(plot_ppl_vs_bpw(good, plots / "ppl_vs_bpw.png", fp_ppl), "perplexity vs bits per weight")
         if len(ok_rows(good, "kl")) == len(good):
             doc.image(plot_ppl_vs_bpw(good, plots / "kl_vs_bpw.png", None, metric="kl"), "KL vs bits per weight")
+        if len({r.get("sparsity") or 0.0 for r in good}) > 1:
+            doc.image(plot_ppl_vs_sparsity(good, plots / "ppl_vs_sparsity.png", fp_ppl), "perplexity vs sparsity")
     else:
         doc.para("No configuration of the sweep succeeded.")
     failed = [r for r in rows if r.get("status") != "ok"]

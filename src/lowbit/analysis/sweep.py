@@ -1,4 +1,4 @@
-"""Sweeps: every (method, bits, group size) configuration quantized on the same calibration windows
+"""Sweeps: every (method, bits, group size, sparsity) configuration quantized on the same calibration windows
 and evaluated on the same windows, one row each in ``sweep.json`` (and ``sweep.md``) of a results
 directory.  Finished rows are kept, so a re-run does only what is missing; each configuration runs
 in a worker of a pluggable executor (``lowbit.analysis.executors``)."""
@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from lowbit.analysis.executors import Executor, InlineExecutor
 from lowbit.analysis.results import check_same_model, model_identity, read_results, write_results
@@ -20,27 +20,48 @@ from lowbit.experiment import Calibration, Evaluation, Job, ModelSource, run_job
 from lowbit.outputs import check_output
 
 SWEEP_METHODS = ("rtn", "gptq", "awq", "hqq", "owq", "spqr", "bcq")  # weight-only methods taking a plain int spec
-TABLE_COLUMNS = ["config", "method", "bits", "group", "bits/weight", "size MiB", "perplexity", "KL to fp",
+PRUNERS = ("magnitude", "wanda", "sparsegpt")  # the sparsity axis' pruning steps (before the rounding step)
+NO_QUANT = "none"  # the method of pruned-only configurations
+TABLE_COLUMNS = ["config", "method", "bits", "group", "sparsity", "bits/weight", "size MiB", "perplexity", "KL to fp",
                  "top-1 agreement", "quant s", "peak RSS MiB"]
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One point of a sweep: ``method`` at ``bits`` with groups of ``group_size`` (None: per channel)."""
+    """One point of a sweep: ``method`` at ``bits`` with groups of ``group_size`` (None: per channel), after
+    ``pruner`` prunes ``sparsity`` of each layer (0: no pruning); method ``none``: pruned only."""
 
     method: str
     bits: int
     group_size: int | None
+    sparsity: float = 0.0
+    pruner: str = "sparsegpt"
 
     @property
     def name(self) -> str:
-        return f"{self.method}-w{self.bits}" + (f"g{self.group_size}" if self.group_size else "-channel")
+        pruned = f"{self.pruner}{round(100 * self.sparsity)}" if self.sparsity else ""
+        if self.method == NO_QUANT:
+            return pruned
+        quant = f"{self.method}-w{self.bits}" + (f"g{self.group_size}" if self.group_size else "-channel")
+        return f"{pruned}-{quant}" if pruned else quant
 
     def recipe(self) -> dict[str, Any]:
-        """The recipe dict: asymmetric integer weights, every decoder linear, lm_head left alone."""
-        spec: dict[str, Any] = {"type": "int", "bits": self.bits, "symmetric": False}
-        spec |= {"granularity": "group", "group_size": self.group_size} if self.group_size else {"granularity": "channel"}
-        return {"name": self.name, "methods": [{"method": self.method, "spec": spec}]}
+        """The recipe dict: the pruning step, then asymmetric integer weights; every decoder linear, lm_head
+        left alone."""
+        entries: list[dict[str, Any]] = []
+        if self.sparsity:
+            entries.append({"method": self.pruner, "options": {"sparsity": self.sparsity}})
+        if self.method != NO_QUANT:
+            spec: dict[str, Any] = {"type": "int", "bits": self.bits, "symmetric": False}
+            spec |= ({"granularity": "group", "group_size": self.group_size} if self.group_size
+                     else {"granularity": "channel"})
+            entries.append({"method": self.method, "spec": spec})
+        return {"name": self.name, "methods": entries}
+
+    def row(self) -> dict[str, Any]:
+        """The identifying fields of this configuration's sweep row."""
+        return {"config": self.name, "method": self.method, "bits": self.bits, "group_size": self.group_size,
+                "sparsity": self.sparsity, "pruner": self.pruner if self.sparsity else None}
 
 
 @dataclass(frozen=True)
@@ -91,22 +112,32 @@ def parse_group(text: str) -> int | None:
     return None if text in ("channel", "none", "0") else int(text)
 
 
-def expand(methods: list[str], bits: list[int], group_sizes: list[int | None]) -> list[SweepConfig]:
-    """Every combination, validated before anything runs."""
+def expand(methods: list[str], bits: list[int], group_sizes: list[int | None], sparsities: Sequence[float] = (0.0,),
+           pruner: str = "sparsegpt") -> list[SweepConfig]:
+    """Every combination, validated before anything runs (method ``none``: pruned only, at each sparsity > 0)."""
     if not methods:
         raise LowbitError("the method list is empty: give at least one method (e.g. --methods rtn,gptq)")
     if not bits or not group_sizes:
         raise LowbitError("give at least one bit width and one group size")
-    unknown = [m for m in methods if m not in SWEEP_METHODS]
+    unknown = [m for m in methods if m not in (*SWEEP_METHODS, NO_QUANT)]
     if unknown:
         raise LowbitError(f"cannot sweep method(s) {', '.join(unknown)}: sweepable weight-only methods are "
-                          f"{', '.join(SWEEP_METHODS)}")
+                          f"{', '.join(SWEEP_METHODS)} (and {NO_QUANT}: pruning only)")
+    if pruner not in PRUNERS:
+        raise LowbitError(f"unknown pruner {pruner!r}; the sparsity axis prunes with one of {', '.join(PRUNERS)}")
+    bad_s = [x for x in sparsities if not 0 <= x < 1]
+    if bad_s or not sparsities:
+        raise LowbitError(f"sparsities must lie in [0, 1) (the fraction of each layer's weights pruned), got "
+                          f"{bad_s or sparsities}")
     bad = [b for b in bits if not 1 <= b <= 8]
     if bad:
         raise LowbitError(f"bit widths must lie in 1..8, got {bad}")
     if any(g is not None and g < 1 for g in group_sizes):
         raise LowbitError(f"group sizes must be positive (or 'channel'), got {group_sizes}")
-    combos = [SweepConfig(m, b, g) for m in methods for b in bits for g in group_sizes]
+    combos = [SweepConfig(m, b, g, sp, pruner) if m != NO_QUANT else SweepConfig(m, 0, None, sp, pruner)
+              for sp in sparsities for m in methods for b in bits for g in group_sizes if m != NO_QUANT or sp > 0]
+    if not combos:
+        raise LowbitError(f"method {NO_QUANT} (pruning only) needs a sparsity above 0 in --sparsities")
     return list(dict.fromkeys(combos))  # a repeated item runs once
 
 
@@ -120,7 +151,7 @@ def run_task(task: SweepTask) -> dict[str, Any]:
 
     torch.set_num_threads(task.threads)
     c = task.config
-    row: dict[str, Any] = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size}
+    row = c.row()
     try:
         result = run_job(task.job())
     except LowbitError as exc:
@@ -195,9 +226,7 @@ def run_sweep(model_ref: str, configs: list[SweepConfig], out: str | Path, execu
     with contextlib.closing((executor or InlineExecutor()).run(runner, tasks)) as finished:
         for task, row in finished:
             if isinstance(row, BaseException):
-                c = task.config
-                row = {"config": c.name, "method": c.method, "bits": c.bits, "group_size": c.group_size,
-                       "status": "failed", "error": f"{type(row).__name__}: {row}"}
+                row = task.config.row() | {"status": "failed", "error": f"{type(row).__name__}: {row}"}
             sweep["rows"] = [r for r in sweep["rows"] if r["config"] != row["config"]] + [row]
             _save(out, sweep)
             log(_row_line(row))
@@ -230,18 +259,25 @@ def table_rows(sweep: dict[str, Any], pareto: set[str] | None = None, failed: bo
     mark = (lambda name: ["yes" if name in pareto else ""]) if pareto is not None else (lambda name: [])
     rows = []
     if fp:
-        rows.append(["fp", "-", "-", "-", f"{fp['bits_per_weight']:.3f}", f"{fp['size_mb']:.1f}",
+        rows.append(["fp", "-", "-", "-", "0", f"{fp['bits_per_weight']:.3f}", f"{fp['size_mb']:.1f}",
                      f"{fp['perplexity']:.3f}", "0", "100.0%", "0", "-"] + mark("fp"))
-    ok = sorted((r for r in sweep["rows"] if r.get("status") == "ok"), key=lambda r: (r["method"], r["bits_per_weight"]))
+    ok = sorted((r for r in sweep["rows"] if r.get("status") == "ok"),
+                key=lambda r: (r["method"], r.get("sparsity", 0.0), r["bits_per_weight"]))
     for r in ok:
-        rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
+        rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"), _sparsity(r),
                      f"{r['bits_per_weight']:.3f}", f"{r['size_mb']:.1f}", _num(r["perplexity"]), f"{r['kl']:.4f}",
                      f"{100 * r['top1']:.1f}%", f"{r['quant_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}"] + mark(r["config"]))
     for r in sweep["rows"] if failed else ():
         if r.get("status") != "ok":
-            rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"),
+            rows.append([r["config"], r["method"], str(r["bits"]), str(r["group_size"] or "channel"), _sparsity(r),
                          "failed: " + str(r.get("error", ""))[:80]] + [""] * 6 + mark(""))
     return rows
+
+
+def _sparsity(row: dict[str, Any]) -> str:
+    """The row's sparsity and pruner (rows of sweeps before the sparsity axis: 0)."""
+    s = row.get("sparsity") or 0.0
+    return f"{s:g} ({row.get('pruner')})" if s else "0"
 
 
 def _num(x: float) -> str:

@@ -17,6 +17,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--methods", required=True, help="comma-separated weight methods, e.g. rtn,gptq,awq,hqq")
     p.add_argument("--bits", default="8,4,3,2", help="comma-separated bit widths (default 8,4,3,2)")
     p.add_argument("--group-sizes", default="64", help="comma-separated group sizes, 'channel' for per channel (default 64)")
+    p.add_argument("--sparsities", default="0", help="comma-separated fractions pruned before quantizing (a sweep axis; "
+                                                      "0: no pruning); --methods none: pruned only")
+    p.add_argument("--pruner", default="sparsegpt", help="the sparsity axis' pruning step: magnitude, wanda or sparsegpt")
     p.add_argument("--out", required=True, help="results directory (sweep.json, sweep.md); re-running resumes")
     add_calibration_options(p)
     add_eval_options(p, split=False, data_dir=False, max_windows=10,
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.analysis.sweep import SweepData, expand, parse_group, parse_list, run_sweep
 
     configs = expand(parse_list(args.methods, "method"), parse_list(args.bits, "bits", int),
-                     parse_list(args.group_sizes, "group size", parse_group))
+                     parse_list(args.group_sizes, "group size", parse_group),
+                     parse_list(args.sparsities, "sparsity", float), args.pruner)
     check_output(args.out, "results", option="--out")
     data = SweepData(args.calib, args.nsamples, args.seqlen, args.seed, args.eval_dataset, args.eval_seqlen,
                      args.max_windows)
