@@ -139,7 +139,8 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
     ``format``: ``compressed-tensors`` (packed int weights, loadable by transformers / vLLM and by
     lowbit), ``fake-quant`` (dequantized fp weights any transformers loads, plus
     ``lowbit_codes.safetensors`` when the layers have integer codes and ``lowbit_activations.json``
-    when their inputs are quantized), or ``auto`` (the first when
+    when their inputs are quantized), ``sparse-bitmask`` (a pruned full-precision model, its pruned linears
+    as values + bitmask), or ``auto`` (compressed-tensors when
     every quantized layer fits it).  ``extra_files`` (name -> text) are written beside.
     Returns ``(out, format written)``.  The directory appears
     only when everything is written.  An existing ``out`` is replaced only when it is empty or
@@ -173,6 +174,10 @@ def _write_quantized(model: torch.nn.Module, tokenizer: Any, report: Quantizatio
         kv = model.lowbit_kv_cache.to_dict()
     if kv:
         extra[KV_CACHE_FILE] = json.dumps(kv, indent=1)
+    if format == "sparse-bitmask":
+        from lowbit.export.sparse_bitmask import write_sparse_bitmask
+
+        return write_sparse_bitmask(model, tokenizer, out, extra), format
     ct_weights, ct_inputs, problem = collect_exportable(model)
     if format == "auto":
         format = "compressed-tensors" if problem is None else "fake-quant"

@@ -52,9 +52,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default=None, help="write the pruned model + summary here (a new directory, or one "
                                                "lowbit wrote, which is replaced)")
     add_overwrite_option(p)
+    p.add_argument("--format", default="auto", choices=["auto", "sparse-bitmask", "fake-quant"],
+                   help="checkpoint format for --out (sparse-bitmask: the pruned linears as values + bitmask, "
+                        "compressed-tensors' layout; auto: a dense checkpoint any transformers loads)")
     add_loading_options(p)
     add_json_option(p)
-    p.set_defaults(func=run, recipe=None, format="auto", sensitivity=None)
+    p.set_defaults(func=run, recipe=None, sensitivity=None)
 
 
 def prune_recipe(method: str, sparsity: float, pattern: str | None, options: dict[str, Any]) -> Any:

@@ -1,3 +1,3 @@
 """Writers (and readers) for the checkpoint formats inference engines load."""
 
-FORMATS = ("compressed-tensors", "fake-quant")
+FORMATS = ("compressed-tensors", "fake-quant", "sparse-bitmask")

@@ -240,7 +240,7 @@ def _quantization_config(path: Path) -> dict[str, Any]:
     return qc
 
 
-def _plain_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def plain_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The config's model with fresh weights (real buffers such as rotary tables), Conv1D as nn.Linear."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -303,7 +303,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     qc = _quantization_config(path)
     if not (path / WEIGHTS_FILE).is_file():
         raise LowbitError(f"{path} has a compressed-tensors config but no {WEIGHTS_FILE}; {CT_FIX}")
-    model = _plain_model(path, dtype)
+    model = plain_model(path, dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     ignored = set(qc.get("ignore") or [])
     schemes = {n: g for n in linears if n not in ignored and (g := _scheme_for(n, qc)) is not None}

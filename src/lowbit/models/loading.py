@@ -25,6 +25,7 @@ from lowbit.checkpoint import (
 from lowbit.conv1d import convert_conv1d
 from lowbit.errors import LowbitError
 from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
+from lowbit.export.sparse_bitmask import is_sparse_bitmask, load_sparse_bitmask
 from lowbit.hub import hub_reachable
 from lowbit.kvcache.config import read_kv_cache_file
 from lowbit.models.aliases import ALIASES
@@ -339,6 +340,8 @@ def _load_transformers(source: ModelSource, torch_dtype: torch.dtype, kwargs: di
 
 def _load_local_or_hub(source: ModelSource, torch_dtype: torch.dtype, kwargs: dict[str, Any]) -> Any:
     """The model of a directory (lowbit compressed-tensors, fake-quant or plain) or hub id, checked."""
+    if source.path is not None and is_sparse_bitmask(source.path):
+        return load_sparse_bitmask(source.path, torch_dtype)
     if source.path is not None and is_compressed_tensors(source.path):
         try:  # lowbit's own packed modules: no compressed-tensors install needed
             return load_compressed_tensors(source.path, torch_dtype)
