@@ -30,9 +30,11 @@ def test_layer_map_spreads_evenly():
 def test_losses_against_naive_references():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
-    assert feature_loss(s, t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+    ms = (t ** 2).mean().item()
+    assert feature_loss(s, t).item() == pytest.approx(((s - t) ** 2).mean().item() / ms, rel=1e-6)
     proj = torch.nn.Linear(8, 8, bias=False)
-    assert feature_loss(s, t, proj).item() == pytest.approx(((proj(s) - t) ** 2).mean().item(), rel=1e-6)
+    assert feature_loss(s, t, proj).item() == pytest.approx(((proj(s) - t) ** 2).mean().item() / ms, rel=1e-6)
+    assert feature_loss(torch.zeros_like(t), t).item() == pytest.approx(1.0)
     a = torch.softmax(torch.randn(1, 2, 3, 3, generator=g), -1)
     b = torch.softmax(torch.randn(1, 2, 3, 3, generator=g), -1)
     naive = sum((b[0, h, q] * (b[0, h, q].log() - a[0, h, q].log())).sum() for h in range(2) for q in range(3)) / 6
@@ -51,7 +53,7 @@ def test_smaller_student_learns_every_term_and_projections_go(tiny_calib):
     windows = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(5))
     result = distill(student, teacher, windows, cfg)
     first, last = result.mean_loss(first=5), result.mean_loss(last=5)
-    assert last < 0.8 * first  # measured 0.614 -> 0.334 (ratio 0.54)
+    assert last < 0.8 * first  # measured 1.205 -> 0.742 (ratio 0.62)
     assert not hasattr(student, PROJECTIONS)
     assert all(not p.requires_grad for p in teacher.parameters())
     assert (student.config._attn_implementation, teacher.config._attn_implementation) == impl

@@ -145,3 +145,9 @@ def test_bad_structured_input(run_cli, clean_error, smollm, args, needles, tmp_p
     code, _, err = run_cli("prune", "smollm2-135m", *args, "--out", str(out))
     clean_error(code, err, *needles)
     assert not out.exists()
+
+
+def test_hidden_size_must_divide_by_the_heads(tiny_llama, tiny_calib):
+    with pytest.raises(LowbitError, match="multiple of the 4 attention heads"):
+        prune_structured(tiny_llama, tiny_calib, StructuredPlan(hidden_size=50))
+    assert plan_for_target(tiny_llama, 0.5, "width").hidden_size % 4 == 0

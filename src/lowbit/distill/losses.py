@@ -2,7 +2,8 @@
 
 * logits: ``kl_to_teacher`` (``lowbit.qat.distill``), KL(teacher || student) at a temperature, times T^2;
 * hidden states: mean squared error between the student's state, projected to the teacher's width when the
-  widths differ (a learned linear map, as in TinyBERT / Minitron), and the teacher's state at the mapped layer;
+  widths differ (a learned linear map, as in TinyBERT / Minitron), and the teacher's state at the mapped layer,
+  relative to the teacher state's mean square;
 * attention maps: KL between the teacher's and the student's attention distributions of each query, averaged
   over heads first when the head counts differ.
 """
@@ -21,9 +22,12 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, proj: torch.nn.Module | None = None) -> torch.Tensor:
-    """Mean squared error of ``proj(student)`` (or ``student``) against ``teacher``, both (..., width)."""
+    """Mean squared error of ``proj(student)`` (or ``student``) against ``teacher``, both (..., width), relative to
+    the teacher's mean square: LLM hidden states carry a few huge channels, so the raw MSE would be in the
+    thousands and drown the logit term; relative, 1 means "no better than zeros"."""
     s = proj(student) if proj is not None else student
-    return F.mse_loss(s.float(), teacher.float())
+    t = teacher.float()
+    return F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-12)
 
 
 def attention_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -5,6 +5,7 @@ influence.  ``plan_for_target`` picks sizes that leave a given fraction of the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +38,10 @@ class StructuredPlan:
         for name, new, old in bounds:
             if new is not None and not 0 < new <= old:
                 raise LowbitError(f"{name} must be in 1..{old} (the model's), got {new}")
+        heads = cfg.num_key_value_heads * (self.heads_per_group or group)
+        if self.hidden_size is not None and self.hidden_size % heads:
+            raise LowbitError(f"hidden_size {self.hidden_size} is not a multiple of the {heads} attention heads, which "
+                              f"transformers requires of a config; use a multiple of {heads}")
         if not 0 <= self.drop_layers < cfg.num_hidden_layers:
             raise LowbitError(f"drop_layers must be in 0..{cfg.num_hidden_layers - 1}, got {self.drop_layers}")
 
@@ -104,8 +109,8 @@ def params_of(cfg: Any, hidden: int, inter: int, heads: int, layers: int, head_d
 def plan_for_target(model: torch.nn.Module, fraction: float, axis: Literal["width", "depth"] = "width",
                     multiple: int = 8) -> StructuredPlan:
     """Sizes leaving about ``fraction`` of the parameters: ``depth`` drops the fewest blocks that reach it;
-    ``width`` shrinks the MLP and the hidden size by one common ratio (rounded to ``multiple``), Minitron's
-    width axes; heads stay."""
+    ``width`` shrinks the MLP and the hidden size by one common ratio (rounded to ``multiple``, the hidden size
+    also to a multiple of the heads), Minitron's width axes; heads stay."""
     if not 0 < fraction < 1:
         raise LowbitError(f"the target fraction of parameters must be in (0, 1), got {fraction:g}")
     cfg = model.config
@@ -119,9 +124,12 @@ def plan_for_target(model: torch.nn.Module, fraction: float, axis: Literal["widt
         raise LowbitError(f"dropping layers cannot reach {fraction:g} of the parameters (embeddings remain); "
                           "use axis width or a larger fraction")
 
+    hidden_step = math.lcm(multiple, cfg.num_attention_heads)  # transformers wants hidden % heads == 0
+
     def sizes(r: float) -> tuple[int, int]:
-        rnd = lambda x: max(multiple, int(round(x * r / multiple)) * multiple)  # noqa: E731
-        return rnd(cfg.hidden_size), rnd(cfg.intermediate_size)
+        def rnd(x: int, step: int) -> int:
+            return max(step, int(round(x * r / step)) * step)
+        return rnd(cfg.hidden_size, hidden_step), rnd(cfg.intermediate_size, multiple)
 
     lo, hi = 0.0, 1.0
     for _ in range(40):
