@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,3 +54,21 @@ def run_child(script: str, args: list[str]) -> dict | None:
         print(f"{args}: failed (exit {proc.returncode})", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_rows(script: str, name: str, todo: list[str], rerun: bool, child_args: list[str],
+             lines: Callable[[dict], list[str]]) -> dict[str, dict]:
+    """Measure each row of ``todo`` in its own process (``script --one ROW *child_args``), keeping the finished
+    rows of ``results/NAME.json`` (re-measured when ``rerun``), and rewrite the JSON and table after each."""
+    path = RESULTS / f"{name}.json"
+    rows: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    for row_name in todo:
+        if row_name in rows and not rerun:
+            continue
+        row = run_child(script, ["--one", row_name, *child_args])
+        if row is None:
+            continue
+        rows[row_name] = row
+        print(f"{row_name:28s} perplexity {row['perplexity']:8.2f}", file=sys.stderr, flush=True)
+        write_results(name, rows, lines(rows))
+    return rows

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from _results import RESULTS, run_child, table_lines, write_results
+from _results import run_rows, table_lines, vs
 
 MODEL = "smollm2-135m"
 FACTOR_ROWS = {f"{w}-{p}": (w, p / 100) for p in (80, 90) for w in ("svd", "asvd", "svd-llm")}
@@ -102,7 +101,7 @@ def _lines(rows: dict) -> list[str]:
     for name in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         r = rows[name]
         bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "32"
-        body.append([name, f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / dense - 1):+.1f}%" if dense else "",
+        body.append([name, f"{r['perplexity']:.2f}", vs(r["perplexity"], dense),
                      bpw, f"{r['seconds']:.0f}", f"{r['fp32_eval_tokens_per_s']:.0f}"])
     caption = [f"# Low-rank factorization on {MODEL} (WikiText-2 test, first 10 x 2048 windows)", "",
                "svd / asvd / svd-llm-P: every decoder linear factorized, the factors holding at most P% of its parameters",
@@ -123,18 +122,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
-    path = RESULTS / "lowrank.json"
-    rows: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
-    for name in args.only or ORDER:
-        if name in rows and not args.only:
-            continue
-        row = run_child(__file__, ["--one", name, "--nsamples", str(args.nsamples), "--windows", str(args.windows)])
-        if row is None:
-            continue
-        rows[name] = row
-        print(f"{name:24s} ppl {row['perplexity']:8.2f}  {row['seconds']:6.0f} s", file=sys.stderr, flush=True)
-        write_results("lowrank", rows, _lines(rows))
-
+    run_rows(__file__, "lowrank", args.only or ORDER, bool(args.only),
+             ["--nsamples", str(args.nsamples), "--windows", str(args.windows)], _lines)
 
 if __name__ == "__main__":
     main()

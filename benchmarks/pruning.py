@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from _results import RESULTS, run_child, table_lines, write_results
+from _results import run_rows, table_lines, vs, write_results
 
 MODEL = "smollm2-135m"
 
@@ -124,7 +123,7 @@ def _lines(rows: dict) -> list[str]:
         r = rows[name]
         bm = f"{r['bitmask_bits_per_weight']:.2f}" if r.get("bitmask_bits_per_weight") else ""
         speed = r["fp32_eval_tokens_per_s"]
-        body.append([name, f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / dense - 1):+.1f}%" if dense else "",
+        body.append([name, f"{r['perplexity']:.2f}", vs(r["perplexity"], dense),
                      f"{r['sparsity']:.3f}", f"{r['dense_bits_per_weight']:.2f}", bm, f"{r['seconds']:.0f}",
                      f"{speed:.0f}", f"{r['seconds'] * speed / 1000:.0f}"])
     caption = [f"# Pruning on {MODEL} (WikiText-2 test, first 10 x 2048 windows)", "",
@@ -154,22 +153,11 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
-    path = RESULTS / "pruning.json"
-    rows: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     todo = [] if args.table_only else (args.only or ["dense", *DEFAULT])
-    for name in todo:
-        if name in rows and not args.only:
-            continue
-        row = run_child(__file__, ["--one", name, "--nsamples", str(args.nsamples), "--windows", str(args.windows)])
-        if row is None:
-            continue
-        rows[name] = row
-        print(f"{name:28s} ppl {row['perplexity']:8.2f}  sparsity {row['sparsity']:.3f}  {row['seconds']:6.0f} s",
-              file=sys.stderr, flush=True)
-        write_results("pruning", rows, _lines(rows))
+    rows = run_rows(__file__, "pruning", todo, bool(args.only), ["--nsamples", str(args.nsamples), "--windows",
+                                                                 str(args.windows)], _lines)
     if args.table_only:
         write_results("pruning", rows, _lines(rows))
-
 
 if __name__ == "__main__":
     main()

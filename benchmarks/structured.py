@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 
-from _results import RESULTS, run_child, table_lines, write_results
+from _results import run_rows, table_lines
 
 MODEL = "smollm2-135m"
 ROWS = ["dense", "width-70", "depth-70", "width-70-kd", "depth-70-kd"]
@@ -80,7 +79,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     return row
 
 
-def _lines(rows: dict, args: argparse.Namespace) -> list[str]:
+def _lines(rows: dict) -> list[str]:
     dense = rows.get("dense")
     body = []
     for name in [n for n in ROWS if n in rows]:
@@ -125,21 +124,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
-    path = RESULTS / "structured.json"
-    rows: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     passed = ["--keep", str(args.keep), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seqlen",
               str(args.seqlen), "--lr", str(args.lr), "--feature-weight", str(args.feature_weight), "--nsamples",
               str(args.nsamples), "--windows", str(args.windows)]
-    for name in args.only or ROWS:
-        if name in rows and not args.only:
-            continue
-        row = run_child(__file__, ["--one", name, *passed])
-        if row is None:
-            continue
-        rows[name] = row
-        print(f"{name:14s} ppl {row['perplexity']:8.2f}  params {row['params']:,}", file=sys.stderr, flush=True)
-        write_results("structured", rows, _lines(rows, args))
-
+    run_rows(__file__, "structured", args.only or ROWS, bool(args.only), passed, _lines)
 
 if __name__ == "__main__":
     main()

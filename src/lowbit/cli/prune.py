@@ -12,15 +12,7 @@ from typing import Any
 
 from lowbit.cli import quantize
 from lowbit.cli.display import print_table
-from lowbit.cli.options import (
-    add_calibration_options,
-    add_eval_options,
-    add_json_option,
-    add_loading_options,
-    add_model_options,
-    add_overwrite_option,
-    parse_options,
-)
+from lowbit.cli.options import add_json_option, add_loading_options, add_model_options, parse_options
 from lowbit.errors import LowbitError
 from lowbit.experiment import run_job
 
@@ -46,12 +38,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--hidden-size", type=int, default=None)
     s.add_argument("--drop-layers", type=int, default=0)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
-    add_calibration_options(p, batch_size=8)
-    p.add_argument("--eval", action="store_true", help="perplexity before and after")
-    add_eval_options(p)
-    p.add_argument("--out", default=None, help="write the pruned model + summary here (a new directory, or one "
-                                               "lowbit wrote, which is replaced)")
-    add_overwrite_option(p)
+    quantize.add_run_options(p, "pruned")
     p.add_argument("--format", default="auto", choices=["auto", "sparse-bitmask", "fake-quant"],
                    help="checkpoint format for --out (sparse-bitmask: the pruned linears as values + bitmask, "
                         "compressed-tensors' layout; auto: a dense checkpoint any transformers loads)")

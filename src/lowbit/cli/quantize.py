@@ -67,16 +67,22 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="results directory: reuse its sensitivity.json (same model and candidates), else write it there")
     add_kv_cache_option(p, "KV-cache setting saved with the model and used by --eval after quantization (overrides "
                            "the recipe's)")
-    add_calibration_options(p, batch_size=8)
-    p.add_argument("--eval", action="store_true", help="perplexity before and after")
-    add_eval_options(p)
-    p.add_argument("--out", default=None, help="write the quantized model + summary here (a new directory, or one "
-                                               "lowbit wrote, which is replaced)")
-    add_overwrite_option(p)
+    add_run_options(p, "quantized")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                    help="checkpoint format for --out (auto: compressed-tensors when every layer fits, else fake-quant)")
     add_loading_options(p)
     add_json_option(p)
+
+
+def add_run_options(p: argparse.ArgumentParser, what: str) -> None:
+    """Calibration, ``--eval`` (before and after) with its windows, ``--out`` and ``--overwrite``: the options of a
+    job that changes a model and may write it (quantize, prune)."""
+    add_calibration_options(p, batch_size=8)
+    p.add_argument("--eval", action="store_true", help="perplexity before and after")
+    add_eval_options(p)
+    p.add_argument("--out", default=None, help=f"write the {what} model + summary here (a new directory, or one "
+                                               "lowbit wrote, which is replaced)")
+    add_overwrite_option(p)
 
 
 def run(args: argparse.Namespace) -> int:

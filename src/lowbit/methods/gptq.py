@@ -89,11 +89,15 @@ class GPTQ(WeightMethod):
         w = layer.weight.data
         res = gptq_quantize(w, stats.hessian, self.spec, self.damp, self.block_size, self.act_order,
                             self.static_groups, stats.mask)
-        bits = bits_per_weight(w.numel(), [CodeBlock.of_spec(w.numel(), res.scale.numel(), self.spec)])
-        return LayerResult(
-            weight=res.weight.to(w.dtype),
-            bits_per_weight=bits,
-            form=int_weight_from_codes(res.codes, res.scale, res.zero, res.g_idx, self.spec),
-            artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
-                       "damp": res.damp_used},
-        )
+        return swept_layer_result(w, res.weight, res.codes, res.scale, res.zero, res.g_idx, self.spec,
+                                  damp=res.damp_used)
+
+
+def swept_layer_result(w: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, g_idx: torch.Tensor, spec: QuantSpec, **record: object) -> LayerResult:
+    """The ``LayerResult`` of an int Hessian sweep (GPTQ, SparseGPT's joint mode): the new weight in ``w``'s dtype,
+    exact bits per weight, the ``IntWeight`` form, the parts (and ``record``) as artifacts."""
+    bits = bits_per_weight(w.numel(), [CodeBlock.of_spec(w.numel(), scale.numel(), spec)])
+    return LayerResult(weight=new.to(w.dtype), bits_per_weight=bits,
+                       form=int_weight_from_codes(codes, scale, zero, g_idx, spec),
+                       artifacts={"codes": codes, "scale": scale, "zero": zero, "g_idx": g_idx, **record})

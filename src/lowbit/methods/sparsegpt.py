@@ -26,12 +26,11 @@ import torch
 
 from lowbit.fields import bounded
 from lowbit.methods.base import LayerResult, LayerStats, PreparedLayer, WeightMethod, register_method
+from lowbit.methods.gptq import swept_layer_result
 from lowbit.methods.pruning import Pruner
-from lowbit.packed.intweight import int_weight_from_codes
 from lowbit.solvers.affine import AffineColumns, Segment, check_int_spec, group_width
 from lowbit.solvers.hessian import prepare, solve
 from lowbit.solvers.sparse import SparseColumns
-from lowbit.solvers.storage import CodeBlock, bits_per_weight
 from lowbit.spec import QuantSpec
 
 
@@ -127,11 +126,5 @@ class SparseGPT(Pruner):
         w = layer.weight.data
         res = self._prune(name, w, stats, self.spec)
         assert res.codes is not None and res.scale is not None and res.zero is not None and res.g_idx is not None
-        bits = bits_per_weight(w.numel(), [CodeBlock.of_spec(w.numel(), res.scale.numel(), self.spec)])
-        return LayerResult(
-            weight=res.weight.to(w.dtype),
-            bits_per_weight=bits,
-            form=int_weight_from_codes(res.codes, res.scale, res.zero, res.g_idx, self.spec),
-            artifacts={"codes": res.codes, "scale": res.scale, "zero": res.zero, "g_idx": res.g_idx,
-                       "mask": res.mask, "damp": res.damp_used},
-        )
+        return swept_layer_result(w, res.weight, res.codes, res.scale, res.zero, res.g_idx, self.spec, mask=res.mask,
+                                  damp=res.damp_used)
