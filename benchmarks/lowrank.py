@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 
-from _results import run_rows, table_lines, vs
+from _results import in_order, run_rows, table_lines, vs
 
 MODEL = "smollm2-135m"
 FACTOR_ROWS = {f"{w}-{p}": (w, p / 100) for p in (80, 90) for w in ("svd", "asvd", "svd-llm")}
@@ -98,8 +98,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def _lines(rows: dict) -> list[str]:
     dense = rows.get("dense", {}).get("perplexity")
     body = []
-    for name in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
-        r = rows[name]
+    for name, r in in_order(rows, ORDER):
         bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else "32"
         body.append([name, f"{r['perplexity']:.2f}", vs(r["perplexity"], dense),
                      bpw, f"{r['seconds']:.0f}", f"{r['fp32_eval_tokens_per_s']:.0f}"])

@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 
-from _results import run_rows, table_lines, vs, write_results
+from _results import in_order, run_rows, table_lines, vs, write_results
 
 MODEL = "smollm2-135m"
 
@@ -119,8 +119,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def _lines(rows: dict) -> list[str]:
     dense = rows.get("dense", {}).get("perplexity")
     body = []
-    for name in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
-        r = rows[name]
+    for name, r in in_order(rows, ORDER):
         bm = f"{r['bitmask_bits_per_weight']:.2f}" if r.get("bitmask_bits_per_weight") else ""
         speed = r["fp32_eval_tokens_per_s"]
         body.append([name, f"{r['perplexity']:.2f}", vs(r["perplexity"], dense),
