@@ -123,6 +123,7 @@ def test_prune_structured_cli_end_to_end(run_cli, smollm, data_dir, tmp_path):
 
     out = tmp_path / "depth"
     code, stdout, err = run_cli("prune", "smollm2-135m", "--structured", "depth", "--drop-layers", "3", "--nsamples", "4",
+                                "--importance", "taylor",
                                 "--seqlen", "128", "--eval", "--max-windows", "1", "--eval-seqlen", "256",
                                 "--out", str(out), "--json")
     assert code == 0, err
@@ -151,3 +152,30 @@ def test_hidden_size_must_divide_by_the_heads(tiny_llama, tiny_calib):
     with pytest.raises(LowbitError, match="multiple of the 4 attention heads"):
         prune_structured(tiny_llama, tiny_calib, StructuredPlan(hidden_size=50))
     assert plan_for_target(tiny_llama, 0.5, "width").hidden_size % 4 == 0
+
+
+def test_taylor_scores_against_a_manual_backward(tiny_llama, tiny_calib):
+    from lowbit.structured.taylor import taylor_scores
+
+    scores = taylor_scores(tiny_llama, tiny_calib, batch_size=8)  # one batch: the whole calibration set
+    tiny_llama.zero_grad()
+    for p in tiny_llama.parameters():
+        p.requires_grad_(True)
+    tiny_llama(input_ids=tiny_calib, labels=tiny_calib).loss.backward()
+    mlp = tiny_llama.model.layers[1].mlp
+    sal = lambda lin: (lin.weight.detach() * lin.weight.grad).abs().double()  # noqa: E731
+    ref = sal(mlp.gate_proj).sum(1) + sal(mlp.up_proj).sum(1) + sal(mlp.down_proj).sum(0)
+    assert torch.allclose(scores.mlp[1], ref, rtol=1e-5)  # measured max rel diff ~1e-7
+    assert scores.layers.shape == (2,) and scores.hidden.shape == (64,) and scores.heads[0].shape == (4,)
+
+
+def test_taylor_cuts_silent_channels_and_restores_flags(tiny_llama, tiny_calib, ids):
+    with torch.no_grad():
+        for block in tiny_llama.model.layers:
+            block.mlp.gate_proj.weight[:32] = 0
+    for p in tiny_llama.parameters():
+        p.requires_grad_(False)
+    ref = _logits(tiny_llama, ids)
+    prune_structured(tiny_llama, tiny_calib, StructuredPlan(intermediate_size=96), importance="taylor")
+    assert torch.allclose(_logits(tiny_llama, ids), ref, atol=1e-5)
+    assert all(not p.requires_grad and p.grad is None for p in tiny_llama.parameters())

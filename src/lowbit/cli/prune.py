@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--heads-per-group", type=int, default=None, help="query heads kept per key/value head")
     s.add_argument("--hidden-size", type=int, default=None)
     s.add_argument("--drop-layers", type=int, default=0)
+    s.add_argument("--importance", choices=["activation", "taylor"], default="activation",
+                   help="ranking: activation norms + block influence (Minitron, ShortGPT), or first-order Taylor "
+                        "saliency |w * grad| of the next-token loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     quantize.add_run_options(p, "pruned")
     p.add_argument("--format", default="auto", choices=["auto", "sparse-bitmask", "fake-quant"],
@@ -111,7 +114,8 @@ def _run_structured(args: argparse.Namespace) -> int:
     quantize.check_outputs(args)
     summary = run_structured(model_source(args), calibration(args), plan, args.keep_params, args.structured or "width",
                              Evaluation(args.eval_dataset, args.eval_split, args.eval_seqlen, args.max_windows,
-                                        args.data_dir) if args.eval else None, args.out, args.overwrite, args.batch_size)
+                                        args.data_dir) if args.eval else None, args.out, args.overwrite, args.batch_size,
+                             args.importance)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -10,7 +10,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Scores:
+    """Higher is more important: per block an MLP-channel and a query-head score vector, one hidden-channel
+    vector, one score per block; from activations (``from_activations``) or Taylor saliency (``taylor``)."""
+
+    mlp: list[torch.Tensor]
+    heads: list[torch.Tensor]
+    hidden: torch.Tensor | None
+    layers: torch.Tensor
+    tokens: int = 0
 
 
 def channel_scores(sq_sum: torch.Tensor) -> torch.Tensor:
@@ -43,5 +57,5 @@ def block_influence(cos_sum: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def layers_to_drop(influence: torch.Tensor, n_drop: int) -> list[int]:
-    """The ``n_drop`` layers of lowest block influence, ascending."""
+    """The ``n_drop`` layers of lowest score (block influence, Taylor saliency), ascending."""
     return sorted(torch.argsort(influence, stable=True)[:n_drop].tolist())

@@ -20,7 +20,7 @@ SUMMARY = "lowbit_summary.json"
 def run_structured(source: ModelSource, calib: Calibration, plan: StructuredPlan | None = None,
                    keep_params: float | None = None, axis: str = "width",
                    evaluation: Evaluation | None = None, out: str | None = None, overwrite: bool = False,
-                   batch_size: int = 8) -> dict[str, Any]:
+                   batch_size: int = 8, importance: str = "activation") -> dict[str, Any]:
     """Prune ``source`` to ``plan`` (or to ``keep_params`` of its parameters along ``axis``); the summary.
     ``evaluation``: perplexity windows measured before and after."""
     import time
@@ -32,11 +32,11 @@ def run_structured(source: ModelSource, calib: Calibration, plan: StructuredPlan
     plan = plan if plan is not None else plan_for_target(model, keep_params, axis)  # type: ignore[arg-type]
     plan.check(model)
     windows = get_calibration(calib.source, tok, calib.nsamples, calib.seqlen, calib.seed, model=model)
-    summary: dict[str, Any] = {"plan": asdict(plan), "model": str(source.ref)}
+    summary: dict[str, Any] = {"plan": asdict(plan), "model": str(source.ref), "importance": importance}
     if evaluation is not None:
         summary["ppl_before"] = _perplexity(model, tok, evaluation)
     t0 = time.perf_counter()
-    report = prune_structured(model, windows, plan, batch_size)
+    report = prune_structured(model, windows, plan, batch_size, importance)  # type: ignore[arg-type]
     summary.update(seconds=time.perf_counter() - t0, params_before=report.params_before,
                    params_after=report.params_after, fraction=report.fraction, config=report.config,
                    dropped_layers=report.dropped, calib_tokens=report.calib_tokens)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.arch import decoder_blocks
+from lowbit.structured.importance import Scores, block_influence, channel_scores, head_scores
 
 
 @dataclass
@@ -73,3 +74,12 @@ def measure(model: torch.nn.Module, calib: torch.Tensor, batch_size: int = 8) ->
             h.remove()
     acts.hidden_sq = hidden[0] if isinstance(hidden[0], torch.Tensor) else None
     return acts
+
+
+def activation_scores(acts: Activations, n_heads: int) -> Scores:
+    """Minitron's activation importance and ShortGPT's block influence from one pass's ``Activations``."""
+    assert acts.cos_sum is not None
+    return Scores(mlp=[channel_scores(t) for t in acts.mlp_sq],
+                  heads=[head_scores(t, n_heads) for t in acts.attn_sq],
+                  hidden=None if acts.hidden_sq is None else channel_scores(acts.hidden_sq),
+                  layers=block_influence(acts.cos_sum, acts.tokens), tokens=acts.tokens)

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import torch
 
-from lowbit.arch import decoder_blocks
 from lowbit.errors import LowbitError
 from lowbit.structured import importance as imp
-from lowbit.structured.measure import measure
+from lowbit.structured.measure import activation_scores, measure
+from lowbit.structured.taylor import taylor_scores
 from lowbit.structured.surgery import (check_llama_layout, drop_layers, head_dim_of, keep_hidden_channels,
                                        keep_mlp_channels, keep_query_heads)
 
@@ -67,33 +67,35 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def prune_structured(model: torch.nn.Module, calib: torch.Tensor, plan: StructuredPlan,
-                     batch_size: int = 8) -> StructuredReport:
-    """Rank on ``calib`` and cut ``model`` in place to ``plan``; the config follows."""
+                     batch_size: int = 8, importance: Literal["activation", "taylor"] = "activation"
+                     ) -> StructuredReport:
+    """Rank on ``calib`` (activation norms and block influence, or first-order Taylor saliency) and cut
+    ``model`` in place to ``plan``; the config follows."""
     check_llama_layout(model)
     plan.check(model)
+    if importance not in ("activation", "taylor"):
+        raise LowbitError(f"importance must be activation or taylor, got {importance!r}")
     cfg = model.config
     before = count_params(model)
-    acts = measure(model, calib, batch_size)
-    n_blocks = len(decoder_blocks(model))
+    if importance == "taylor":
+        scores = taylor_scores(model, calib, batch_size)
+    else:
+        scores = activation_scores(measure(model, calib, batch_size), cfg.num_attention_heads)
     if plan.intermediate_size is not None and plan.intermediate_size < cfg.intermediate_size:
-        keep_mlp_channels(model, [imp.top_channels(imp.channel_scores(acts.mlp_sq[i]), plan.intermediate_size)
-                                  for i in range(n_blocks)])
+        keep_mlp_channels(model, [imp.top_channels(s, plan.intermediate_size) for s in scores.mlp])
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     if plan.heads_per_group is not None and plan.heads_per_group < group:
-        n_heads = cfg.num_attention_heads
-        keep_query_heads(model, [imp.heads_to_keep(imp.head_scores(acts.attn_sq[i], n_heads),
-                                                   cfg.num_key_value_heads, plan.heads_per_group)
-                                 for i in range(n_blocks)])
-    if plan.hidden_size is not None and plan.hidden_size < cfg.hidden_size and acts.hidden_sq is not None:
-        keep_hidden_channels(model, imp.top_channels(imp.channel_scores(acts.hidden_sq), plan.hidden_size))
+        keep_query_heads(model, [imp.heads_to_keep(s, cfg.num_key_value_heads, plan.heads_per_group)
+                                 for s in scores.heads])
+    if plan.hidden_size is not None and plan.hidden_size < cfg.hidden_size and scores.hidden is not None:
+        keep_hidden_channels(model, imp.top_channels(scores.hidden, plan.hidden_size))
     dropped: list[int] = []
     if plan.drop_layers:
-        assert acts.cos_sum is not None
-        dropped = imp.layers_to_drop(imp.block_influence(acts.cos_sum, acts.tokens), plan.drop_layers)
+        dropped = imp.layers_to_drop(scores.layers, plan.drop_layers)
         drop_layers(model, dropped)
     sizes = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                           "num_key_value_heads", "num_hidden_layers", "head_dim")}
-    return StructuredReport(before, count_params(model), sizes, dropped, acts.tokens)
+    return StructuredReport(before, count_params(model), sizes, dropped, scores.tokens)
 
 
 def params_of(cfg: Any, hidden: int, inter: int, heads: int, layers: int, head_dim: int) -> int:

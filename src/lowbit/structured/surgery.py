@@ -22,7 +22,8 @@ def check_llama_layout(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def sliced_linear(linear: torch.nn.Linear, rows: torch.Tensor | None = None,
                   cols: torch.Tensor | None = None) -> torch.nn.Linear:
-    """A new Linear holding ``linear``'s weight (and bias) at the kept output ``rows`` and input ``cols``."""
+    """A new Linear holding ``linear``'s weight (and bias) at the kept output ``rows`` and input ``cols`` (and
+    their ``requires_grad``)."""
     w = linear.weight
     if rows is not None:
         w = w.index_select(0, rows.to(w.device))
@@ -33,6 +34,8 @@ def sliced_linear(linear: torch.nn.Linear, rows: torch.Tensor | None = None,
     if linear.bias is not None:
         b = linear.bias if rows is None else linear.bias.index_select(0, rows.to(w.device))
         out.bias.copy_(b)
+        out.bias.requires_grad_(linear.bias.requires_grad)
+    out.weight.requires_grad_(linear.weight.requires_grad)
     return out
 
 
@@ -93,6 +96,7 @@ def keep_hidden_channels(model: torch.nn.Module, keep: torch.Tensor) -> None:
     new_emb = torch.nn.Embedding(emb.num_embeddings, int(keep.numel()), padding_idx=emb.padding_idx,
                                  device=emb.weight.device, dtype=emb.weight.dtype)
     new_emb.weight.copy_(emb.weight.index_select(1, keep.to(emb.weight.device)))
+    new_emb.weight.requires_grad_(emb.weight.requires_grad)
     base.embed_tokens = new_emb
     for block in decoder_blocks(model):
         attn, mlp = block.self_attn, block.mlp
@@ -114,7 +118,8 @@ def keep_hidden_channels(model: torch.nn.Module, keep: torch.Tensor) -> None:
 
 
 def _slice_norm(norm: torch.nn.Module, keep: torch.Tensor) -> None:
-    norm.weight = torch.nn.Parameter(norm.weight.detach().index_select(0, keep.to(norm.weight.device)).clone())
+    norm.weight = torch.nn.Parameter(norm.weight.detach().index_select(0, keep.to(norm.weight.device)).clone(),
+                                     requires_grad=norm.weight.requires_grad)
 
 
 @torch.no_grad()
