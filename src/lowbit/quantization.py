@@ -17,6 +17,7 @@ from lowbit.data.windows import check_batch_size, check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
 from lowbit.jsonable import to_jsonable
+from lowbit.lowrank_layers import factorize_modules, lowrank_ranks, write_ranks
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
 from lowbit.recipe import Recipe, load_recipe, resolve_targets
@@ -110,6 +111,7 @@ def quantize(
     qparams = sum(l["shape"][0] * l["shape"][1] for l in layers)
     qbits = sum(l["shape"][0] * l["shape"][1] * l["bits_per_weight"] for l in layers) / max(qparams, 1)
     total, model_bpw = _model_bits(model, per_layer_bits)
+    factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
     return QuantizationReport(
         recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
         model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
@@ -155,6 +157,24 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationR
         return _write_quantized(model, tokenizer, report, out, format, extra_files)
 
 
+def _write_lowrank(model: torch.nn.Module, tokenizer: Any, out: Path, extra: dict[str, str]) -> Path:
+    """A model with low-rank layers: their two factors (``NAME.down`` / ``NAME.up``) and their ranks, which lowbit's
+    loader reads back; ``lowbit export --format fake-quant`` writes the dense products for any transformers."""
+    from lowbit.packed.qlinear import int_weights
+
+    if int_weights(model, strict=False):
+        raise LowbitError("this model has both quantized and low-rank layers, which no one checkpoint format holds "
+                          "here; write fake-quant (dense weights)")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model.state_dict())
+        write_ranks(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+    return out
+
+
 def _write_quantized(model: torch.nn.Module, tokenizer: Any, report: QuantizationReport | None, out: Path,
                      format: str, extra_files: dict[str, str] | None) -> tuple[Path, str]:
     """``save_quantized`` once the target is known to be replaceable."""
@@ -174,6 +194,11 @@ def _write_quantized(model: torch.nn.Module, tokenizer: Any, report: Quantizatio
         kv = model.lowbit_kv_cache.to_dict()
     if kv:
         extra[KV_CACHE_FILE] = json.dumps(kv, indent=1)
+    if lowrank_ranks(model) and format in ("auto", "lowrank"):
+        return _write_lowrank(model, tokenizer, out, extra), "lowrank"
+    if lowrank_ranks(model) and format not in ("fake-quant",):
+        raise LowbitError(f"{format} cannot hold low-rank layers; write the factors (format auto) or dense products "
+                          "(fake-quant)")
     if format == "sparse-bitmask":
         from lowbit.export.sparse_bitmask import write_sparse_bitmask
 

@@ -9,6 +9,7 @@ import torch
 from lowbit.core.lowrank import (asvd_factors, lorc_correction, rank_for_budget, rank_for_energy, svd_factors,
                                  svd_llm_factors)
 from lowbit.errors import LowbitError
+from lowbit.lowrank_layers import LowRankLinear
 from lowbit.methods import get_method
 from lowbit.quantization import quantize
 from lowbit.spec import preset
@@ -68,8 +69,33 @@ def test_recipe_step_counts_the_factors(tiny_llama, tiny_calib):
         rank = rank_for_budget(out, cols, 0.8)
         assert layer["bits_per_weight"] == pytest.approx(32 * rank * (out + cols) / (out * cols))
         assert "rank" in layer["note"]
-    w = tiny_llama.model.layers[0].mlp.down_proj.weight
-    assert int(torch.linalg.matrix_rank(w.double(), rtol=1e-5)) == rank_for_budget(*w.shape, 0.8)  # fp32 noise below
+    layer = tiny_llama.model.layers[0].mlp.down_proj
+    assert isinstance(layer, LowRankLinear) and layer.rank == rank_for_budget(64, 128, 0.8)
+    assert layer.down.weight.shape == (layer.rank, 128) and layer.up.weight.shape == (64, layer.rank)
+
+
+def test_factors_save_load_and_export_dense(tiny_llama, tiny_calib, tmp_path):
+    """The checkpoint holds the two factors (smaller than dense), lowbit loads them back exactly, and the
+    fake-quant export holds dense products that plain transformers loads with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.models.loading import load_model
+    from lowbit.quantization import save_quantized
+
+    report = quantize(tiny_llama, "lowrank80-svd-llm", tiny_calib, batch_size=4, progress=False)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+    out, fmt = save_quantized(tiny_llama, None, report, tmp_path / "lr")
+    assert fmt == "lowrank" and (out / "lowbit_lowrank.json").is_file()
+    loaded, _ = load_model(out, require_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    dense, _ = save_quantized(loaded, None, None, tmp_path / "dense", "fake-quant")
+    assert (out / "model.safetensors").stat().st_size < (dense / "model.safetensors").stat().st_size
+    plain = AutoModelForCausalLM.from_pretrained(dense).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, ref, atol=1e-5)  # product vs two matmuls: measured ~1e-7
 
 
 def test_nothing_rounds_after_a_factorization(tiny_llama, tiny_calib):

@@ -1,9 +1,11 @@
-"""The state dict a plain transformers model of the same config loads: packed layers as dense weights."""
+"""The state dict a plain transformers model of the same config loads: packed and low-rank layers as dense
+weights."""
 
 from __future__ import annotations
 
 import torch
 
+from lowbit.lowrank_layers import dense_lowrank_state
 from lowbit.packed.qlinear import QuantLinear
 
 PACKED_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
@@ -20,4 +22,4 @@ def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for b in PACKED_BUFFERS:
             state.pop(prefix + b, None)
         state[prefix + "weight"] = m.dequantized_weight().to(m.dtype).contiguous()
-    return state
+    return dense_lowrank_state(model, state)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_requantized, exact_fit
@@ -106,6 +107,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
             raise LowbitError(f"unsupported GGUF type {t!r} for {what}; choose one of {', '.join(GGUF_TYPES)}")
     if tokenizer is None:
         raise LowbitError("GGUF files carry the tokenizer; the checkpoint has none (save it with its tokenizer)")
+    if lowrank_ranks(model):
+        raise LowbitError("GGUF has no low-rank layers; export fake-quant (dense products) first and convert that")
     config = model.config
     arch = gguf_arch(config)
     n_layers = config.num_hidden_layers

@@ -6,8 +6,9 @@ default: it minimises each layer's output error).  The rank is the largest whose
     methods:
       - {method: lowrank, ignore: [lm_head], options: {fraction: 0.8, whiten: svd-llm}}
 
-A final step: the weight becomes the product ``A @ B`` in full precision and the report counts the
-``r (in + out)`` values the factors store.  Nothing may round the layer afterwards.
+A final step: the weight becomes the product ``A @ B`` in full precision while the pipeline runs, and the
+layer a ``LowRankLinear`` (``lowbit.lowrank_layers``: two linears, ``r (in + out)`` values, the count the report
+gives) once it is done; checkpoints hold the two factors.  Nothing may round the layer afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from lowbit.core.lowrank import asvd_factors, svd_factors, svd_llm_factors
 from lowbit.errors import LowbitError
 from lowbit.fields import bounded
+from lowbit.lowrank_layers import FACTORS
 from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod, register_method
 from lowbit.methods.statistics import AbsMagnitude, Hessian, InputStatistic
 
@@ -62,6 +64,7 @@ class LowRank(WeightMethod):
         else:
             raise LowbitError(f"lowrank ({self.whiten}) needs calibration inputs for {name}, but none reached it")
         w.copy_(f.product().to(w.dtype))
+        setattr(layer, FACTORS, (f.a.to(w.dtype), f.b.to(w.dtype)))  # swapped for a LowRankLinear after the pipeline
         stored = f.rank * (w.shape[0] + w.shape[1])
         note = f"rank {f.rank} ({how}), {100 * stored / w.numel():.1f}% of the parameters"
         return PreparedLayer(note=note, stored_params=stored)

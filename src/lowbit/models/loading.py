@@ -26,6 +26,7 @@ from lowbit.conv1d import convert_conv1d
 from lowbit.errors import LowbitError
 from lowbit.export.compressed_tensors import is_compressed_tensors, load_compressed_tensors
 from lowbit.export.sparse_bitmask import is_sparse_bitmask, load_sparse_bitmask
+from lowbit.lowrank_layers import LOWRANK_FILE
 from lowbit.hub import hub_reachable
 from lowbit.kvcache.config import read_kv_cache_file
 from lowbit.models.aliases import ALIASES
@@ -338,8 +339,47 @@ def _load_transformers(source: ModelSource, torch_dtype: torch.dtype, kwargs: di
     return model
 
 
+def _load_lowrank(source: ModelSource, torch_dtype: torch.dtype) -> Any:
+    """A checkpoint with low-rank layers (``lowbit.lowrank_layers``): the config's model, those layers made
+    two factors of the recorded ranks, every tensor checked and loaded."""
+    from safetensors.torch import load_file
+
+    from lowbit.checkpoint import LoadReport, compare_tensors, finite_state, safetensors_header
+    from lowbit.export.compressed_tensors import plain_model
+    from lowbit.lowrank_layers import restore_lowrank
+
+    assert source.path is not None
+    fix = "re-save it with lowbit (quantize --out, or export)"
+    ranks = read_config_json(source.path / LOWRANK_FILE)  # bounded JSON object reader
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in ranks.items()):
+        raise LowbitError(f"{source.path / LOWRANK_FILE} must map layer names to integer ranks; {fix}")
+    model = plain_model(source.path, torch_dtype)
+    try:
+        restore_lowrank(model, ranks)
+    except ValueError as exc:
+        raise LowbitError(f"{source.path / LOWRANK_FILE}: {exc}; {fix}") from None
+    files = sorted(source.path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("lowbit_")]
+    report = LoadReport(str(source.path), f"check that config.json belongs to these weights, or {fix}")
+    expected = model.state_dict()
+    found = {}
+    for f in files:
+        found.update(safetensors_header(f))
+    compare_tensors(report, expected, found, model).check()
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model.load_state_dict(state, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    finite_state(report, model).check()
+    return model
+
+
 def _load_local_or_hub(source: ModelSource, torch_dtype: torch.dtype, kwargs: dict[str, Any]) -> Any:
     """The model of a directory (lowbit compressed-tensors, fake-quant or plain) or hub id, checked."""
+    if source.path is not None and (source.path / LOWRANK_FILE).is_file():
+        return _load_lowrank(source, torch_dtype)
     if source.path is not None and is_sparse_bitmask(source.path):
         return load_sparse_bitmask(source.path, torch_dtype)
     if source.path is not None and is_compressed_tensors(source.path):
