@@ -25,7 +25,7 @@ def test_prune_sparsegpt_2of4_end_to_end(run_cli, smollm, data_dir, tmp_path):
     ev = summary["extra"]["eval"]
     # 1 window of 512: dense measured 14.9; SparseGPT 2:4 on 8 x 256 calibration tokens measured ~40
     assert ev["before"]["perplexity"] < ev["after"]["perplexity"] < 4 * ev["before"]["perplexity"]
-    code, stdout, err = run_cli("eval", str(out), "--max-windows", "1", "--eval-seqlen", "512", "--json")
+    code, stdout, err = run_cli("eval", str(out), "--max-windows", "1", "--seqlen", "512", "--json")
     assert code == 0, err
     assert json.loads(stdout)["perplexity"] == pytest.approx(ev["after"]["perplexity"], rel=1e-5)
 
