@@ -166,12 +166,28 @@ def _write_lowrank(model: torch.nn.Module, tokenizer: Any, out: Path, extra: dic
         raise LowbitError("this model has both quantized and low-rank layers, which no one checkpoint format holds "
                           "here; write fake-quant (dense weights)")
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=model.state_dict())
+        _write_model(tmp, model, tokenizer, extra)
         write_ranks(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in extra.items():
-            (tmp / name).write_text(text)
+    return out
+
+
+def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any, extra: dict[str, str],
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model`` (``state`` if given), its tokenizer and the ``extra`` text files into the directory ``tmp``."""
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model.state_dict() if state is None else state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in extra.items():
+        (tmp / name).write_text(text)
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer: Any, out: str | Path, extra_files: dict[str, str],
+                   overwrite: bool = False) -> Path:
+    """A full-precision model (pruned, distilled ...) with its tokenizer and ``extra_files`` written to ``out``
+    atomically (replacing only what lowbit wrote, or anything with ``overwrite``)."""
+    out = Path(out)
+    with allow_replace(out) if overwrite else contextlib.nullcontext(), atomic_dir(out) as tmp:
+        _write_model(tmp, model, tokenizer, extra_files)
     return out
 
 
@@ -218,11 +234,7 @@ def _write_quantized(model: torch.nn.Module, tokenizer: Any, report: Quantizatio
         return out, format
     weights = int_weights(model, strict=False)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=dense_state_dict(model))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in extra.items():
-            (tmp / name).write_text(text)
+        _write_model(tmp, model, tokenizer, extra, dense_state_dict(model))
         if weights:
             write_codes(weights, tmp / CODES_FILE)
         acts = activations_json(model)

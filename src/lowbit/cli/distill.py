@@ -45,7 +45,6 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from lowbit.atomic import allow_replace, atomic_dir
     from lowbit.cli.options import model_source
     from lowbit.data.training import training_windows
     from lowbit.distill import DistillConfig, distill
@@ -53,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
     from lowbit.experiment import load
     from lowbit.outputs import check_output, input_paths
+    from lowbit.quantization import save_model_dir
 
     cfg = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                         temperature=args.temperature, logit_weight=args.logit_weight,
@@ -84,19 +84,9 @@ def run(args: argparse.Namespace) -> int:
     summary.update(seconds=time.perf_counter() - t0, tokens=result.tokens, steps=len(result.losses),
                    loss_first=result.mean_loss(first=min(10, len(result.losses))),
                    loss_last=result.mean_loss(last=min(10, len(result.losses))), ppl_after=ppl(student))
-    with allow_replace(args.out) if args.overwrite else _nothing(), atomic_dir(args.out) as tmp:
-        student.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+    save_model_dir(student, tok, args.out, {SUMMARY: json.dumps(summary, indent=2)}, args.overwrite)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_table([(k, v) for k, v in summary.items() if k != "settings"])
     return 0
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -4,10 +4,8 @@ loads, with ``lowbit_summary.json`` beside it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from lowbit.experiment import Calibration, Evaluation, ModelSource, load
@@ -43,13 +41,9 @@ def run_structured(source: ModelSource, calib: Calibration, plan: StructuredPlan
     if evaluation is not None:
         summary["ppl_after"] = _perplexity(model, tok, evaluation)
     if out is not None:
-        from lowbit.atomic import allow_replace, atomic_dir
+        from lowbit.quantization import save_model_dir
 
-        with allow_replace(out) if overwrite else contextlib.nullcontext(), atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            if tok is not None:
-                tok.save_pretrained(tmp)
-            (Path(tmp) / SUMMARY).write_text(json.dumps(summary, indent=2))
+        save_model_dir(model, tok, out, {SUMMARY: json.dumps(summary, indent=2)}, overwrite)
     return summary
 
 
