@@ -6,8 +6,9 @@ validation, seed 0) and evaluation (the first 10 WikiText-2 test windows of 2048
 the shipped step (``lowrank``: every decoder linear factorized so its two factors hold at most ``fraction`` of
 its parameters); their size is the factors' values at fp32 relative to the dense linears.  The LoRC rows apply
 ``lowbit.core.lowrank.lorc_correction`` to each layer of the GPTQ model in this script (whitened by the dense
-model's calibration Gram matrix, rank ``r``); lowbit has no export path for a corrected quantized layer yet, so
-they measure quality and the stored size only.
+model's calibration Gram matrix, rank ``r``).  The row ``gptq-w3g64-lorc32`` is the user path: the shipped recipe
+(GPTQ's ``lorc_rank`` option, whitened by each layer's GPTQ Hessian), saved (fake-quant), loaded back by lowbit
+and evaluated; plain transformers' load of the same directory is compared on a probe.
 
     python benchmarks/lowrank.py [--only svd-80 svd-llm-80]
 
@@ -25,7 +26,8 @@ from _results import in_order, run_rows, table_lines, vs
 MODEL = "smollm2-135m"
 FACTOR_ROWS = {f"{w}-{p}": (w, p / 100) for p in (80, 90) for w in ("svd", "asvd", "svd-llm")}
 LORC_ROWS = {"gptq-w3g64": 0, "gptq-w3g64+lorc-8": 8, "gptq-w3g64+lorc-32": 32}
-ORDER = ["dense", *FACTOR_ROWS, *LORC_ROWS]
+RECIPE_ROWS = ["gptq-w3g64-lorc32"]
+ORDER = ["dense", *FACTOR_ROWS, *LORC_ROWS, *RECIPE_ROWS]
 
 
 def _grams(model, calib, batch_size: int = 8) -> dict:
@@ -89,6 +91,23 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         numel = sum(w.numel() for w in dense.values())
         row["bits_per_weight"] = report.bits_per_weight + 16 * extra / numel  # factors at fp16
         row["lorc_rank"] = rank
+    elif name in RECIPE_ROWS:
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        from lowbit.quantization import save_quantized
+
+        report = quantize(model, name, calib, progress=False)
+        row["bits_per_weight"] = report.bits_per_weight
+        probe = calib[:1, :64]
+        with tempfile.TemporaryDirectory() as d, torch.no_grad():
+            out, row["saved_as"] = save_quantized(model, tok, report, f"{d}/q")
+            ref_logits = model(probe).logits
+            model, _ = load_model(out)
+            plain = AutoModelForCausalLM.from_pretrained(out).eval()
+            row["plain_transformers_max_diff"] = float((plain(probe).logits - ref_logits).abs().max())
+            del plain
     row["seconds"] = time.perf_counter() - t0
     res = evaluate(model, tok, "wikitext2", "test", seqlen=2048, max_windows=args.windows)
     row.update(perplexity=res.perplexity, windows=res.windows)
@@ -106,7 +125,9 @@ def _lines(rows: dict) -> list[str]:
                "svd / asvd / svd-llm-P: every decoder linear factorized, the factors holding at most P% of its parameters",
                "(bits/weight: the factors' fp32 values per dense weight). gptq-w3g64+lorc-r: LoRC's rank-r correction",
                "of each GPTQ W3 g64 layer's error, whitened by the dense model's calibration Gram matrix, factors at",
-               "fp16 (bits/weight includes them); applied in the benchmark script, no export path yet.",
+               "fp16 (bits/weight includes them), applied in the benchmark script. gptq-w3g64-lorc32: the shipped recipe",
+               "(GPTQ option lorc_rank: 32, whitened by each layer's GPTQ Hessian), saved as fake-quant, loaded back and",
+               "evaluated (time includes the save and load).",
                "time: the factorization / quantization step; ref tok/s: fp32 eval speed in the same process."]
     return table_lines(caption, ["config", "perplexity", "vs dense", "bits/weight", "time s", "ref tok/s"], body)
 

@@ -285,6 +285,9 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
                                   "already rounded it; put the rounding step last (only steps that train the "
                                   "rounded layers, such as qat-e2e, may follow it)")
             method.validate_layer(n, m)
+            if method.lorc_rank > min(m.weight.shape):
+                raise LowbitError(f"{entry.method!r} lorc_rank {method.lorc_rank} is above min(out, in) = "
+                                  f"{min(m.weight.shape)} of {n}; use a rank of at most {min(m.weight.shape)}")
             steps.append(method)
     for n, steps in assignments.items():
         _check_steps(n, steps)
@@ -302,6 +305,15 @@ def _check_steps(layer: str, steps: list[WeightMethod]) -> None:
         if factorized_by is not None:
             raise LowbitError(f"layer {layer}: {step.name!r} after {factorized_by!r}, which stores the layer as two "
                               "low-rank factors; rounding their product would lose the savings: put it last")
+        if step.lorc_rank and not step.rounds():
+            raise LowbitError(f"layer {layer}: lorc_rank corrects a rounding error, and {step.name!r} does not round "
+                              "here; give lorc_rank to the rounding step")
+        if step.lorc_rank and pruned_by is not None:
+            raise LowbitError(f"layer {layer}: a LoRC correction (lorc_rank) is dense and would refill the weights "
+                              f"{pruned_by!r} pruned; drop lorc_rank or the pruning step")
+        if step.after_rounding and any(s.lorc_rank for s in steps[:i]):
+            raise LowbitError(f"layer {layer}: {step.name!r} trains the codes, and the LoRC correction of the "
+                              "rounding step would be stale after it; drop lorc_rank")
         if step.activations is not None and not step.rounds():
             raise LowbitError(f"layer {layer}: {step.name!r} does not round the layer here, so its 'activations' would "
                               "never apply; give the activation spec to the rounding step")

@@ -39,7 +39,7 @@ import torch
 
 from lowbit.activations.quantizer import ActQuantizer, check_activation_spec
 from lowbit.errors import LowbitError
-from lowbit.fields import check_fields
+from lowbit.fields import bounded, check_fields
 from lowbit.methods.statistics import AbsMagnitude, Hessian, InputStatistic, LayerStats
 from lowbit.quantized_layers import QuantizedWeight
 from lowbit.registry import lookup, registrar
@@ -79,6 +79,7 @@ class WeightMethod:
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(type="int", bits=4, granularity="group", group_size=128))
     activations: QuantSpec | None = None  # input activation spec of the layers (W8A8 ...), None: weight-only
+    lorc_rank: int = bounded(0, ge=0)  # rounding steps: rank of a LoRC correction of the error (methods/lorc.py)
 
     name: ClassVar[str] = ""
     needs_hessian: ClassVar[bool] = False

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lowbit.activations.attach import attach_input_quantizer
 from lowbit.activations.quantizer import ActQuantizer
 from lowbit.methods.base import LayerStats, PreparedLayer, WeightMethod
+from lowbit.methods.lorc import with_lorc
 from lowbit.arch import architecture_of, decoder_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
@@ -108,6 +109,8 @@ def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stat
         method, note = fallback, f"no calibration tokens: {fallback.name.upper()} instead of {assigned.name}"
     res = method.quantize_layer(name, layer, layer_stats)
     w = layer.weight.data
+    if assigned.lorc_rank:
+        res = with_lorc(res, w, assigned.lorc_rank, layer_stats.hessian)
     original = w.clone() if keep_original else None
     report = LayerReport(
         name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
