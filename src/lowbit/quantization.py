@@ -106,17 +106,23 @@ def quantize(
         t.apply_model(model)
     result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
     seconds = time.perf_counter() - t0
-    layers = result.to_dict()["layers"]
+    report = build_report(rec, result.to_dict()["layers"], model, seconds, result.calib_tokens,
+                          _records(transforms, [m for steps in assignments.values() for m in steps]))
+    factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
+    return report
+
+
+def build_report(rec: Recipe, layers: list[dict[str, Any]], model: torch.nn.Module, seconds: float, calib_tokens: int,
+                 extra: dict[str, Any]) -> QuantizationReport:
+    """The report of a run whose layer reports are ``layers`` (``model``'s parameters may be on the meta device)."""
     per_layer_bits = {l["name"]: l["bits_per_weight"] for l in layers}
     qparams = sum(l["shape"][0] * l["shape"][1] for l in layers)
     qbits = sum(l["shape"][0] * l["shape"][1] * l["bits_per_weight"] for l in layers) / max(qparams, 1)
     total, model_bpw = _model_bits(model, per_layer_bits)
-    factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
     return QuantizationReport(
         recipe=rec.to_dict(), layers=layers, quantized_params=qparams, bits_per_weight=qbits,
         model_params=total, model_bits_per_weight=model_bpw, seconds=seconds,
-        calib_tokens=result.calib_tokens, peak_rss_mb=peak_rss_mb(),
-        extra=_records(transforms, [m for steps in assignments.values() for m in steps]),
+        calib_tokens=calib_tokens, peak_rss_mb=peak_rss_mb(), extra=extra,
     )
 
 

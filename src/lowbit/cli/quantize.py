@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli import mixed_precision
+from lowbit.cli import mixed_precision, streamed
 from lowbit.cli.display import print_table
 from lowbit.cli.options import (
     add_calibration_options,
@@ -70,6 +70,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     add_run_options(p, "quantized")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                    help="checkpoint format for --out (auto: compressed-tensors when every layer fits, else fake-quant)")
+    streamed.add_options(p)
     add_loading_options(p)
     add_json_option(p)
 
@@ -91,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_batch_size(args.batch_size, "--batch-size")
     mixed = mixed_precision.wanted(args)  # per-layer formats by sensitivity
+    if streamed.wanted(args):
+        streamed.check_args(args)
     check_outputs(args)
+    if streamed.wanted(args):
+        return streamed.run(args, _recipe_from_args(args))
     progress = not args.json and sys.stderr.isatty()
     if mixed:
         mixed_precision.check_args(args)

@@ -31,7 +31,7 @@ from lowbit.checkpoint import (
 )
 from lowbit.conv1d import convert_conv1d, is_conv1d
 from lowbit.errors import LowbitError
-from lowbit.export.ct_schemes import LayerWeight, check_schemes, layer_format, quantization_config
+from lowbit.export.ct_schemes import LayerWeight, check_schemes, config_from_schemes, layer_scheme
 from lowbit.export.ct_tensors import (
     CONFIG_FORMATS,
     DENSE_WEIGHT_FORMATS,
@@ -75,7 +75,7 @@ def export_weights(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], dict
     return weights, input_quantizers(model)
 
 
-def _dense_state(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+def dense_tensors(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
     """Every other tensor of the model, tied duplicates dropped (transformers re-ties them on load)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -140,34 +140,53 @@ def export_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str |
     return write_compressed_tensors(model, tokenizer, out, weights, inputs, extra_files)
 
 
+def layer_tensors_and_schemes(weights: dict[str, LayerWeight], inputs: dict[str, ActQuantizer], dtype: torch.dtype
+                              ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The stored tensors of these quantized layers, and each layer's scheme (for ``config_from_schemes``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    schemes = {n: layer_scheme(w, inputs.get(n)) for n, w in weights.items()}
+    for name, w in weights.items():
+        tensors.update(layer_tensors(name, w, inputs.get(name), schemes[name]["format"], dtype))
+    return tensors, schemes
+
+
+def checkpoint_config(model: torch.nn.Module, schemes: dict[str, dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+    """``config.json`` of the compressed-tensors checkpoint of ``model`` whose quantized layers have ``schemes``."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    cfg = model.config.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]  # vLLM picks its model class by it
+    cfg["quantization_config"] = config_from_schemes(schemes, linears)
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    if any(s["format"] == "nvfp4-pack-quantized" for s in schemes.values()):
+        cfg["dtype"] = "bfloat16"  # compressed-tensors 0.20 decompresses NVFP4 to bf16 only (fp32 models fail)
+    return cfg
+
+
+def write_beside_weights(tmp: Path, model: torch.nn.Module, tokenizer: Any, extra_files: dict[str, str] | None) -> None:
+    """The generation config, tokenizer and extra files of a checkpoint being written in ``tmp``."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for fname, text in (extra_files or {}).items():
+        (tmp / fname).write_text(text)
+
+
 def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | Path,
                              weights: dict[str, LayerWeight], inputs: dict[str, ActQuantizer],
                              extra_files: dict[str, str] | None = None) -> Path:
     """Write the checkpoint from ``collect_exportable``'s weights and inputs (already checked)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    qc = quantization_config(weights, inputs, linears)
-    formats = {n: layer_format(w, inputs.get(n)) for n, w in weights.items()}
-    tensors = _dense_state(model, set(weights))
-    for name, w in weights.items():
-        tensors.update(layer_tensors(name, w, inputs.get(name), formats[name], dtype))
-    cfg = model.config.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]  # vLLM picks its model class by it
-    cfg["quantization_config"] = qc
-    cfg["dtype"] = str(dtype).replace("torch.", "")
-    if "nvfp4-pack-quantized" in formats.values():
-        cfg["dtype"] = "bfloat16"  # compressed-tensors 0.20 decompresses NVFP4 to bf16 only (fp32 models fail)
+    tensors = dense_tensors(model, set(weights))
+    quantized, schemes = layer_tensors_and_schemes(weights, inputs, dtype)
+    tensors.update(quantized)
+    cfg = checkpoint_config(model, schemes, dtype)
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+        write_beside_weights(tmp, model, tokenizer, extra_files)
     return out
 
 

@@ -93,15 +93,17 @@ def check_schemes(weights: dict[str, LayerWeight], inputs: dict[str, ActQuantize
     return None
 
 
-def quantization_config(weights: dict[str, LayerWeight], inputs: dict[str, ActQuantizer],
-                        linear_names: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of a model whose quantized layers are ``weights`` (with ``inputs``)."""
+def layer_scheme(w: LayerWeight, q: ActQuantizer | None) -> dict[str, Any]:
+    """One layer's scheme: weight and input arguments and the compression format."""
+    return {"weights": weight_args(w), "input_activations": activation_args(q), "output_activations": None,
+            "format": layer_format(w, q)}
+
+
+def config_from_schemes(layer_schemes: dict[str, dict[str, Any]], linear_names: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` from each quantized layer's ``layer_scheme`` (in model order)."""
     groups: dict[str, list[str]] = {}
     schemes: dict[str, dict[str, Any]] = {}
-    for name, w in weights.items():
-        q = inputs.get(name)
-        scheme = {"weights": weight_args(w), "input_activations": activation_args(q), "output_activations": None,
-                  "format": layer_format(w, q)}
+    for name, scheme in layer_schemes.items():
         key = json.dumps(scheme, sort_keys=True)
         schemes[key] = scheme
         groups.setdefault(key, []).append(name)
@@ -110,7 +112,7 @@ def quantization_config(weights: dict[str, LayerWeight], inputs: dict[str, ActQu
         targets = ["Linear"] if len(groups) == 1 else sorted(names)
         config_groups[f"group_{i}"] = {"targets": targets, **schemes[key]}
     formats = {s["format"] for s in schemes.values()}
-    ignore = sorted(n for n in linear_names if n not in weights) if len(groups) == 1 else []
+    ignore = sorted(n for n in linear_names if n not in layer_schemes) if len(groups) == 1 else []
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
             "kv_cache_scheme": None, "global_compression_ratio": None}

@@ -154,6 +154,16 @@ class WeightMethod:
     def finish_model(self, model: torch.nn.Module, calib: torch.Tensor) -> None:  # noqa: D401 - optional hook
         """End-to-end work after every block is done (default: nothing)."""
 
+    def needs_whole_model(self) -> str | None:
+        """Why this step cannot run one block at a time (``lowbit.stream``), or None when it can."""
+        if self.after_rounding or type(self).finish_model is not WeightMethod.finish_model:
+            return "it trains or rewrites the whole model after the blocks"
+        if type(self).prepare_model is not WeightMethod.prepare_model:
+            return "a pass over the whole model before the blocks"
+        if self.factorizes:
+            return "its layers become two linears once the whole model is done"
+        return None
+
     prunes: ClassVar[bool] = False  # leaves a sparsity mask that later steps must keep
     factorizes: ClassVar[bool] = False  # stores the layer as low-rank factors: a final step, nothing rounds after it
 

@@ -91,6 +91,9 @@ class Pruner(WeightMethod):
     def note(self, mask: torch.Tensor, how: str) -> str:
         return f"{100 * mask.float().mean().item():.1f}% pruned ({self.name}, {how})"
 
+    def needs_whole_model(self) -> str | None:
+        return "OWL's outlier pass over the whole dense model" if self.owl else None
+
     @torch.no_grad()
     def prepare_model(self, model: torch.nn.Module, calib: torch.Tensor, layers: dict[str, torch.nn.Module],
                       batch_size: int) -> None:

@@ -291,6 +291,14 @@ def _load_tokenizer(source: ModelSource, target: str, kwargs: dict[str, Any]) ->
                           "the tokenizer files of the original model") from None
 
 
+def load_tokenizer(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None,
+                   trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model reference alone (no weights loaded)."""
+    source = resolve_model(ref, cache)
+    target = str(source.path) if source.path is not None else source.ref
+    return _load_tokenizer(source, target, dict(trust_remote_code=trust_remote_code, **_hub_kwargs(source)))
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """The torch device named by ``device``; LowbitError when it is malformed or absent here."""
     try:

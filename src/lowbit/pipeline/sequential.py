@@ -236,6 +236,17 @@ def _unrounded_report(name: str, layer: torch.nn.Module, stored_params: int | No
                        output_error=None, weight_error=0.0)
 
 
+class BlockHooks:
+    """What a streamed run does around each block (``lowbit.stream``): read its weights before, write and free
+    them after.  The in-memory run has none."""
+
+    def load(self, index: int, block: torch.nn.Module) -> None:
+        """Before block ``index`` is compressed or run."""
+
+    def done(self, index: int, block: torch.nn.Module, reports: list[LayerReport], inputs: BlockInputs) -> None:
+        """After block ``index`` is compressed and ``inputs`` hold its outputs (the next block's inputs)."""
+
+
 @torch.no_grad()
 def run_sequential(
     model: torch.nn.Module,
@@ -244,9 +255,13 @@ def run_sequential(
     batch_size: int = 8,
     progress: bool = True,
     transforms: list[Any] | None = None,
+    hooks: BlockHooks | None = None,
+    inputs: BlockInputs | None = None,
+    start: int = 0,
 ) -> PipelineResult:
     """Run each layer's steps (full layer name -> [steps] in order, or a single step) block by block on
-    ``calib`` (n, seqlen); ``transforms`` (``lowbit.transforms``) rewrite each block first."""
+    ``calib`` (n, seqlen); ``transforms`` (``lowbit.transforms``) rewrite each block first.  A streamed run
+    passes ``hooks``, and when it resumes, the ``inputs`` of block ``start`` (blocks before it are done)."""
     t_start = time.perf_counter()
     every_step = _as_stages(assignments)
     # steps that train rounded layers (qat-e2e) do no per-layer work: they act in finish_model only
@@ -258,15 +273,20 @@ def run_sequential(
         step.prepare_model(model, calib, mine, batch_size)  # whole-model work before the blocks (OWL's pass)
     blocks = decoder_blocks(model)
     prefix_root = architecture_of(model).blocks
-    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    if inputs is None:
+        inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
     result = PipelineResult(calib_tokens=inputs.tokens)
-    bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+    bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
         prefix = f"{prefix_root}.{i}."
+        if hooks is not None:
+            hooks.load(i, block)
         mine = {n: steps for n, steps in staged.items() if n.startswith(prefix)}
         if not mine:
             _propagate(block, inputs)
+            if hooks is not None:
+                hooks.done(i, block, [], inputs)
             continue
         for t in transforms or ():
             final = {n: steps[-1] for n, steps in mine.items()}
@@ -305,6 +325,8 @@ def run_sequential(
         errs = [r.output_error for r in reports if r.output_error is not None]
         if errs:
             bar.set_postfix(err=f"{sum(errs) / len(errs):.2e}")
+        if hooks is not None:
+            hooks.done(i, block, reports, inputs)
         release_freed_memory()
     for step in {id(m): m for steps in every_step.values() for m in steps}.values():
         step.finish_model(model, calib)  # end-to-end work (training) once every block is done, in recipe order

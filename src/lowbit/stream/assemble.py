@@ -1,0 +1,67 @@
+"""One safetensors file from several, streamed: headers merged, each tensor's bytes copied through a small
+buffer, so a checkpoint larger than memory is written without holding it.
+
+Tensors are laid out as the safetensors library (0.8) lays them out (by its dtype order, widest first, then by
+name), so every tensor is aligned and the file is byte for byte what ``save_file`` writes for the same tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowbit.checkpoint import raw_safetensors_header
+from lowbit.errors import LowbitError
+
+# safetensors' order of dtypes in a file (measured with save_file: one tensor of each)
+_ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3",
+          "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL"]
+CHUNK = 16 << 20
+
+
+def _entries(parts: list[Path]) -> list[tuple[str, dict, Path, int]]:
+    """(name, header entry, part, absolute start of the tensor's bytes in the part) for every tensor."""
+    out, seen = [], {}
+    for part in parts:
+        header = raw_safetensors_header(part)
+        with open(part, "rb") as fh:
+            base = 8 + int.from_bytes(fh.read(8), "little")
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if name in seen:
+                raise LowbitError(f"tensor {name} is in both {seen[name].name} and {part.name}")
+            seen[name] = part
+            out.append((name, meta, part, base + meta["data_offsets"][0]))
+    return out
+
+
+def assemble_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] | None = None) -> int:
+    """Write every tensor of ``parts`` into ``out`` (a new file); returns its size in bytes."""
+    entries = sorted(_entries(parts), key=lambda e: (_ORDER.index(e[1]["dtype"]) if e[1]["dtype"] in _ORDER else len(_ORDER), e[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, meta, _, _ in entries:
+        size = meta["data_offsets"][1] - meta["data_offsets"][0]
+        header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out, "wb") as dst:
+        dst.write(len(raw).to_bytes(8, "little"))
+        dst.write(raw)
+        handles: dict[Path, object] = {}
+        try:
+            for name, meta, part, start in entries:
+                src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
+                src.seek(start)  # type: ignore[attr-defined]
+                left = meta["data_offsets"][1] - meta["data_offsets"][0]
+                while left:
+                    chunk = src.read(min(CHUNK, left))  # type: ignore[attr-defined]
+                    if not chunk:
+                        raise LowbitError(f"{part} ends inside tensor {name}; the part file is truncated")
+                    dst.write(chunk)
+                    left -= len(chunk)
+        finally:
+            for h in handles.values():
+                h.close()  # type: ignore[attr-defined]
+    return 8 + len(raw) + offset

@@ -1,0 +1,248 @@
+"""Streamed compression: quantize a model one decoder block at a time without ever holding all of it.
+
+The model is built on the meta device; the embedding is read to compute the calibration inputs of block 0 and
+freed; then each block is read from the checkpoint's (memory-mapped) safetensors, compressed by the same
+sequential pipeline as the in-memory run, its output tensors written to a part file, and freed.  Memory holds
+one block, the calibration activations and the step's statistics.  At the end the parts are merged into one
+``model.safetensors`` (``lowbit.stream.assemble``, streamed) beside the config, tokenizer and summary.
+
+Finished blocks are durable: beside the output, ``.OUT.partial/`` keeps each block's part file, the
+calibration activations entering the next block and ``state.json`` (what the run is, how many blocks are done,
+their layer reports).  ``resume=True`` continues from there and ends with the same bytes as an uninterrupted
+run; the folder is removed once the output is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lowbit.arch import architecture_of, decoder_blocks
+from lowbit.atomic import atomic_dir, atomic_file, write_text_atomic
+from lowbit.errors import LowbitError
+from lowbit.jsonable import to_jsonable
+from lowbit.models.capture import BlockInputs, capture_block_inputs
+from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
+from lowbit.quantized_layers import is_quantized
+from lowbit.stream.assemble import assemble_safetensors
+from lowbit.stream.weights import WeightReader, materialize, meta_model, release
+
+STATE_FILE = "state.json"
+HIDDEN_FILE = "hidden.pt"
+STREAM_FORMATS = ("auto", "compressed-tensors", "fake-quant")
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a streamed run into ``out`` keeps its finished blocks until the output is in place."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+def check_streamable(rec: Any, assignments: dict[str, list[Any]], fmt: str) -> None:
+    """Refuse (before work) what a block-at-a-time run cannot do."""
+    if fmt not in STREAM_FORMATS:
+        raise LowbitError(f"a streamed run writes {', '.join(STREAM_FORMATS[1:])}, not {fmt}; run without "
+                          "--streamed for other formats")
+    if rec.transforms:
+        raise LowbitError(f"recipe {rec.name!r} transforms the whole model ({rec.transforms[0].transform}), which a "
+                          "streamed run cannot hold at once; run it without --streamed")
+    if rec.kv_cache is not None and not rec.kv_cache.calibrated:
+        raise LowbitError(f"the KV-cache setting {rec.kv_cache.name} is fitted on the whole quantized model; run "
+                          "without --streamed, or pick a KV-cache setting that needs no fitting (KIVI4 ...)")
+    for steps in assignments.values():
+        for step in steps:
+            whole = step.needs_whole_model()
+            if whole:
+                raise LowbitError(f"step {step.name!r} ({whole}) needs the whole model at once, which a streamed run "
+                                  "does not hold; run it without --streamed")
+
+
+def _fingerprint(source_files: list[Path], recipe: dict[str, Any], calib: torch.Tensor, batch_size: int, fmt: str,
+                 dtype: torch.dtype) -> str:
+    """What makes two runs the same run (a resumed run must be one of them)."""
+    h = hashlib.sha256()
+    for f in source_files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(to_jsonable(recipe), sort_keys=True).encode())
+    h.update(calib.contiguous().numpy().tobytes())
+    h.update(f"{batch_size}:{fmt}:{dtype}".encode())
+    return h.hexdigest()
+
+
+def _block_tensors(block: torch.nn.Module, prefix: str, fmt: str, dtype: torch.dtype
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], str | None]:
+    """The block's checkpoint tensors (full names) in ``fmt``, its layers' compressed-tensors schemes, and why
+    compressed-tensors cannot hold it (None when it can)."""
+    from lowbit.export.compressed_tensors import collect_exportable, dense_tensors, layer_tensors_and_schemes
+    from lowbit.export.dense import dense_state_dict
+
+    quantized = any(is_quantized(m) for m in block.modules())
+    if fmt == "fake-quant" or not quantized:
+        return {prefix + k: v.contiguous() for k, v in dense_state_dict(block).items()}, {}, None
+    weights, inputs, problem = collect_exportable(block)
+    if problem is not None:
+        return {}, {}, problem
+    tensors, schemes = layer_tensors_and_schemes(weights, inputs, dtype)
+    tensors.update(dense_tensors(block, set(weights)))
+    return {prefix + k: v for k, v in tensors.items()}, {prefix + k: v for k, v in schemes.items()}, None
+
+
+class _StreamedBlocks(BlockHooks):
+    """Reads each block before the pipeline works on it; writes its part, the next inputs and the state after."""
+
+    def __init__(self, reader: WeightReader, dtype: torch.dtype, fmt: str, partial: Path, state: dict[str, Any],
+                 blocks_prefix: str) -> None:
+        self.reader, self.dtype, self.fmt, self.partial, self.state = reader, dtype, fmt, partial, state
+        self.prefix = blocks_prefix
+
+    def load(self, index: int, block: torch.nn.Module) -> None:
+        materialize(block, f"{self.prefix}{index}.", self.reader, self.dtype)
+
+    def done(self, index: int, block: torch.nn.Module, reports: list[LayerReport], inputs: BlockInputs) -> None:
+        if self.state["format"] == "auto" and reports:  # auto: decided by the first block the recipe changed
+            fits = any(is_quantized(m) for m in block.modules()) and \
+                _block_tensors(block, "", "compressed-tensors", self.dtype)[2] is None
+            self.state["format"] = "compressed-tensors" if fits else "fake-quant"
+        fmt = "fake-quant" if self.state["format"] == "auto" else self.state["format"]
+        tensors, schemes, problem = _block_tensors(block, f"{self.prefix}{index}.", fmt, self.dtype)
+        if problem is not None:
+            raise LowbitError(f"block {index} cannot be written as compressed-tensors: {problem}; rerun with "
+                              "--format fake-quant")
+        with atomic_file(self.partial / f"block-{index:05d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        with atomic_file(self.partial / HIDDEN_FILE) as tmp:
+            torch.save(list(inputs.hidden), tmp)
+        self.state["schemes"].update(schemes)
+        self.state["layers"] += [to_jsonable(asdict(r)) for r in reports]
+        self.state["done"] = index + 1
+        write_text_atomic(self.partial / STATE_FILE, json.dumps(self.state))  # the commit point of this block
+        release(block)
+
+
+def _open_partial(partial: Path, fingerprint: str, resume: bool, overwrite: bool, fmt: str) -> dict[str, Any]:
+    """The run's state: a fresh one, or the interrupted run's when resuming it."""
+    fresh = {"fingerprint": fingerprint, "done": 0, "format": fmt, "layers": [], "schemes": {}}
+    state_file = partial / STATE_FILE
+    if partial.exists() and not resume and not overwrite:
+        raise LowbitError(f"{partial} holds an interrupted streamed run into this output; pass --resume to continue "
+                          "it or --overwrite to start over")
+    if resume and state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            raise LowbitError(f"{state_file} is unreadable; pass --overwrite to start over") from None
+        if state.get("fingerprint") != fingerprint:
+            raise LowbitError(f"{partial} was started with another model, recipe, calibration, batch size or format; "
+                              "rerun with the same ones to resume, or --overwrite to start over")
+        return state
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return fresh
+
+
+def _rest_tensors(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder blocks (embedding, final norm, an untied head), tied copies dropped."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key.startswith(blocks_prefix) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        value = reader.tensor(key)
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.PathLike[str], tokenizer: Any = None,
+                      *, fmt: str = "auto",
+                      batch_size: int = 8, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                      dtype: torch.dtype = torch.float32, cache: str | None = None) -> tuple[Any, str]:
+    """Quantize model ``ref`` (a local or cached safetensors checkpoint) with ``recipe`` block by block into
+    ``out`` (module docstring).  Returns ``(QuantizationReport, format written)``."""
+    from lowbit.data.windows import check_batch_size, check_token_windows
+    from lowbit.export.compressed_tensors import checkpoint_config, write_beside_weights
+    from lowbit.models.loading import load_config, resolve_model
+    from lowbit.quantization import SUMMARY_FILE, build_report
+    from lowbit.recipe import load_recipe, resolve_targets
+
+    check_batch_size(batch_size)
+    check_token_windows(calib, "quantization's calibration")
+    source = resolve_model(ref, cache)
+    if source.path is None or not source.path.is_dir():
+        raise LowbitError(f"a streamed run reads a safetensors checkpoint directory; {ref} is a {source.kind} "
+                          "(load and save it once with lowbit export --format fake-quant, then stream that)")
+    config = load_config(source)
+    reader = WeightReader(source.path)
+    rec = load_recipe(recipe)
+    model = meta_model(config, dtype)
+    assignments = resolve_targets(model, rec)
+    check_streamable(rec, assignments, fmt)
+    out = Path(out).absolute()
+    partial = partial_dir(out)
+    fingerprint = _fingerprint(reader.files(), rec.to_dict(), calib, batch_size, fmt, dtype)
+    state = _open_partial(partial, fingerprint, resume, overwrite, fmt)
+    t0 = time.perf_counter()
+    arch = architecture_of(model)
+    blocks_prefix = arch.blocks + "."
+    blocks = decoder_blocks(model)
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    materialize(embed, f"{embed_name}.", reader, dtype)
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    release(embed)
+    start = int(state["done"])
+    if start:
+        inputs.hidden = torch.load(partial / HIDDEN_FILE, weights_only=True)
+    hooks = _StreamedBlocks(reader, dtype, fmt, partial, state, blocks_prefix)
+    if start < len(blocks):
+        run_sequential(model, assignments, calib, batch_size, progress, hooks=hooks, inputs=inputs, start=start)
+    seconds = time.perf_counter() - t0
+    written = state["format"] if state["format"] != "auto" else "fake-quant"
+    report = build_report(rec, state["layers"], model, seconds, inputs.tokens,
+                          {"streamed": {"resumed_at_block": start, "blocks": len(blocks)}})
+    extra = {"recipe.yaml": _yaml(report.recipe), SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)}
+    if rec.kv_cache is not None:
+        from lowbit.kvcache.config import KV_CACHE_FILE
+
+        extra[KV_CACHE_FILE] = json.dumps(rec.kv_cache.to_dict(), indent=1)
+    rest = partial / "rest.safetensors"
+    save_file(_rest_tensors(model, reader, blocks_prefix, dtype), str(rest), metadata={"format": "pt"})
+    parts = [partial / f"block-{i:05d}.safetensors" for i in range(len(blocks))] + [rest]
+    with atomic_dir(out) as tmp:
+        assemble_safetensors(parts, tmp / "model.safetensors", {"format": "pt"})
+        if written == "compressed-tensors":
+            cfg = checkpoint_config(model, state["schemes"], dtype)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        else:  # as save_pretrained writes it
+            model.config.architectures = [type(model).__name__]
+            model.config.dtype = dtype
+            model.config.save_pretrained(tmp)
+        write_beside_weights(tmp, None, tokenizer, extra)
+        _copy_generation_config(source.path, tmp)
+    shutil.rmtree(partial, ignore_errors=True)
+    report.extra["format"] = written
+    return report, written
+
+
+def _yaml(recipe: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _copy_generation_config(src: Path, dst: Path) -> None:
+    gen = src / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, dst / gen.name)

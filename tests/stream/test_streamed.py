@@ -1,0 +1,110 @@
+"""Streamed (block-at-a-time) compression: the same bytes as the in-memory run, durable blocks that an
+interrupted run resumes from with the same bytes, and what it refuses before work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quantization import quantize, save_quantized
+from lowbit.stream.run import partial_dir, quantize_streamed
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A 3-block Llama saved as safetensors (2 shards, with an index)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("stream") / "src"
+    LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size="150KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _in_memory(source: Path, recipe: str, calib: torch.Tensor, out: Path) -> tuple[Path, str]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(source).eval()
+    report = quantize(model, recipe, calib, batch_size=4, progress=False)
+    return save_quantized(model, None, report, out)
+
+
+@pytest.mark.parametrize("recipe, fmt", [("gptq-w4g64", "compressed-tensors"), ("gptq-w3g64-lorc32", "fake-quant"),
+                                         ("sparsegpt50", "fake-quant")])
+def test_streamed_writes_the_in_memory_bytes(source, calib, tmp_path, recipe, fmt):
+    mem, mem_fmt = _in_memory(source, recipe, calib, tmp_path / "mem")
+    report, written = quantize_streamed(str(source), recipe, calib, tmp_path / "str", batch_size=4, progress=False)
+    assert written == mem_fmt == fmt
+    assert (mem / "model.safetensors").read_bytes() == (tmp_path / "str" / "model.safetensors").read_bytes()
+    assert (mem / "config.json").read_text() == (tmp_path / "str" / "config.json").read_text()
+    assert report.bits_per_weight > 0 and len(report.layers) == 3 * 7
+    assert not partial_dir(tmp_path / "str").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(source, calib, tmp_path, monkeypatch):
+    from lowbit.stream import run as stream_run
+
+    whole, _ = quantize_streamed(str(source), "gptq-w4g64", calib, tmp_path / "whole", batch_size=4, progress=False)
+    done = stream_run._StreamedBlocks.done
+
+    def crash_after_block_1(self, index, *args):
+        done(self, index, *args)
+        if index == 1:
+            raise KeyboardInterrupt  # the run is killed once block 1 is durable
+
+    monkeypatch.setattr(stream_run._StreamedBlocks, "done", crash_after_block_1)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streamed(str(source), "gptq-w4g64", calib, out, batch_size=4, progress=False)
+    monkeypatch.setattr(stream_run._StreamedBlocks, "done", done)
+    assert not out.exists() and (partial_dir(out) / "state.json").is_file()
+    with pytest.raises(LowbitError, match="--resume"):
+        quantize_streamed(str(source), "gptq-w4g64", calib, out, batch_size=4, progress=False)
+    with pytest.raises(LowbitError, match="another model, recipe"):
+        quantize_streamed(str(source), "rtn-w4g64", calib, out, batch_size=4, progress=False, resume=True)
+    report, _ = quantize_streamed(str(source), "gptq-w4g64", calib, out, batch_size=4, progress=False, resume=True)
+    assert report.extra["streamed"]["resumed_at_block"] == 2
+    assert len(report.layers) == 3 * 7
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("w8a8-smoothquant", "transforms the whole model"),
+    ({"name": "owl", "methods": [{"method": "wanda", "ignore": ["lm_head"], "options": {"sparsity": 0.5, "owl": True}}]},
+     "OWL"),
+    ("qat-block-e2e-w3g64", "whole model after the blocks"),
+    ("lowrank80-svd-llm", "two linears"),
+])
+def test_whole_model_steps_are_refused_before_work(source, calib, tmp_path, recipe, message):
+    with pytest.raises(LowbitError, match=message):
+        quantize_streamed(str(source), recipe, calib, tmp_path / "o", batch_size=4, progress=False)
+    assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+
+
+def test_cli_streamed_run_and_its_errors(run_cli, small_model_dir, tmp_path, clean_error):
+    out = tmp_path / "q"
+    code, stdout, err = run_cli("quantize", str(small_model_dir), "--recipe", "rtn-w4g64", "--streamed", "--out",
+                                str(out), "--nsamples", "4", "--seqlen", "64")
+    assert code == 0, err
+    assert "compressed-tensors" in stdout and (out / "tokenizer.json").is_file()
+    from lowbit.models.loading import load_model
+
+    model, tok = load_model(out)
+    assert tok is not None and model.config.num_hidden_layers == 2
+    clean_error(*run_cli("quantize", str(small_model_dir), "--streamed")[::2], "--out")
+    clean_error(*run_cli("quantize", str(small_model_dir), "--resume", "--out", str(tmp_path / "r"))[::2],
+                "--streamed")
+    clean_error(*run_cli("quantize", str(small_model_dir), "--streamed", "--eval", "--out", str(tmp_path / "e"))[::2],
+                "--eval")
