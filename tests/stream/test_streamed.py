@@ -108,3 +108,48 @@ def test_cli_streamed_run_and_its_errors(run_cli, small_model_dir, tmp_path, cle
                 "--streamed")
     clean_error(*run_cli("quantize", str(small_model_dir), "--streamed", "--eval", "--out", str(tmp_path / "e"))[::2],
                 "--eval")
+
+
+def test_spilled_activations_give_the_same_bytes_and_resume(source, calib, tmp_path, monkeypatch):
+    from lowbit.stream import run as stream_run
+
+    plan = stream_run.memory_plan(_meta(source), calib, 4, None)
+    assert not plan.spill and plan.in_ram - plan.minimum == 2 * 8 * 32 * 64 * 4 // 2  # two batches of (4, 32, 64) fp32
+    assert stream_run.memory_plan(_meta(source), calib, 4, plan.in_ram + (64 << 20)).spill is False
+    # the tiny model's activations are too small to spill by a budget (this process's memory moves more than they
+    # weigh): force the plan that a tight budget gives
+    quantize_streamed(str(source), "gptq-w4g64", calib, tmp_path / "ram", batch_size=4, progress=False)
+    monkeypatch.setattr(stream_run, "memory_plan", lambda *a: stream_run.MemoryPlan(0, 0, True))
+    budget = 1 << 30
+    done = stream_run._StreamedBlocks.done
+
+    def crash_after_block_0(self, index, *args):
+        done(self, index, *args)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream_run._StreamedBlocks, "done", crash_after_block_0)
+    out = tmp_path / "disk"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streamed(str(source), "gptq-w4g64", calib, out, batch_size=4, progress=False, max_memory=budget)
+    monkeypatch.setattr(stream_run._StreamedBlocks, "done", done)
+    assert sorted(p.name for p in (partial_dir(out) / "hidden").iterdir()) == ["gen-1"]
+    quantize_streamed(str(source), "gptq-w4g64", calib, out, batch_size=4, progress=False, max_memory=budget,
+                      resume=True)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ram" / "model.safetensors").read_bytes()
+
+
+def test_a_budget_below_one_block_names_the_minimum(source, calib, tmp_path):
+    with pytest.raises(LowbitError, match=r"at least \d+ MiB"):
+        quantize_streamed(str(source), "gptq-w4g64", calib, tmp_path / "o", batch_size=4, progress=False,
+                          max_memory=10 << 20)
+    assert not partial_dir(tmp_path / "o").exists()
+
+
+def _meta(source: Path):
+    import torch
+    from transformers import AutoConfig
+
+    from lowbit.stream.weights import meta_model
+
+    return meta_model(AutoConfig.from_pretrained(source), torch.float32)

@@ -20,6 +20,11 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
+def current_rss_mb() -> float | None:
+    """Resident set size of this process now, in MiB (None where ``/proc`` is missing)."""
+    return _proc_status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 

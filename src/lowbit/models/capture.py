@@ -47,10 +47,11 @@ def forward_until_stop(model: torch.nn.Module, calib: torch.Tensor, batch_size: 
 
 
 def capture_block_inputs(
-    model: torch.nn.Module, first_block: torch.nn.Module, calib: torch.Tensor, batch_size: int
+    model: torch.nn.Module, first_block: torch.nn.Module, calib: torch.Tensor, batch_size: int, store: Any = None
 ) -> BlockInputs:
-    """Run the model's embedding stage on ``calib`` (n, seqlen) and keep what reaches ``first_block``."""
-    hidden: list[torch.Tensor] = []
+    """Run the model's embedding stage on ``calib`` (n, seqlen) and keep what reaches ``first_block`` (in
+    ``store`` when given: anything with ``append``, e.g. batches spilled to disk)."""
+    hidden: Any = [] if store is None else store
     kwargs: list[dict[str, Any]] = []
 
     def hook(module: torch.nn.Module, args: tuple, kw: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,19 @@ from lowbit.models.capture import BlockInputs, capture_block_inputs
 from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
 from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
+from lowbit.stream.spill import SpilledBatches
 from lowbit.stream.weights import WeightReader, materialize, meta_model, release
 
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.pt"
 STREAM_FORMATS = ("auto", "compressed-tensors", "fake-quant")
+
+
+class _Dropped(list):
+    """A store that keeps nothing: a resumed run re-captures block 0's keyword arguments, not its inputs."""
+
+    def append(self, value: Any) -> None:
+        pass
 
 
 def partial_dir(out: Path) -> Path:
@@ -97,6 +105,44 @@ def _block_tensors(block: torch.nn.Module, prefix: str, fmt: str, dtype: torch.d
     return {prefix + k: v for k, v in tensors.items()}, {prefix + k: v for k, v in schemes.items()}, None
 
 
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclass
+class MemoryPlan:
+    """What a streamed run will hold, in bytes: ``minimum`` with the calibration activations on disk, ``in_ram``
+    with them in memory; ``spill`` says where they go under the budget."""
+
+    minimum: int
+    in_ram: int
+    spill: bool
+
+
+def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, max_memory: int | None) -> MemoryPlan:
+    """Estimate a streamed run's peak from this process's memory now, the largest block, its layers' statistics
+    (Hessians and their working copies) and the calibration activations; LowbitError when ``max_memory`` is below
+    the minimum (before any work)."""
+    from lowbit.eval.memory import current_rss_mb
+
+    now = int((current_rss_mb() or 0) * 2**20)
+    blocks = decoder_blocks(model)
+    block = max(_bytes(b) for b in blocks)
+    stats = max(sum(4 * m.in_features ** 2 for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks)
+    width = model.get_input_embeddings().weight.shape[1]
+    batch = min(batch_size, calib.shape[0]) * calib.shape[1] * width * 4
+    batches = -(-calib.shape[0] // batch_size)
+    work = max(_bytes(model.get_input_embeddings()), 3 * block + 2 * stats)
+    minimum = now + work + 4 * batch
+    in_ram = minimum + batches * batch
+    if max_memory is not None and max_memory < minimum:
+        raise LowbitError(f"--max-memory {max_memory / 2**20:.0f} MiB is below what one block needs here: at least "
+                          f"{-(-minimum // 2**20)} MiB (this process {now / 2**20:.0f} MiB, a block and its statistics "
+                          f"{(3 * block + 2 * stats) / 2**20:.0f} MiB, four batches of activations {4 * batch / 2**20:.0f}"
+                          " MiB); raise it, or lower --batch-size")
+    return MemoryPlan(minimum, in_ram, max_memory is not None and max_memory < in_ram)
+
+
 class _StreamedBlocks(BlockHooks):
     """Reads each block before the pipeline works on it; writes its part, the next inputs and the state after."""
 
@@ -120,18 +166,25 @@ class _StreamedBlocks(BlockHooks):
                               "--format fake-quant")
         with atomic_file(self.partial / f"block-{index:05d}.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with atomic_file(self.partial / HIDDEN_FILE) as tmp:
-            torch.save(list(inputs.hidden), tmp)
+        spilled = isinstance(inputs.hidden, SpilledBatches)
+        if spilled:
+            self.state["hidden_generation"] = inputs.hidden.commit()
+        else:
+            with atomic_file(self.partial / HIDDEN_FILE) as tmp:
+                torch.save(list(inputs.hidden), tmp)
         self.state["schemes"].update(schemes)
         self.state["layers"] += [to_jsonable(asdict(r)) for r in reports]
         self.state["done"] = index + 1
         write_text_atomic(self.partial / STATE_FILE, json.dumps(self.state))  # the commit point of this block
+        if spilled:
+            inputs.hidden.advance()
         release(block)
 
 
-def _open_partial(partial: Path, fingerprint: str, resume: bool, overwrite: bool, fmt: str) -> dict[str, Any]:
+def _open_partial(partial: Path, fingerprint: str, resume: bool, overwrite: bool, fmt: str, spill: bool
+                  ) -> dict[str, Any]:
     """The run's state: a fresh one, or the interrupted run's when resuming it."""
-    fresh = {"fingerprint": fingerprint, "done": 0, "format": fmt, "layers": [], "schemes": {}}
+    fresh = {"fingerprint": fingerprint, "done": 0, "format": fmt, "layers": [], "schemes": {}, "spill": spill}
     state_file = partial / STATE_FILE
     if partial.exists() and not resume and not overwrite:
         raise LowbitError(f"{partial} holds an interrupted streamed run into this output; pass --resume to continue "
@@ -168,9 +221,12 @@ def _rest_tensors(model: torch.nn.Module, reader: WeightReader, blocks_prefix: s
 def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.PathLike[str], tokenizer: Any = None,
                       *, fmt: str = "auto",
                       batch_size: int = 8, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                      dtype: torch.dtype = torch.float32, cache: str | None = None) -> tuple[Any, str]:
+                      dtype: torch.dtype = torch.float32, cache: str | None = None, max_memory: int | None = None
+                      ) -> tuple[Any, str]:
     """Quantize model ``ref`` (a local or cached safetensors checkpoint) with ``recipe`` block by block into
-    ``out`` (module docstring).  Returns ``(QuantizationReport, format written)``."""
+    ``out`` (module docstring).  Under ``max_memory`` (bytes) the calibration activations go to disk when they do
+    not fit beside the block; below the minimum a block needs, LowbitError before work.  Returns
+    ``(QuantizationReport, format written)``."""
     from lowbit.data.windows import check_batch_size, check_token_windows
     from lowbit.export.compressed_tensors import checkpoint_config, write_beside_weights
     from lowbit.models.loading import load_config, resolve_model
@@ -192,25 +248,29 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     out = Path(out).absolute()
     partial = partial_dir(out)
     fingerprint = _fingerprint(reader.files(), rec.to_dict(), calib, batch_size, fmt, dtype)
-    state = _open_partial(partial, fingerprint, resume, overwrite, fmt)
+    plan = memory_plan(model, calib, batch_size, max_memory)
+    state = _open_partial(partial, fingerprint, resume, overwrite, fmt, plan.spill)
     t0 = time.perf_counter()
-    arch = architecture_of(model)
-    blocks_prefix = arch.blocks + "."
+    blocks_prefix = architecture_of(model).blocks + "."
     blocks = decoder_blocks(model)
+    start = int(state["done"])
+    store = None
+    if state["spill"]:
+        store = SpilledBatches(partial / "hidden", int(state.get("hidden_generation", 0)))
+        shutil.rmtree(store.upcoming, ignore_errors=True)  # what a killed block had begun to write
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     materialize(embed, f"{embed_name}.", reader, dtype)
-    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size, store=_Dropped() if start else store)
     release(embed)
-    start = int(state["done"])
     if start:
-        inputs.hidden = torch.load(partial / HIDDEN_FILE, weights_only=True)
+        inputs.hidden = store if store is not None else torch.load(partial / HIDDEN_FILE, weights_only=True)
     hooks = _StreamedBlocks(reader, dtype, fmt, partial, state, blocks_prefix)
     if start < len(blocks):
         run_sequential(model, assignments, calib, batch_size, progress, hooks=hooks, inputs=inputs, start=start)
     seconds = time.perf_counter() - t0
     written = state["format"] if state["format"] != "auto" else "fake-quant"
-    report = build_report(rec, state["layers"], model, seconds, inputs.tokens,
+    report = build_report(rec, state["layers"], model, seconds, calib.numel(),
                           {"streamed": {"resumed_at_block": start, "blocks": len(blocks)}})
     extra = {"recipe.yaml": _yaml(report.recipe), SUMMARY_FILE: json.dumps(report.to_dict(), indent=2)}
     if rec.kv_cache is not None:
