@@ -69,6 +69,7 @@ def run_rows(script: str, name: str, todo: list[str], rerun: bool, child_args: l
         if row is None:
             continue
         rows[row_name] = row
-        print(f"{row_name:28s} perplexity {row['perplexity']:8.2f}", file=sys.stderr, flush=True)
+        ppl = f"perplexity {row['perplexity']:8.2f}" if "perplexity" in row else "done"
+        print(f"{row_name:28s} {ppl}", file=sys.stderr, flush=True)
         write_results(name, rows, lines(rows))
     return rows

@@ -20,6 +20,8 @@ from lowbit.jsonable import to_jsonable
 from lowbit.lowrank_layers import factorize_modules, lowrank_ranks, write_ranks
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
+from lowbit.ranks import current as current_ranks
+from lowbit.ranks import all_reduce, shard_windows
 from lowbit.recipe import Recipe, load_recipe, resolve_targets
 
 SUMMARY_FILE = "lowbit_summary.json"
@@ -99,6 +101,10 @@ def quantize(
     transforms = rec.build_transforms()
     for t in transforms:
         t.check_model(model)
+    ranks = current_ranks()
+    if ranks.active:  # data-parallel calibration (lowbit.ranks): this rank's share of the windows
+        _check_parallel(rec, assignments, transforms, model)
+        calib = shard_windows(calib, ranks)
     if rec.kv_cache is not None:
         model.lowbit_kv_cache = rec.kv_cache  # the cache the model will run with: training steps (LLM-QAT) read it
     t0 = time.perf_counter()
@@ -106,10 +112,46 @@ def quantize(
         t.apply_model(model)
     result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
     seconds = time.perf_counter() - t0
-    report = build_report(rec, result.to_dict()["layers"], model, seconds, result.calib_tokens,
+    tokens = result.calib_tokens
+    if ranks.active:
+        tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64)).item())
+    report = build_report(rec, result.to_dict()["layers"], model, seconds, tokens,
                           _records(transforms, [m for steps in assignments.values() for m in steps]))
     factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
     return report
+
+
+def check_parallel(recipe: str | Path | dict[str, Any] | Recipe, model: torch.nn.Module) -> None:
+    """Refuse what data-parallel calibration cannot do with ``recipe`` on ``model`` (its parameters may be on the
+    meta device), before ranks are started."""
+    rec = load_recipe(recipe)
+    _check_parallel(rec, resolve_targets(model, rec), rec.build_transforms(), model)
+
+
+def _check_parallel(rec: Recipe, assignments: dict[str, list[Any]], transforms: list[Any],
+                    model: torch.nn.Module) -> None:
+    """What data-parallel calibration cannot do yet (steps that fit on the block's inputs themselves would fit
+    on each rank's share alone), refused before work."""
+    from lowbit.methods.base import WeightMethod
+
+    fix = "run it in one process"
+    if transforms:
+        raise LowbitError(f"transform {rec.transforms[0].transform!r} fits on each rank's windows alone under "
+                          f"data-parallel calibration; {fix}")
+    modules = dict(model.named_modules())
+    for name, steps in assignments.items():
+        for step in steps:
+            whole = step.needs_whole_model()
+            block = [h for h in ("prepare_block", "finish_block") if getattr(type(step), h) is not getattr(WeightMethod, h)]
+            if whole or block:
+                raise LowbitError(f"step {step.name!r} ({whole or 'it fits on the block inputs itself'}) is not "
+                                  f"data-parallel yet; {fix}")
+            if step.activations is not None and not step.activations.dynamic:
+                raise LowbitError(f"step {step.name!r} fixes static input ranges, which are not combined across "
+                                  f"ranks yet; use a dynamic activation spec or {fix}")
+            odd = [type(s).__name__ for s in step.statistics(name, modules[name]) if not s.reducible()]
+            if odd:
+                raise LowbitError(f"step {step.name!r} gathers {odd[0]}, which is not combined across ranks; {fix}")
 
 
 def build_report(rec: Recipe, layers: list[dict[str, Any]], model: torch.nn.Module, seconds: float, calib_tokens: int,

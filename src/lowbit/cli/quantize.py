@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from lowbit.cli import mixed_precision, streamed
 from lowbit.cli.display import print_table
+from lowbit.cli.launch import launch
 from lowbit.cli.options import (
     add_calibration_options,
     add_eval_options,
@@ -71,6 +73,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
                    help="checkpoint format for --out (auto: compressed-tensors when every layer fits, else fake-quant)")
     streamed.add_options(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel calibration: run as N ranks on this machine (the windows split over them, "
+                        "statistics summed, layers dealt out); torchrun --nproc-per-node N -m lowbit.cli quantize ... "
+                        "does the same across machines")
     add_loading_options(p)
     add_json_option(p)
 
@@ -95,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if streamed.wanted(args):
         streamed.check_args(args)
     check_outputs(args)
+    ranks = _ranks(args)
+    if ranks is None:
+        _check_ranks_can_run(args, _recipe_from_args(args))  # refused once, before ranks start
+        return launch(args.nproc, args.argv)
     if streamed.wanted(args):
         return streamed.run(args, _recipe_from_args(args))
     progress = not args.json and sys.stderr.isatty()
@@ -103,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         recipe: Any = mixed_precision.recipe_builder(args, progress, _kv_option(args))
     else:
         recipe = _recipe_from_args(args)
-    result = run_job(job_from_args(args, recipe, progress))
+    job = job_from_args(args, recipe, progress)
+    if ranks.rank != 0:  # rank 0 evaluates, writes and reports
+        run_job(dataclasses.replace(job, eval=None, out=None, progress=False))
+        return 0
+    result = run_job(job)
     report = result.report
     if args.json:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": args.out}, indent=2))
@@ -111,6 +125,35 @@ def run(args: argparse.Namespace) -> int:
         allocation = report.extra.get("mixed_precision")
         print_table(report_rows(report, result.before, result.after, args.out) + (summary_rows(allocation) if allocation else []))
     return 0
+
+
+def _ranks(args: argparse.Namespace) -> Any:
+    """This process's ranks (``lowbit.ranks``, joined from torchrun's environment), or None when ``--nproc`` asks to
+    launch them."""
+    import os
+
+    from lowbit.ranks import init_from_env
+
+    if args.nproc < 1:
+        raise LowbitError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if streamed.wanted(args) or mixed_precision.wanted(args):
+            raise LowbitError("--nproc does not combine with --streamed or a mixed-precision target yet; drop one")
+        return None
+    ranks = init_from_env(args.device)
+    if ranks.active and (streamed.wanted(args) or mixed_precision.wanted(args)):
+        raise LowbitError("data-parallel ranks do not combine with --streamed or a mixed-precision target yet")
+    return ranks
+
+
+def _check_ranks_can_run(args: argparse.Namespace, recipe: Any) -> None:
+    """The recipe's refusals under data-parallel calibration, on the model's skeleton (no weights read)."""
+    from lowbit.models.loading import load_config, parse_dtype, resolve_model
+    from lowbit.quantization import check_parallel
+    from lowbit.stream.weights import meta_model
+
+    config = load_config(resolve_model(args.model, args.cache), args.trust_remote_code)
+    check_parallel(recipe, meta_model(config, parse_dtype(args.dtype)))
 
 
 def job_from_args(args: argparse.Namespace, recipe: Any, progress: bool) -> Job:

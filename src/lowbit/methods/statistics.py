@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowbit.ranks import all_reduce
+
 
 @dataclass
 class LayerStats:
@@ -62,6 +64,15 @@ class InputStatistic:
         """Store the final value in ``stats`` (``stats.nsamples`` is the token count)."""
         raise NotImplementedError
 
+    def reduce(self, width: int) -> None:
+        """Combine the accumulator over all ranks (``lowbit.ranks``), before ``write``; ``width`` is the layer's
+        input width (a rank no calibration token reached has no accumulator yet)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be combined across ranks")
+
+    @classmethod
+    def reducible(cls) -> bool:
+        return cls.reduce is not InputStatistic.reduce
+
 
 class Hessian(InputStatistic):
     """GPTQ's ``H = 2/n X^T X``, into ``stats.hessian``."""
@@ -77,6 +88,11 @@ class Hessian(InputStatistic):
         if self._acc is not None:
             stats.hessian = self._acc.mul_(2.0 / max(stats.nsamples, 1))
             self._acc = None
+
+    def reduce(self, width: int) -> None:
+        if self._acc is None:
+            self._acc = torch.zeros(width, width)
+        all_reduce(self._acc)
 
 
 class AbsMagnitude(InputStatistic):
@@ -97,6 +113,10 @@ class AbsMagnitude(InputStatistic):
             stats.act_absmean = self._sum / max(stats.nsamples, 1)
             stats.act_absmax = self._max
 
+    def reduce(self, width: int) -> None:
+        self._sum = all_reduce(torch.zeros(width) if self._sum is None else self._sum)
+        self._max = all_reduce(torch.zeros(width) if self._max is None else self._max, "max")  # |x| >= 0
+
 
 class ChannelNorm(InputStatistic):
     """Per input channel L2 norm ``||X_j||_2`` over all calibration tokens (Wanda's input norm), into
@@ -114,3 +134,6 @@ class ChannelNorm(InputStatistic):
     def write(self, stats: LayerStats) -> None:
         if self._sq is not None:
             stats.extra[self.key] = self._sq.sqrt()
+
+    def reduce(self, width: int) -> None:
+        self._sq = all_reduce(torch.zeros(width) if self._sq is None else self._sq)

@@ -30,6 +30,8 @@ from lowbit.pipeline.memory import release_freed_memory
 from lowbit.models.capture import BlockInputs, block_output, capture_block_inputs
 from lowbit.pipeline.stats import StatsCollector, output_error
 from lowbit.quantized_layers import mark_quantized
+from lowbit.ranks import Ranks, broadcast
+from lowbit.ranks import current as current_ranks
 
 
 @dataclass
@@ -185,7 +187,9 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
                tracks: dict[str, _LayerTrack], transforms: list[Any]) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
     """One stage of one block: prepare, collect statistics, round or rewrite each layer, quantize inputs,
     finish.  Returns the rounded layers' reports and, where no statistics were collected or the step trains
-    after rounding, their fp weights (their errors are measured while the block propagates)."""
+    after rounding, their fp weights (their errors are measured while the block propagates).  Across ranks
+    (``lowbit.ranks``) the statistics are summed over all of them and each rounding is done by one rank."""
+    ranks = current_ranks()
     contexts = [(m, BlockContext(model, block, index, prefix, inputs,
                                  {n: modules[n] for n, mm in stage.items() if mm is m}))
                 for m in {id(m): m for m in stage.values()}.values()]
@@ -198,21 +202,21 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
         collector = StatsCollector({n: modules[n] for n in stage}, wanted)
         with collector.attached():
             _collect_stats(block, inputs, collector)
-        stats = collector.finalize()
+        stats = collector.finalize(across_ranks=ranks.active)
     for n, track in tracks.items():
         if n in stage and track.mask is not None:
             stats.setdefault(n, LayerStats()).mask = track.mask
-    reports, originals = [], {}
+    rounding = [n for n, m in stage.items() if m.rounds()]
+    made: dict[str, tuple[LayerReport, torch.Tensor | None]] = {}
     for name, method in stage.items():
         tracks[name].steps.append(method.name)
         if method.rounds():
+            if ranks.owner(rounding.index(name)) != ranks.rank:
+                continue  # another rank rounds it (data-parallel calibration); its result is broadcast below
             # a step that trains the block after rounding (finish_block) changes the weight again: its layers'
             # errors are measured on the final weight, while the block propagates
             trains = type(method).finish_block is not WeightMethod.finish_block
-            report, original = _round_layer(name, method, modules[name], stats, keep_original=not collected or trains)
-            reports.append(report)
-            if original is not None:
-                originals[name] = original
+            made[name] = _round_layer(name, method, modules[name], stats, keep_original=not collected or trains)
         else:
             prepared = _prepare_layer(name, method, modules[name], stats.get(name, LayerStats()))
             tracks[name].mask = prepared.mask
@@ -220,11 +224,34 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
                 tracks[name].stored_params = prepared.stored_params
             if prepared.note:
                 tracks[name].notes.append(prepared.note)
+    if ranks.active:
+        _share_rounded(rounding, made, modules, ranks)
+    reports, originals = [], {}
+    for name in rounding:
+        report, original = made[name]
+        reports.append(report)
+        if original is not None:
+            originals[name] = original
     rounded = {n: m for n, m in stage.items() if m.rounds()}
     _quantize_inputs(block, inputs, rounded, modules, transforms)
     for method, ctx in contexts:
         method.finish_block(ctx)
     return reports, originals
+
+
+def _share_rounded(rounding: list[str], made: dict[str, tuple[LayerReport, torch.Tensor | None]],
+                   modules: dict[str, torch.nn.Module], ranks: Ranks) -> None:
+    """Broadcast each rounded layer from the rank that rounded it (weight, stored form, report, fp copy), so every
+    rank holds the same block."""
+    for k, name in enumerate(rounding):
+        src, layer = ranks.owner(k), modules[name]
+        mine = name in made
+        payload = (made[name], layer.weight.data, layer.quantized) if mine else None
+        (report, original), weight, stored = broadcast(payload, src)
+        if not mine:
+            layer.weight.data.copy_(weight)
+            mark_quantized(layer, stored)
+            made[name] = (report, original)
 
 
 def _unrounded_report(name: str, layer: torch.nn.Module, stored_params: int | None = None) -> LayerReport:

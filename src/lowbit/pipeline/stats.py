@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from lowbit.methods.statistics import InputStatistic, LayerStats, SharedProducts
+from lowbit.ranks import all_reduce
 
 SAMPLE_ROWS = 512  # input rows kept per layer to measure output error cheaply
 
@@ -54,9 +55,14 @@ class StatsCollector:
                 h.remove()
             self._shared.clear()
 
-    def finalize(self) -> dict[str, LayerStats]:
-        """Each layer's ``LayerStats``, every accumulator's value written in."""
+    def finalize(self, across_ranks: bool = False) -> dict[str, LayerStats]:
+        """Each layer's ``LayerStats``, every accumulator's value written in; ``across_ranks``: token counts and
+        accumulators first combined over all ranks (the sample rows stay each rank's own)."""
         for name, st in self.stats.items():
+            if across_ranks:
+                st.nsamples = int(all_reduce(torch.tensor([st.nsamples], dtype=torch.float64)).item())
+                for stat in self.wanted[name]:
+                    stat.reduce(self.layers[name].weight.shape[1])
             for stat in self.wanted[name]:
                 stat.write(st)
             if self._samples[name]:

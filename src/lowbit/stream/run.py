@@ -35,7 +35,7 @@ from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
 from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
 from lowbit.stream.spill import SpilledBatches
-from lowbit.stream.weights import WeightReader, materialize, meta_model, release
+from lowbit.stream.weights import WeightReader, materialize, materialize_rows, meta_model, release
 
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.pt"
@@ -132,7 +132,8 @@ def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, ma
     width = model.get_input_embeddings().weight.shape[1]
     batch = min(batch_size, calib.shape[0]) * calib.shape[1] * width * 4
     batches = -(-calib.shape[0] // batch_size)
-    work = max(_bytes(model.get_input_embeddings()), 3 * block + 2 * stats)
+    rows = calib.unique().numel() * (width * 4 + 4096)  # the embedding rows calibration reads, page-rounded
+    work = max(rows, 3 * block + 2 * stats)
     minimum = now + work + 4 * batch
     in_ram = minimum + batches * batch
     if max_memory is not None and max_memory < minimum:
@@ -260,7 +261,10 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
         shutil.rmtree(store.upcoming, ignore_errors=True)  # what a killed block had begun to write
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
-    materialize(embed, f"{embed_name}.", reader, dtype)
+    if isinstance(embed, torch.nn.Embedding) and embed.weight.dim() == 2:
+        materialize_rows(embed, f"{embed_name}.weight", reader, calib, dtype)  # just the rows calibration reads
+    else:
+        materialize(embed, f"{embed_name}.", reader, dtype)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size, store=_Dropped() if start else store)
     release(embed)
     if start:

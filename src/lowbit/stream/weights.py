@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
-
+from lowbit.checkpoint import raw_safetensors_header
 from lowbit.errors import LowbitError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,13 +23,18 @@ class WeightReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        files = self._files()
         self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    self._where[key] = f
-        self._open: dict[Path, Any] = {}
+        self._meta: dict[str, tuple[str, list[int], int, int]] = {}  # dtype, shape, absolute start, end
+        for f in self._files():
+            header = raw_safetensors_header(f)
+            with open(f, "rb") as fh:
+                base = 8 + int.from_bytes(fh.read(8), "little")
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = meta["data_offsets"]
+                self._where[key] = f
+                self._meta[key] = (meta["dtype"], list(meta["shape"]), base + start, base + end)
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -59,31 +65,36 @@ class WeightReader:
         return list(self._where)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read now."""
+        """One tensor, mapped from its file copy-on-write: only the pages read are loaded, writes never reach the
+        file, and the mapping goes when the tensor is freed."""
         f = self._where.get(key)
         if f is None:
             raise LowbitError(f"{self.folder} has no tensor {key!r}; is it the checkpoint of this config?")
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="pt")
-        return self._open[f].get_tensor(key)
+        dtype_name, shape, start, end = self._meta[key]
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise LowbitError(f"{key} in {f.name} has dtype {dtype_name}, which lowbit does not read")
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        page = mmap.ALLOCATIONGRANULARITY
+        lo = start - start % page
+        with open(f, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), end - lo, offset=lo, access=mmap.ACCESS_COPY)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the buffer is writable: it is a private copy
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start - lo)
+        if (start - lo) % dtype.itemsize:
+            flat = flat.clone()  # an unaligned tensor (another writer's layout)
+        return flat.view(dtype).reshape(shape)
 
     def nbytes(self) -> int:
         """Bytes of every tensor in the checkpoint (from the headers)."""
-        total = 0
-        for f in {p for p in self._where.values()}:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    sl = h.get_slice(key)
-                    n = 1
-                    for d in sl.get_shape():
-                        n *= d
-                    total += n * _dtype_bytes(sl.get_dtype())
-        return total
+        return sum(end - start for _, _, start, end in self._meta.values())
 
 
-def _dtype_bytes(name: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-            "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}.get(name, 4)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 @contextlib.contextmanager
@@ -127,6 +138,30 @@ def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtyp
                                   f"{tuple(p.shape)}; the config and weights do not match")
             sub._parameters[pname] = torch.nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
                                                         requires_grad=False)
+
+
+def materialize_rows(embedding: torch.nn.Module, key: str, reader: WeightReader, rows: torch.Tensor,
+                     dtype: torch.dtype) -> None:
+    """Give ``embedding`` a full-size weight of which only ``rows`` (token ids) are read from the checkpoint: the
+    other rows are never touched, so memory holds just the rows a calibration set looks up."""
+    f = reader._where.get(key)
+    if f is None:
+        raise LowbitError(f"{reader.folder} has no tensor {key!r}; is it the checkpoint of this config?")
+    dtype_name, shape, start, _ = reader._meta[key]
+    if len(shape) != 2 or dtype_name not in _DTYPES:
+        raise LowbitError(f"{key} is not a 2-D float table ({dtype_name}, {shape})")
+    weight = torch.empty(shape, dtype=dtype)  # pages of rows never written are never allocated
+    row = torch.empty(shape[1], dtype=_DTYPES[dtype_name])
+    raw = memoryview(row.view(torch.uint8).numpy())
+    with open(f, "rb") as fh:
+        for r in rows.unique().tolist():
+            if not 0 <= r < shape[0]:
+                raise LowbitError(f"token id {r} is outside the embedding's {shape[0]} rows")
+            fh.seek(start + r * raw.nbytes)
+            if fh.readinto(raw) != raw.nbytes:
+                raise LowbitError(f"{f} ends inside {key}; the checkpoint is truncated")
+            weight[r] = row.to(dtype)
+    embedding._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
 
 
 def release(module: torch.nn.Module) -> None:
