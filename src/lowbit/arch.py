@@ -60,6 +60,7 @@ class Architecture:
     llama_layout: bool = False
     plain_head: bool = False
     gguf: str | None = None
+    routers: tuple[str, ...] = ()  # linears (block-relative) that route tokens: left in full precision unless named
 
 
 _LLAMA_GROUPS = (
@@ -70,12 +71,28 @@ _LLAMA_GROUPS = (
 )
 _LLAMA = Architecture(blocks="model.layers", groups=_LLAMA_GROUPS, llama_layout=True, plain_head=True)
 
+# Gemma 2 / 3: the MLP reads pre_feedforward_layernorm (post_attention_layernorm normalises the attention output)
+_GEMMA2_GROUPS = (
+    *_LLAMA_GROUPS[:2],
+    ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    _LLAMA_GROUPS[3],
+)
+# mixture of experts: transformers keeps the experts as fused 3-D parameters, not linears; the attention's
+# groups still fold
+_MOE = Architecture(blocks="model.layers", groups=_LLAMA_GROUPS[:2], plain_head=True,
+                    routers=("mlp.gate", "mlp.shared_expert_gate"))
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf="llama"),
     "mistral": replace(_LLAMA, gguf="llama"),
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "gemma": Architecture(blocks="model.layers", groups=_LLAMA_GROUPS, plain_head=True),  # RMSNorm scales by 1 + w: not llama_layout
+    "gemma2": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),
+    "gemma3_text": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE,
     "phi3": Architecture(
         blocks="model.layers",
         groups=(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from lowbit.arch import architecture_of
 from lowbit.atomic import absolute, allow_replace, atomic_dir, check_replaceable
 from lowbit.data.windows import check_batch_size, check_token_windows
 from lowbit.errors import LowbitError
@@ -117,6 +119,11 @@ def quantize(
         tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64)).item())
     report = build_report(rec, result.to_dict()["layers"], model, seconds, tokens,
                           _records(transforms, [m for steps in assignments.values() for m in steps]))
+    experts = fused_experts(model)
+    if experts:
+        warnings.warn(f"{len(experts)} fused expert weight tensors ({experts[0]}, ...) stay in full precision: lowbit "
+                      "rounds linear layers, and transformers keeps MoE experts as 3-D parameters", stacklevel=2)
+        report.extra["full_precision_experts"] = experts
     factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
     return report
 
@@ -152,6 +159,12 @@ def _check_parallel(rec: Recipe, assignments: dict[str, list[Any]], transforms: 
             odd = [type(s).__name__ for s in step.statistics(name, modules[name]) if not s.reducible()]
             if odd:
                 raise LowbitError(f"step {step.name!r} gathers {odd[0]}, which is not combined across ranks; {fix}")
+
+
+def fused_experts(model: torch.nn.Module) -> list[str]:
+    """The decoder blocks' 3-D parameters (mixture-of-experts weights fused over experts), which no step rounds."""
+    prefix = architecture_of(model).blocks + "."
+    return [n for n, p in model.named_parameters() if p.dim() == 3 and n.startswith(prefix)]
 
 
 def build_report(rec: Recipe, layers: list[dict[str, Any]], model: torch.nn.Module, seconds: float, calib_tokens: int,

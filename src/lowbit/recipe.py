@@ -249,18 +249,27 @@ def _matches(pattern: str, name: str, module: torch.nn.Module) -> bool:
     return pattern == type(module).__name__ or name == pattern or name.endswith("." + pattern)
 
 
+def _unnamed_router(name: str, routers: tuple[str, ...], targets: list[str]) -> bool:
+    """A router linear (MoE gate) that the entry's targets do not name explicitly: routers stay in full precision
+    unless asked for, since a rounded router sends tokens to other experts."""
+    return any(name.endswith("." + r) for r in routers) and not any(
+        p.startswith("re:") or p != "Linear" and name.endswith(p) for p in targets)
+
+
 def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[WeightMethod]]:
     """Map every targeted linear (inside the decoder blocks) to its steps, in recipe order; validate before work.
 
     A layer may be targeted by several entries (staged recipes): at most one of its steps rounds, and it
     comes last."""
-    blocks_prefix = architecture_of(model).blocks + "."
+    arch = architecture_of(model)
+    blocks_prefix = arch.blocks + "."
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assignments: dict[str, list[WeightMethod]] = {}
     for entry, method in zip(recipe.entries, recipe.build()):
         chosen = {
             n: m for n, m in linears.items()
             if any(_matches(p, n, m) for p in entry.targets) and not any(_matches(p, n, m) for p in entry.ignore)
+            and not _unnamed_router(n, arch.routers, entry.targets)
         }
         outside = sorted(n for n in chosen if not n.startswith(blocks_prefix))
         if outside and len(outside) == len(chosen):

@@ -37,7 +37,8 @@ def tiny_tokenizer() -> Any:
 
 
 def family_config(family: str) -> Any:
-    """A tiny config of ``family`` (a key of ``lowbit.arch.ARCHITECTURES``)."""
+    """A tiny config of ``family`` (a key of ``lowbit.arch.ARCHITECTURES``, or one of the families only the
+    architecture matrix covers: gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe)."""
     import transformers as T
 
     ids = dict(bos_token_id=EOS, eos_token_id=EOS, pad_token_id=None)
@@ -55,6 +56,13 @@ def family_config(family: str) -> Any:
         "opt": lambda: T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **base),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                      **ids),  # Conv1D layers
+        "gemma2": lambda: T.Gemma2Config(head_dim=16, sliding_window=16, **llama_like),  # soft-capping, 4 norms
+        "gemma3": lambda: T.Gemma3TextConfig(head_dim=16, sliding_window=16, **llama_like),  # q/k norms, local RoPE
+        "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64, **llama_like),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              head_dim=16, **llama_like),
     }
     return configs[family]()
 

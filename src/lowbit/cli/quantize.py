@@ -224,6 +224,9 @@ def report_rows(report: Any, before: Any, after: Any, out: str | None) -> list[t
             ("perplexity before", f"{before.perplexity:.4f}"),
             ("perplexity after", f"{after.perplexity:.4f} ({delta:+.2f}%)"),
         ]
+    experts = report.extra.get("full_precision_experts")
+    if experts:
+        rows.append(("kept in full precision", f"{len(experts)} fused MoE expert tensors (not linear layers)"))
     if out:
         rows.append(("written to", out))
     return rows
