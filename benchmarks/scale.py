@@ -12,6 +12,9 @@ Calibration: 128 random 512-token windows of WikiText-2 validation, seed 0 (the 
   CAP, below the fp32 model's 513 MiB of weights; the kernel kills the process if it goes over.
 * ``resume``: ``--streamed`` killed with SIGKILL once block ``--kill-at`` is durable, then ``--resume``; its
   ``model.safetensors`` is compared with ``streamed``'s and the time saved reported.
+* ``torchrun-2``: ``torchrun --standalone --nproc-per-node 2 -m lowbit.cli quantize ...``: data-parallel
+  calibration over two ranks of one thread each (``in-memory`` uses both cores in one process); perplexity and
+  the largest difference of its tensors from ``in-memory``'s.
 
 Perplexity (first 10 WikiText-2 test windows of 2048) is measured with ``lowbit eval`` on the outputs of
 ``in-memory`` and ``streamed``.
@@ -40,7 +43,7 @@ from _results import run_rows, table_lines
 
 MODEL = "smollm2-135m"
 RECIPE = "gptq-w4g64"
-ROWS = ["in-memory", "streamed", "streamed-cap", "resume"]
+ROWS = ["in-memory", "streamed", "streamed-cap", "resume", "torchrun-2"]
 WORK = Path(tempfile.gettempdir()) / "lowbit-scale-bench"
 CGROUP = Path("/sys/fs/cgroup/memory/lowbit-scale-bench")
 
@@ -57,16 +60,25 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _quantize(out: Path, *extra: str, prefix: list[str] | None = None) -> dict:
-    """Run the quantize command in a child; its JSON report, wall time and peak RSS (MiB)."""
-    cmd = (prefix or []) + _lowbit("quantize", MODEL, "--recipe", RECIPE, "--out", str(out), "--json", *extra)
+def _max_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+
+def _quantize(out: Path, *extra: str, prefix: list[str] | None = None, module: list[str] | None = None) -> dict:
+    """Run the quantize command in a child; its JSON report, wall time and peak RSS (MiB; of the largest process
+    for several ranks)."""
+    lowbit = _lowbit() if module is None else [*module]
+    cmd = (prefix or []) + lowbit + ["quantize", MODEL, "--recipe", RECIPE, "--out", str(out), "--json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # this process has one child at a time
     if proc.returncode != 0:
         return {"returncode": proc.returncode, "stderr_tail": proc.stderr[-600:], "wall_s": wall, "peak_rss_mib": peak}
-    report = json.loads(proc.stdout)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
     return {"returncode": 0, "wall_s": wall, "peak_rss_mib": peak, "quantize_s": report["seconds"],
             "bits_per_weight": report["bits_per_weight"], "sha256": _sha(out / "model.safetensors")}
 
@@ -129,7 +141,14 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         row["killed_after_s"] = _kill_when_done(cmd, partial_dir(out) / "state.json", args.kill_at)
         row["killed_at_block"] = json.loads((partial_dir(out) / "state.json").read_text())["done"]
         row.update(_quantize(out, "--streamed", "--resume"))
-    if row.get("returncode") == 0 and name in ("in-memory", "streamed"):
+    elif name == "torchrun-2":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                    "lowbit.cli"]
+        row.update(_quantize(out, prefix=torchrun[:-2], module=torchrun[-2:]))
+        ref = WORK / "in-memory" / "model.safetensors"
+        if row.get("returncode") == 0 and ref.is_file():
+            row["max_abs_diff_vs_in_memory"] = _max_diff(ref, out / "model.safetensors")
+    if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2"):
         row["perplexity"] = _perplexity(out, args.windows)
     return row
 
@@ -155,8 +174,12 @@ def _lines(rows: dict) -> list[str]:
         if name == "resume" and streamed.get("wall_s"):
             note = (f"killed at block {r['killed_at_block']} after {r['killed_after_s']:.0f} s; resumed run "
                     f"{r['wall_s']:.0f} s vs {streamed['wall_s']:.0f} s whole: {streamed['wall_s'] - r['wall_s']:.0f} s saved")
+        if name == "torchrun-2" and "max_abs_diff_vs_in_memory" in r:
+            same = f"max diff {r['max_abs_diff_vs_in_memory']:.1e}"
+            note = f"; wall {r['wall_s'] / ref['wall_s']:.2f}x in-memory's" if ref.get("wall_s") else ""
         ppl = f"{r['perplexity']:.4f}" if "perplexity" in r else ""
-        body.append([name, "completed", f"{r['peak_rss_mib']:.0f}", share, f"{r['wall_s']:.0f}", same, ppl + note])
+        body.append([name, "completed", f"{r['peak_rss_mib']:.0f}", share, f"{r['wall_s']:.0f}", same,
+                     ppl + (" " if ppl and note and not note.startswith(";") else "") + note])
     caption = [f"# Streamed GPTQ W4 g64 on {MODEL}", "",
                "Each row: `lowbit quantize smollm2-135m --recipe gptq-w4g64 --out DIR` (+ the row's flags) in a fresh",
                "process; peak RSS of that whole process (load, calibration, quantization, writing). identical:",
