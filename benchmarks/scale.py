@@ -8,6 +8,7 @@ Calibration: 128 random 512-token windows of WikiText-2 validation, seed 0 (the 
 
 * ``in-memory``: today's path, the whole model loaded.
 * ``streamed``: ``--streamed``; its ``model.safetensors`` is compared byte for byte with ``in-memory``'s.
+* ``streamed-budget``: ``--streamed --max-memory BUDGET`` (the calibration activations go to disk).
 * ``streamed-cap``: ``--streamed --max-memory CAP`` inside a cgroup (v1 memory controller) whose hard limit is
   CAP, below the fp32 model's 513 MiB of weights; the kernel kills the process if it goes over.
 * ``resume``: ``--streamed`` killed with SIGKILL once block ``--kill-at`` is durable, then ``--resume``; its
@@ -43,7 +44,7 @@ from _results import run_rows, table_lines
 
 MODEL = "smollm2-135m"
 RECIPE = "gptq-w4g64"
-ROWS = ["in-memory", "streamed", "streamed-cap", "resume", "torchrun-2"]
+ROWS = ["in-memory", "streamed", "streamed-budget", "streamed-cap", "resume", "torchrun-2"]
 WORK = Path(tempfile.gettempdir()) / "lowbit-scale-bench"
 CGROUP = Path("/sys/fs/cgroup/memory/lowbit-scale-bench")
 
@@ -130,6 +131,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         row.update(_quantize(out))
     elif name == "streamed":
         row.update(_quantize(out, "--streamed"))
+    elif name == "streamed-budget":
+        row.update(_quantize(out, "--streamed", "--max-memory", f"{args.budget_mib}MiB"))
+        row["budget_mib"] = args.budget_mib
     elif name == "streamed-cap":
         prefix = _cgroup(args.cap_mib)
         if prefix is None:
@@ -148,7 +152,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         ref = WORK / "in-memory" / "model.safetensors"
         if row.get("returncode") == 0 and ref.is_file():
             row["max_abs_diff_vs_in_memory"] = _max_diff(ref, out / "model.safetensors")
-    if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2"):
+    if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2"):  # the others: same bytes
         row["perplexity"] = _perplexity(out, args.windows)
     return row
 
@@ -170,7 +174,9 @@ def _lines(rows: dict) -> list[str]:
         share = f"{100 * r['peak_rss_mib'] / ref['peak_rss_mib']:.0f}%" if ref.get("peak_rss_mib") else ""
         note = ""
         if name == "streamed-cap":
-            note = f"cgroup limit {r['cap_mib']} MiB"
+            note = f"cgroup hard limit {r['cap_mib']} MiB (and --max-memory)"
+        if name == "streamed-budget":
+            note = f"--max-memory {r['budget_mib']} MiB: activations on disk"
         if name == "resume" and streamed.get("wall_s"):
             note = (f"killed at block {r['killed_at_block']} after {r['killed_after_s']:.0f} s; resumed run "
                     f"{r['wall_s']:.0f} s vs {streamed['wall_s']:.0f} s whole: {streamed['wall_s'] - r['wall_s']:.0f} s saved")
@@ -193,6 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--cap-mib", type=int, default=480)
+    parser.add_argument("--budget-mib", type=int, default=640)
     parser.add_argument("--kill-at", type=int, default=15)
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -201,7 +208,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args)))
         return
     run_rows(__file__, "scale", args.only or ROWS, bool(args.only),
-             ["--cap-mib", str(args.cap_mib), "--kill-at", str(args.kill_at), "--windows", str(args.windows)], _lines)
+             ["--cap-mib", str(args.cap_mib), "--budget-mib", str(args.budget_mib), "--kill-at", str(args.kill_at), "--windows", str(args.windows)], _lines)
 
 
 if __name__ == "__main__":

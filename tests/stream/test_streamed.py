@@ -40,9 +40,25 @@ def _in_memory(source: Path, recipe: str, calib: torch.Tensor, out: Path) -> tup
     return save_quantized(model, None, report, out)
 
 
-@pytest.mark.parametrize("recipe, fmt", [("gptq-w4g64", "compressed-tensors"), ("gptq-w3g64-lorc32", "fake-quant"),
-                                         ("sparsegpt50", "fake-quant")])
-def test_streamed_writes_the_in_memory_bytes(source, calib, tmp_path, recipe, fmt):
+@pytest.fixture(scope="module")
+def tied_source(tmp_path_factory) -> Path:
+    """A 3-block Llama with its head tied to the embedding (as smollm2): one tensor on disk for both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("stream") / "tied"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("recipe, fmt, tied", [("gptq-w4g64", "compressed-tensors", False),
+                                               ("gptq-w4g64", "compressed-tensors", True),
+                                               ("gptq-w3g64-lorc32", "fake-quant", False),
+                                               ("sparsegpt50", "fake-quant", True)])
+def test_streamed_writes_the_in_memory_bytes(source, tied_source, calib, tmp_path, recipe, fmt, tied):
+    source = tied_source if tied else source
     mem, mem_fmt = _in_memory(source, recipe, calib, tmp_path / "mem")
     report, written = quantize_streamed(str(source), recipe, calib, tmp_path / "str", batch_size=4, progress=False)
     assert written == mem_fmt == fmt
@@ -153,3 +169,14 @@ def _meta(source: Path):
     from lowbit.stream.weights import meta_model
 
     return meta_model(AutoConfig.from_pretrained(source), torch.float32)
+
+
+def test_an_output_lowbit_did_not_write_is_refused_before_work(source, calib, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(LowbitError, match="overwrite"):
+        quantize_streamed(str(source), "rtn-w4g64", calib, out, batch_size=4, progress=False)
+    assert not partial_dir(out).exists() and (out / "notes.txt").read_text() == "the user's"
+    quantize_streamed(str(source), "rtn-w4g64", calib, out, batch_size=4, progress=False, overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()

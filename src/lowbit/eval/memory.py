@@ -20,9 +20,11 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-def current_rss_mb() -> float | None:
-    """Resident set size of this process now, in MiB (None where ``/proc`` is missing)."""
-    return _proc_status_mb("VmRSS")
+def current_anon_mb() -> float | None:
+    """Anonymous resident memory of this process now (its heap and tensors, not mapped files), in MiB; the
+    whole resident set where ``RssAnon`` is not reported."""
+    anon = _proc_status_mb("RssAnon")
+    return anon if anon is not None else current_rss_mb()
 
 
 def peak_rss_mb() -> float:

@@ -28,3 +28,15 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of at least ``threshold`` bytes by its own mapping, returned to the OS the moment it
+    is freed (glibc otherwise raises the threshold as big blocks come and go and keeps them in the heap): what a
+    run under a memory budget wants, at the cost of a page fault per new large tensor.  No-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)

@@ -14,6 +14,7 @@ run; the folder is removed once the output is in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +28,11 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit.arch import architecture_of, decoder_blocks
-from lowbit.atomic import atomic_dir, atomic_file, write_text_atomic
+from lowbit.atomic import allow_replace, atomic_dir, atomic_file, check_replaceable, write_text_atomic
 from lowbit.errors import LowbitError
 from lowbit.jsonable import to_jsonable
 from lowbit.models.capture import BlockInputs, capture_block_inputs
+from lowbit.pipeline.memory import map_large_allocations, release_freed_memory
 from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
 from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
@@ -123,9 +125,9 @@ def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, ma
     """Estimate a streamed run's peak from this process's memory now, the largest block, its layers' statistics
     (Hessians and their working copies) and the calibration activations; LowbitError when ``max_memory`` is below
     the minimum (before any work)."""
-    from lowbit.eval.memory import current_rss_mb
+    from lowbit.eval.memory import current_anon_mb
 
-    now = int((current_rss_mb() or 0) * 2**20)
+    now = int((current_anon_mb() or 0) * 2**20)  # file-backed pages (libraries) are the kernel's to reclaim
     blocks = decoder_blocks(model)
     block = max(_bytes(b) for b in blocks)
     stats = max(sum(4 * m.in_features ** 2 for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks)
@@ -138,7 +140,7 @@ def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, ma
     in_ram = minimum + batches * batch
     if max_memory is not None and max_memory < minimum:
         raise LowbitError(f"--max-memory {max_memory / 2**20:.0f} MiB is below what one block needs here: at least "
-                          f"{-(-minimum // 2**20)} MiB (this process {now / 2**20:.0f} MiB, a block and its statistics "
+                          f"{-(-minimum // 2**20)} MiB (this process's own memory {now / 2**20:.0f} MiB, a block and its statistics "
                           f"{(3 * block + 2 * stats) / 2**20:.0f} MiB, four batches of activations {4 * batch / 2**20:.0f}"
                           " MiB); raise it, or lower --batch-size")
     return MemoryPlan(minimum, in_ram, max_memory is not None and max_memory < in_ram)
@@ -205,15 +207,25 @@ def _open_partial(partial: Path, fingerprint: str, resume: bool, overwrite: bool
     return fresh
 
 
-def _rest_tensors(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtype: torch.dtype
-                  ) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder blocks (embedding, final norm, an untied head), tied copies dropped."""
-    out: dict[str, torch.Tensor] = {}
+def _tied_copies(model: torch.nn.Module) -> set[str]:
+    """State-dict keys that name a tensor an earlier key already names (a tied head), on the fresh skeleton (meta
+    tensors share no storage to compare, so by object)."""
     seen: set[int] = set()
+    copies = set()
     for key, t in model.state_dict(keep_vars=True).items():
-        if key.startswith(blocks_prefix) or id(t) in seen:
-            continue
+        if id(t) in seen:
+            copies.add(key)
         seen.add(id(t))
+    return copies
+
+
+def _rest_tensors(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtype: torch.dtype,
+                  tied: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder blocks (embedding, final norm, an untied head), ``tied`` copies dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key in model.state_dict(keep_vars=True):
+        if key.startswith(blocks_prefix) or key in tied:
+            continue
         value = reader.tensor(key)
         out[key] = value.to(dtype) if value.is_floating_point() else value
     return out
@@ -236,6 +248,8 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
 
     check_batch_size(batch_size)
     check_token_windows(calib, "quantization's calibration")
+    map_large_allocations()  # activations come and go block after block: give their memory back at once
+    release_freed_memory()  # what reading the calibration corpus left in the heap
     source = resolve_model(ref, cache)
     if source.path is None or not source.path.is_dir():
         raise LowbitError(f"a streamed run reads a safetensors checkpoint directory; {ref} is a {source.kind} "
@@ -244,9 +258,13 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     reader = WeightReader(source.path)
     rec = load_recipe(recipe)
     model = meta_model(config, dtype)
+    tied = _tied_copies(model)
     assignments = resolve_targets(model, rec)
     check_streamable(rec, assignments, fmt)
     out = Path(out).absolute()
+    replacing = allow_replace(out) if overwrite else contextlib.nullcontext()
+    with replacing:
+        check_replaceable(out)  # before the work, not after it
     partial = partial_dir(out)
     fingerprint = _fingerprint(reader.files(), rec.to_dict(), calib, batch_size, fmt, dtype)
     plan = memory_plan(model, calib, batch_size, max_memory)
@@ -282,9 +300,9 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
 
         extra[KV_CACHE_FILE] = json.dumps(rec.kv_cache.to_dict(), indent=1)
     rest = partial / "rest.safetensors"
-    save_file(_rest_tensors(model, reader, blocks_prefix, dtype), str(rest), metadata={"format": "pt"})
+    save_file(_rest_tensors(model, reader, blocks_prefix, dtype, tied), str(rest), metadata={"format": "pt"})
     parts = [partial / f"block-{i:05d}.safetensors" for i in range(len(blocks))] + [rest]
-    with atomic_dir(out) as tmp:
+    with allow_replace(out) if overwrite else contextlib.nullcontext(), atomic_dir(out) as tmp:
         assemble_safetensors(parts, tmp / "model.safetensors", {"format": "pt"})
         if written == "compressed-tensors":
             cfg = checkpoint_config(model, state["schemes"], dtype)
