@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--reference", default=None, help="reference model for KL divergence and top-1 agreement")
     add_loading_options(p)
     add_kv_options(p)
+    p.add_argument("--streamed", action="store_true",
+                   help="never hold the whole model: run the windows through one decoder block at a time (a "
+                        "full-precision or fake-quant safetensors checkpoint; no --reference or KV cache)")
     add_json_option(p)
     p.set_defaults(func=run)
 
@@ -35,12 +38,33 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
 
+    if args.streamed:
+        return _run_streamed(args)
     model, tok = load(model_source(args))
     reference = load(model_source(args, args.reference))[0] if args.reference else None
     kv, pivot = kv_setup(args, model, tok)
     result = evaluate(model, tok, args.dataset, args.split, args.seqlen, args.max_windows, reference,
                       progress=not args.json and sys.stderr.isatty(), data_dir=args.data_dir, kv_cache=kv,
                       pivot_model=pivot)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_table(result_rows(result))
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace) -> int:
+    from lowbit.errors import LowbitError
+    from lowbit.models.loading import load_tokenizer, parse_dtype
+    from lowbit.stream.evaluate import evaluate_streamed
+
+    clash = [f for f, on in (("--reference", args.reference), ("--kv-cache", args.kv_cache not in (None, "none")),
+                             ("--device", args.device != "cpu")) if on]
+    if clash:
+        raise LowbitError(f"--streamed does not take {clash[0]}; evaluate without --streamed for it")
+    result = evaluate_streamed(args.model, load_tokenizer(args.model, args.cache), args.dataset, args.split,
+                               args.seqlen, args.max_windows, args.data_dir, progress=not args.json and sys.stderr.isatty(),
+                               dtype=parse_dtype(args.dtype), cache=args.cache)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

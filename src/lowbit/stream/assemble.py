@@ -35,9 +35,17 @@ def _entries(parts: list[Path]) -> list[tuple[str, dict, Path, int]]:
     return out
 
 
-def assemble_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] | None = None) -> int:
-    """Write every tensor of ``parts`` into ``out`` (a new file); returns its size in bytes."""
-    entries = sorted(_entries(parts), key=lambda e: (_ORDER.index(e[1]["dtype"]) if e[1]["dtype"] in _ORDER else len(_ORDER), e[0]))
+def assemble_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] | None = None,
+                         spans: list[tuple[str, str, list[int], Path, int, int]] = ()) -> int:
+    """Write every tensor of ``parts`` into ``out`` (a new file), and every ``spans`` entry (name, dtype, shape,
+    file, start, end: bytes copied as they are from another safetensors file); returns the size in bytes."""
+    entries = _entries(parts)
+    names = {e[0] for e in entries}
+    for name, dtype, shape, path, start, end in spans:
+        if name in names:
+            raise LowbitError(f"tensor {name} is both in a part and copied from {path.name}")
+        entries.append((name, {"dtype": dtype, "shape": shape, "data_offsets": [0, end - start]}, path, start))
+    entries.sort(key=lambda e: (_ORDER.index(e[1]["dtype"]) if e[1]["dtype"] in _ORDER else len(_ORDER), e[0]))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, meta, _, _ in entries:

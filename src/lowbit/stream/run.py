@@ -37,7 +37,7 @@ from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
 from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
 from lowbit.stream.spill import SpilledBatches
-from lowbit.stream.weights import WeightReader, materialize, materialize_rows, meta_model, release
+from lowbit.stream.weights import DTYPE_NAMES, WeightReader, materialize, materialize_rows, meta_model, release
 
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.pt"
@@ -219,16 +219,23 @@ def _tied_copies(model: torch.nn.Module) -> set[str]:
     return copies
 
 
-def _rest_tensors(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtype: torch.dtype,
-                  tied: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder blocks (embedding, final norm, an untied head), ``tied`` copies dropped."""
-    out: dict[str, torch.Tensor] = {}
+def _rest(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtype: torch.dtype, tied: set[str]
+          ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, list[int], Path, int, int]]]:
+    """The tensors outside the decoder blocks (embedding, final norm, an untied head), ``tied`` copies dropped:
+    those already stored in ``dtype`` as spans to copy byte for byte from the checkpoint (never read into memory),
+    the others cast here."""
+    cast: dict[str, torch.Tensor] = {}
+    spans = []
+    want = DTYPE_NAMES.get(str(dtype).replace("torch.", ""))
     for key in model.state_dict(keep_vars=True):
         if key.startswith(blocks_prefix) or key in tied:
             continue
-        value = reader.tensor(key)
-        out[key] = value.to(dtype) if value.is_floating_point() else value
-    return out
+        stored, shape, path, start, end = reader.span(key)
+        if stored == want or stored not in DTYPE_NAMES.values():
+            spans.append((key, stored, shape, path, start, end))
+        else:
+            cast[key] = reader.tensor(key).to(dtype)
+    return cast, spans
 
 
 def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.PathLike[str], tokenizer: Any = None,
@@ -299,11 +306,14 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
         from lowbit.kvcache.config import KV_CACHE_FILE
 
         extra[KV_CACHE_FILE] = json.dumps(rec.kv_cache.to_dict(), indent=1)
-    rest = partial / "rest.safetensors"
-    save_file(_rest_tensors(model, reader, blocks_prefix, dtype, tied), str(rest), metadata={"format": "pt"})
-    parts = [partial / f"block-{i:05d}.safetensors" for i in range(len(blocks))] + [rest]
+    cast, spans = _rest(model, reader, blocks_prefix, dtype, tied)
+    parts = [partial / f"block-{i:05d}.safetensors" for i in range(len(blocks))]
+    if cast:
+        save_file(cast, str(partial / "rest.safetensors"), metadata={"format": "pt"})
+        parts.append(partial / "rest.safetensors")
+    del cast
     with allow_replace(out) if overwrite else contextlib.nullcontext(), atomic_dir(out) as tmp:
-        assemble_safetensors(parts, tmp / "model.safetensors", {"format": "pt"})
+        assemble_safetensors(parts, tmp / "model.safetensors", {"format": "pt"}, spans)
         if written == "compressed-tensors":
             cfg = checkpoint_config(model, state["schemes"], dtype)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))

@@ -87,11 +87,17 @@ class WeightReader:
             flat = flat.clone()  # an unaligned tensor (another writer's layout)
         return flat.view(dtype).reshape(shape)
 
+    def span(self, key: str) -> tuple[str, list[int], Path, int, int]:
+        """Where tensor ``key``'s bytes lie: (safetensors dtype, shape, file, start, end)."""
+        dtype, shape, start, end = self._meta[key]
+        return dtype, shape, self._where[key], start, end
+
     def nbytes(self) -> int:
         """Bytes of every tensor in the checkpoint (from the headers)."""
         return sum(end - start for _, _, start, end in self._meta.values())
 
 
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
