@@ -217,6 +217,15 @@ def raw_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def safetensors_spans(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """Each tensor of a safetensors file: (dtype, shape, first byte, end byte), offsets from the file's start."""
+    header = raw_safetensors_header(path)
+    with open(path, "rb") as fh:
+        base = 8 + int.from_bytes(fh.read(8), "little")
+    return {k: (v["dtype"], list(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 def safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """The tensors a safetensors file lists (its header only; nothing else is read)."""
     return {k: TensorMeta(tuple(v["shape"]), v["dtype"])

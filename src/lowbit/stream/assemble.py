@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowbit.checkpoint import raw_safetensors_header
+from lowbit.checkpoint import safetensors_spans
 from lowbit.errors import LowbitError
 
 # safetensors' order of dtypes in a file (measured with save_file: one tensor of each)
@@ -18,20 +18,15 @@ _ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16",
 CHUNK = 16 << 20
 
 
-def _entries(parts: list[Path]) -> list[tuple[str, dict, Path, int]]:
-    """(name, header entry, part, absolute start of the tensor's bytes in the part) for every tensor."""
+def _entries(parts: list[Path]) -> list[tuple[str, str, list[int], Path, int, int]]:
+    """(name, dtype, shape, part, start, end) of every tensor of ``parts``, offsets from the part's start."""
     out, seen = [], {}
     for part in parts:
-        header = raw_safetensors_header(part)
-        with open(part, "rb") as fh:
-            base = 8 + int.from_bytes(fh.read(8), "little")
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
+        for name, (dtype, shape, start, end) in safetensors_spans(part).items():
             if name in seen:
                 raise LowbitError(f"tensor {name} is in both {seen[name].name} and {part.name}")
             seen[name] = part
-            out.append((name, meta, part, base + meta["data_offsets"][0]))
+            out.append((name, dtype, shape, part, start, end))
     return out
 
 
@@ -41,17 +36,16 @@ def assemble_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] 
     file, start, end: bytes copied as they are from another safetensors file); returns the size in bytes."""
     entries = _entries(parts)
     names = {e[0] for e in entries}
-    for name, dtype, shape, path, start, end in spans:
-        if name in names:
-            raise LowbitError(f"tensor {name} is both in a part and copied from {path.name}")
-        entries.append((name, {"dtype": dtype, "shape": shape, "data_offsets": [0, end - start]}, path, start))
-    entries.sort(key=lambda e: (_ORDER.index(e[1]["dtype"]) if e[1]["dtype"] in _ORDER else len(_ORDER), e[0]))
+    for span in spans:
+        if span[0] in names:
+            raise LowbitError(f"tensor {span[0]} is both in a part and copied from {span[3].name}")
+        entries.append(span)
+    entries.sort(key=lambda e: (_ORDER.index(e[1]) if e[1] in _ORDER else len(_ORDER), e[0]))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, meta, _, _ in entries:
-        size = meta["data_offsets"][1] - meta["data_offsets"][0]
-        header[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [offset, offset + size]}
-        offset += size
+    for name, dtype, shape, _, start, end in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - start]}
+        offset += end - start
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(out, "wb") as dst:
@@ -59,10 +53,10 @@ def assemble_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] 
         dst.write(raw)
         handles: dict[Path, object] = {}
         try:
-            for name, meta, part, start in entries:
+            for name, _, _, part, start, end in entries:
                 src = handles.get(part) or handles.setdefault(part, open(part, "rb"))
                 src.seek(start)  # type: ignore[attr-defined]
-                left = meta["data_offsets"][1] - meta["data_offsets"][0]
+                left = end - start
                 while left:
                     chunk = src.read(min(CHUNK, left))  # type: ignore[attr-defined]
                     if not chunk:

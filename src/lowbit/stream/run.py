@@ -230,9 +230,9 @@ def _rest(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtyp
     for key in model.state_dict(keep_vars=True):
         if key.startswith(blocks_prefix) or key in tied:
             continue
-        stored, shape, path, start, end = reader.span(key)
-        if stored == want or stored not in DTYPE_NAMES.values():
-            spans.append((key, stored, shape, path, start, end))
+        span = reader.span(key)
+        if span[1] == want or span[1] not in DTYPE_NAMES.values():
+            spans.append(span)
         else:
             cast[key] = reader.tensor(key).to(dtype)
     return cast, spans

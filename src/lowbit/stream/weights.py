@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from lowbit.checkpoint import raw_safetensors_header
+
+from lowbit.checkpoint import safetensors_spans
 from lowbit.errors import LowbitError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,15 +27,9 @@ class WeightReader:
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, list[int], int, int]] = {}  # dtype, shape, absolute start, end
         for f in self._files():
-            header = raw_safetensors_header(f)
-            with open(f, "rb") as fh:
-                base = 8 + int.from_bytes(fh.read(8), "little")
-            for key, meta in header.items():
-                if key == "__metadata__":
-                    continue
-                start, end = meta["data_offsets"]
+            for key, span in safetensors_spans(f).items():
                 self._where[key] = f
-                self._meta[key] = (meta["dtype"], list(meta["shape"]), base + start, base + end)
+                self._meta[key] = span
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -87,10 +82,10 @@ class WeightReader:
             flat = flat.clone()  # an unaligned tensor (another writer's layout)
         return flat.view(dtype).reshape(shape)
 
-    def span(self, key: str) -> tuple[str, list[int], Path, int, int]:
-        """Where tensor ``key``'s bytes lie: (safetensors dtype, shape, file, start, end)."""
+    def span(self, key: str) -> tuple[str, str, list[int], Path, int, int]:
+        """Where tensor ``key``'s bytes lie: (name, safetensors dtype, shape, file, start, end)."""
         dtype, shape, start, end = self._meta[key]
-        return dtype, shape, self._where[key], start, end
+        return key, dtype, shape, self._where[key], start, end
 
     def nbytes(self) -> int:
         """Bytes of every tensor in the checkpoint (from the headers)."""
