@@ -204,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--cap-mib", type=int, default=480)
-    parser.add_argument("--budget-mib", type=int, default=640)
+    parser.add_argument("--budget-mib", type=int, default=600)
     parser.add_argument("--kill-at", type=int, default=15)
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -122,27 +122,32 @@ class MemoryPlan:
 
 
 def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, max_memory: int | None) -> MemoryPlan:
-    """Estimate a streamed run's peak from this process's memory now, the largest block, its layers' statistics
-    (Hessians and their working copies) and the calibration activations; LowbitError when ``max_memory`` is below
-    the minimum (before any work)."""
+    """Estimate a streamed run's peak from this process's own (anonymous) memory now, the largest block, its
+    layers' statistics (Hessians and their working copies), one forward pass's activations and the calibration
+    activations; LowbitError when ``max_memory`` is below the minimum (before any work).  Mapped files (the
+    libraries' code, the checkpoint's pages) are left out: the kernel drops them under pressure."""
     from lowbit.eval.memory import current_anon_mb
 
-    now = int((current_anon_mb() or 0) * 2**20)  # file-backed pages (libraries) are the kernel's to reclaim
+    now = int((current_anon_mb() or 0) * 2**20)
     blocks = decoder_blocks(model)
     block = max(_bytes(b) for b in blocks)
-    stats = max(sum(4 * m.in_features ** 2 for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in blocks)
+    linears = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)] for b in blocks]
+    stats = max(sum(4 * m.in_features ** 2 for m in ms) for ms in linears)
     width = model.get_input_embeddings().weight.shape[1]
-    batch = min(batch_size, calib.shape[0]) * calib.shape[1] * width * 4
+    windows = min(batch_size, calib.shape[0])
+    batch = windows * calib.shape[1] * width * 4
+    # one forward pass: every linear's output and the attention's own, for the batch's tokens (fp32)
+    forward = windows * calib.shape[1] * (max(sum(m.out_features for m in ms) for ms in linears) + 2 * width) * 4
     batches = -(-calib.shape[0] // batch_size)
     rows = calib.unique().numel() * (width * 4 + 4096)  # the embedding rows calibration reads, page-rounded
-    work = max(rows, 3 * block + 2 * stats)
-    minimum = now + work + 4 * batch
+    work = max(rows, 3 * block + 2 * stats + forward)
+    minimum = now + work + 2 * batch
     in_ram = minimum + batches * batch
     if max_memory is not None and max_memory < minimum:
         raise LowbitError(f"--max-memory {max_memory / 2**20:.0f} MiB is below what one block needs here: at least "
-                          f"{-(-minimum // 2**20)} MiB (this process's own memory {now / 2**20:.0f} MiB, a block and its statistics "
-                          f"{(3 * block + 2 * stats) / 2**20:.0f} MiB, four batches of activations {4 * batch / 2**20:.0f}"
-                          " MiB); raise it, or lower --batch-size")
+                          f"{-(-minimum // 2**20)} MiB (this process's own memory {now / 2**20:.0f} MiB, a block, its "
+                          f"statistics and one forward pass {work / 2**20:.0f} MiB, two batches of activations "
+                          f"{2 * batch / 2**20:.0f} MiB); raise it, or lower --batch-size")
     return MemoryPlan(minimum, in_ram, max_memory is not None and max_memory < in_ram)
 
 
