@@ -63,11 +63,16 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _max_diff(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
+def _weight_diff(a: Path, b: Path) -> dict:
+    """The dequantized weights of two checkpoints compared: largest difference, share of weights that differ."""
+    from lowbit.export.dense import dense_state_dict
+    from lowbit.models.loading import load_model
 
-    x, y = load_file(a), load_file(b)
-    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+    x = dense_state_dict(load_model(a, require_tokenizer=False)[0])
+    y = dense_state_dict(load_model(b, require_tokenizer=False)[0])
+    differ = sum(int((x[k] != y[k]).sum()) for k in x)
+    return {"max_abs_diff": max((x[k].double() - y[k].double()).abs().max().item() for k in x),
+            "share_differing": differ / sum(t.numel() for t in x.values())}
 
 
 def _quantize(out: Path, *extra: str, prefix: list[str] | None = None, module: list[str] | None = None) -> dict:
@@ -152,9 +157,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                     "lowbit.cli"]
         row.update(_quantize(out, prefix=torchrun[:-2], module=torchrun[-2:]))
-        ref = WORK / "in-memory" / "model.safetensors"
-        if row.get("returncode") == 0 and ref.is_file():
-            row["max_abs_diff_vs_in_memory"] = _max_diff(ref, out / "model.safetensors")
+        if row.get("returncode") == 0 and (WORK / "in-memory").is_dir():
+            row["vs_in_memory"] = _weight_diff(WORK / "in-memory", out)
     if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2", "streamed-cap"):
         row["perplexity"] = _perplexity(out, args.windows)
     return row
@@ -185,8 +189,9 @@ def _lines(rows: dict) -> list[str]:
         if name == "resume" and streamed.get("wall_s"):
             note = (f"killed at block {r['killed_at_block']} after {r['killed_after_s']:.0f} s; resumed run "
                     f"{r['wall_s']:.0f} s vs {streamed['wall_s']:.0f} s whole: {streamed['wall_s'] - r['wall_s']:.0f} s saved")
-        if name == "torchrun-2" and "max_abs_diff_vs_in_memory" in r:
-            same = f"max diff {r['max_abs_diff_vs_in_memory']:.1e}"
+        if name == "torchrun-2" and "vs_in_memory" in r:
+            d = r["vs_in_memory"]
+            same = f"{100 * d['share_differing']:.3f}% of weights differ, max {d['max_abs_diff']:.1e}"
             note = f"; wall {r['wall_s'] / ref['wall_s']:.2f}x in-memory's" if ref.get("wall_s") else ""
         ppl = f"{r['perplexity']:.4f}" if "perplexity" in r else ""
         body.append([name, "completed", f"{r['peak_rss_mib']:.0f}", share, f"{r['wall_s']:.0f}", same,
