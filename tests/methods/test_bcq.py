@@ -116,7 +116,7 @@ def test_weighted_beats_unweighted_on_output_error() -> None:
 def test_needs_hessian_follows_the_option() -> None:
     assert BCQ(spec=bcq_spec()).needs_hessian is True
     assert BCQ(spec=bcq_spec(), hessian_weighted=False).needs_hessian is False
-    assert BCQ.options() == ["iters", "hessian_weighted"]
+    assert BCQ.options() == ["lorc_rank", "iters", "hessian_weighted"]  # lorc_rank: every rounding step's
 
 
 @pytest.mark.parametrize("weighted", [True, False])
