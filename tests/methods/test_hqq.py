@@ -280,7 +280,7 @@ def test_non_int_spec_is_rejected(tiny_llama, tiny_calib) -> None:
 def test_method_is_data_free() -> None:
     m = HQQ(spec=int_spec(4, 64))
     assert m.needs_hessian is False and m.needs_act_stats is False
-    assert HQQ.options() == ["lp_norm", "beta", "kappa", "iters", "early_stop"]
+    assert HQQ.options() == ["lorc_rank", "lp_norm", "beta", "kappa", "iters", "early_stop"]
 
 
 @pytest.mark.parametrize("name, bits, group", [("hqq-w4g64", 4, 64), ("hqq-w3g64", 3, 64), ("hqq-w4g128", 4, 128)])
