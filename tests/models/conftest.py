@@ -58,6 +58,7 @@ def family_config(family: str) -> Any:
                                      **ids),  # Conv1D layers
         "gemma2": lambda: T.Gemma2Config(head_dim=16, sliding_window=16, **llama_like),  # soft-capping, 4 norms
         "gemma3": lambda: T.Gemma3TextConfig(head_dim=16, sliding_window=16, **llama_like),  # q/k norms, local RoPE
+        "gemma3_text": lambda: T.Gemma3TextConfig(head_dim=16, sliding_window=16, **llama_like),  # its model_type
         "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
         "qwen2_moe": lambda: T.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                               shared_expert_intermediate_size=64, **llama_like),
