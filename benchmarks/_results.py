@@ -73,3 +73,23 @@ def run_rows(script: str, name: str, todo: list[str], rerun: bool, child_args: l
         print(f"{row_name:28s} {ppl}", file=sys.stderr, flush=True)
         write_results(name, rows, lines(rows))
     return rows
+
+
+def rows_main(script: str, doc: str | None, name: str, rows: list[str], run_one: Callable[[str, Any], dict],
+              lines: Callable[[dict], list[str]], options: dict[str, tuple[type, Any]]) -> None:
+    """The command line of a benchmark of rows: ``--only ROW ...``, the benchmark's ``options`` (flag -> (type,
+    default)), each row measured in its own process (``run_rows``) with those options passed on."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="run only these rows (re-running them)")
+    for flag, (kind, default) in options.items():
+        parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    passed = [x for flag in options for x in (flag, str(getattr(args, flag.lstrip("-").replace("-", "_"))))]
+    run_rows(script, name, args.only or rows, bool(args.only), passed, lines)
+

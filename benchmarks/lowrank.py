@@ -18,10 +18,9 @@ Writes ``results/lowrank.json`` and ``lowrank.md``; finished rows are kept.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _results import in_order, run_rows, table_lines, vs
+from _results import in_order, rows_main, table_lines, vs
 
 MODEL = "smollm2-135m"
 FACTOR_ROWS = {f"{w}-{p}": (w, p / 100) for p in (80, 90) for w in ("svd", "asvd", "svd-llm")}
@@ -133,17 +132,8 @@ def _lines(rows: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--windows", type=int, default=10)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
-    run_rows(__file__, "lowrank", args.only or ORDER, bool(args.only),
-             ["--nsamples", str(args.nsamples), "--windows", str(args.windows)], _lines)
+    rows_main(__file__, __doc__, "lowrank", ORDER, run_one, _lines, {"--nsamples": (int, 128), "--windows": (int, 10)})
+
 
 if __name__ == "__main__":
     main()

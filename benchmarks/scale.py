@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import run_rows, table_lines
+from _results import rows_main, table_lines
 
 MODEL = "smollm2-135m"
 RECIPE = "gptq-w4g64"
@@ -206,19 +206,8 @@ def _lines(rows: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*")
-    parser.add_argument("--cap-mib", type=int, default=480)
-    parser.add_argument("--budget-mib", type=int, default=600)
-    parser.add_argument("--kill-at", type=int, default=15)
-    parser.add_argument("--windows", type=int, default=10)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
-    run_rows(__file__, "scale", args.only or ROWS, bool(args.only),
-             ["--cap-mib", str(args.cap_mib), "--budget-mib", str(args.budget_mib), "--kill-at", str(args.kill_at), "--windows", str(args.windows)], _lines)
+    rows_main(__file__, __doc__, "scale", ROWS, run_one, _lines,
+              {"--cap-mib": (int, 480), "--budget-mib": (int, 600), "--kill-at": (int, 15), "--windows": (int, 10)})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
-
 from lowbit.ranks import Ranks
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.errors import LowbitError
 from lowbit.stream.evaluate import evaluate_streamed, sliced_nll
 
 
