@@ -23,7 +23,7 @@ from lowbit.lowrank_layers import factorize_modules, lowrank_ranks, write_ranks
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
 from lowbit.ranks import current as current_ranks
-from lowbit.ranks import all_reduce, shard_windows
+from lowbit.ranks import shard_windows, total
 from lowbit.recipe import Recipe, load_recipe, resolve_targets
 
 SUMMARY_FILE = "lowbit_summary.json"
@@ -116,7 +116,7 @@ def quantize(
     seconds = time.perf_counter() - t0
     tokens = result.calib_tokens
     if ranks.active:
-        tokens = int(all_reduce(torch.tensor([tokens], dtype=torch.float64)).item())
+        tokens = total(tokens)
     report = build_report(rec, result.to_dict()["layers"], model, seconds, tokens,
                           _records(transforms, [m for steps in assignments.values() for m in steps]))
     experts = fused_experts(model)
@@ -139,8 +139,6 @@ def _check_parallel(rec: Recipe, assignments: dict[str, list[Any]], transforms: 
                     model: torch.nn.Module) -> None:
     """What data-parallel calibration cannot do yet (steps that fit on the block's inputs themselves would fit
     on each rank's share alone), refused before work."""
-    from lowbit.methods.base import WeightMethod
-
     fix = "run it in one process"
     if transforms:
         raise LowbitError(f"transform {rec.transforms[0].transform!r} fits on each rank's windows alone under "
@@ -149,8 +147,7 @@ def _check_parallel(rec: Recipe, assignments: dict[str, list[Any]], transforms: 
     for name, steps in assignments.items():
         for step in steps:
             whole = step.needs_whole_model()
-            block = [h for h in ("prepare_block", "finish_block") if getattr(type(step), h) is not getattr(WeightMethod, h)]
-            if whole or block:
+            if whole or step.overrides("prepare_block") or step.overrides("finish_block"):
                 raise LowbitError(f"step {step.name!r} ({whole or 'it fits on the block inputs itself'}) is not "
                                   f"data-parallel yet; {fix}")
             if step.activations is not None and not step.activations.dynamic:
@@ -235,11 +232,10 @@ def _write_lowrank(model: torch.nn.Module, tokenizer: Any, out: Path, extra: dic
 def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any, extra: dict[str, str],
                  state: dict[str, torch.Tensor] | None = None) -> None:
     """``model`` (``state`` if given), its tokenizer and the ``extra`` text files into the directory ``tmp``."""
+    from lowbit.export.compressed_tensors import write_beside_weights
+
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model.state_dict() if state is None else state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, text in extra.items():
-        (tmp / name).write_text(text)
+    write_beside_weights(tmp, None, tokenizer, extra)  # save_pretrained wrote the generation config
 
 
 def save_model_dir(model: torch.nn.Module, tokenizer: Any, out: str | Path, extra_files: dict[str, str],

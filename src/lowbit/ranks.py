@@ -81,6 +81,11 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def total(count: int) -> int:
+    """``count`` summed over all ranks."""
+    return int(all_reduce(torch.tensor([count], dtype=torch.float64)).item())
+
+
 def broadcast(value: Any, src: int) -> Any:
     """``value`` from rank ``src`` (anything picklable; tensors travel with it)."""
     import torch.distributed as dist

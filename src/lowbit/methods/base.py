@@ -154,11 +154,15 @@ class WeightMethod:
     def finish_model(self, model: torch.nn.Module, calib: torch.Tensor) -> None:  # noqa: D401 - optional hook
         """End-to-end work after every block is done (default: nothing)."""
 
+    def overrides(self, hook: str) -> bool:
+        """Whether this step implements the optional hook ``hook`` (``prepare_block``, ``finish_model`` ...)."""
+        return getattr(type(self), hook) is not getattr(WeightMethod, hook)
+
     def needs_whole_model(self) -> str | None:
         """Why this step cannot run one block at a time (``lowbit.stream``), or None when it can."""
-        if self.after_rounding or type(self).finish_model is not WeightMethod.finish_model:
+        if self.after_rounding or self.overrides("finish_model"):
             return "it trains or rewrites the whole model after the blocks"
-        if type(self).prepare_model is not WeightMethod.prepare_model:
+        if self.overrides("prepare_model"):
             return "a pass over the whole model before the blocks"
         if self.factorizes:
             return "its layers become two linears once the whole model is done"

@@ -89,8 +89,9 @@ def _collect_stats(block: torch.nn.Module, inputs: BlockInputs, collector: Stats
 
 
 @torch.no_grad()
-def _propagate(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector | None = None) -> BlockInputs:
-    """Replace each batch of ``inputs`` by the block's output for it (in place: one copy held)."""
+def propagate(block: torch.nn.Module, inputs: BlockInputs, collector: StatsCollector | None = None) -> BlockInputs:
+    """Replace each batch of ``inputs`` by the block's output for it (in place: one copy held); ``collector``
+    (optional) is told where each batch ends."""
     for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         inputs.hidden[j] = block_output(block(h, **kw))
         if collector is not None:
@@ -207,15 +208,16 @@ def _run_stage(model: torch.nn.Module, block: torch.nn.Module, index: int, prefi
         if n in stage and track.mask is not None:
             stats.setdefault(n, LayerStats()).mask = track.mask
     rounding = [n for n, m in stage.items() if m.rounds()]
+    owner = {n: ranks.owner(k) for k, n in enumerate(rounding)}
     made: dict[str, tuple[LayerReport, torch.Tensor | None]] = {}
     for name, method in stage.items():
         tracks[name].steps.append(method.name)
         if method.rounds():
-            if ranks.owner(rounding.index(name)) != ranks.rank:
+            if owner[name] != ranks.rank:
                 continue  # another rank rounds it (data-parallel calibration); its result is broadcast below
             # a step that trains the block after rounding (finish_block) changes the weight again: its layers'
             # errors are measured on the final weight, while the block propagates
-            trains = type(method).finish_block is not WeightMethod.finish_block
+            trains = method.overrides("finish_block")
             made[name] = _round_layer(name, method, modules[name], stats, keep_original=not collected or trains)
         else:
             prepared = _prepare_layer(name, method, modules[name], stats.get(name, LayerStats()))
@@ -311,7 +313,7 @@ def run_sequential(
             hooks.load(i, block)
         mine = {n: steps for n, steps in staged.items() if n.startswith(prefix)}
         if not mine:
-            _propagate(block, inputs)
+            propagate(block, inputs)
             if hooks is not None:
                 hooks.done(i, block, [], inputs)
             continue
@@ -331,7 +333,7 @@ def run_sequential(
         if originals:  # sample the data-free layers' inputs while propagating, for their output errors
             collector = StatsCollector({n: modules[n] for n in originals})
             with collector.attached():
-                _propagate(block, inputs, collector)
+                propagate(block, inputs, collector)
             stats = collector.finalize()
             for r in reports:
                 if r.name in originals:
@@ -340,7 +342,7 @@ def run_sequential(
                     r.weight_error = _weight_error(originals[r.name], final)
             del stats
         else:
-            _propagate(block, inputs)
+            propagate(block, inputs)
         for r in reports:
             track = tracks[r.name]
             r.steps = track.steps

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from lowbit.methods.statistics import InputStatistic, LayerStats, SharedProducts
-from lowbit.ranks import all_reduce
+from lowbit.ranks import total
 
 SAMPLE_ROWS = 512  # input rows kept per layer to measure output error cheaply
 
@@ -60,7 +60,7 @@ class StatsCollector:
         accumulators first combined over all ranks (the sample rows stay each rank's own)."""
         for name, st in self.stats.items():
             if across_ranks:
-                st.nsamples = int(all_reduce(torch.tensor([st.nsamples], dtype=torch.float64)).item())
+                st.nsamples = total(st.nsamples)
                 for stat in self.wanted[name]:
                     stat.reduce(self.layers[name].weight.shape[1])
             for stat in self.wanted[name]:

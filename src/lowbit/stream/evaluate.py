@@ -21,7 +21,8 @@ from lowbit.errors import LowbitError
 from lowbit.eval.logits import has_plain_head
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.eval.perplexity import EvalResult, check_seqlen
-from lowbit.models.capture import block_output, capture_block_inputs
+from lowbit.models.capture import capture_block_inputs
+from lowbit.pipeline.sequential import propagate
 from lowbit.stream.weights import WeightReader, materialize, materialize_rows, meta_model, release
 
 VOCAB_SLICE = 8192  # head rows scored at once
@@ -87,9 +88,7 @@ def evaluate_streamed(ref: str, tokenizer: Any, dataset: str = "wikitext2", spli
     prefix = architecture_of(model).blocks
     for i in tqdm(range(len(blocks)), desc="eval", unit="block", disable=not progress):
         materialize(blocks[i], f"{prefix}.{i}.", reader, dtype)
-        with torch.no_grad():
-            for j, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-                inputs.hidden[j] = block_output(blocks[i](h, **kw))
+        propagate(blocks[i], inputs)
         release(blocks[i])
     norm = getattr(model.base_model, "norm", None)
     if norm is None:

@@ -163,12 +163,16 @@ class _StreamedBlocks(BlockHooks):
         materialize(block, f"{self.prefix}{index}.", self.reader, self.dtype)
 
     def done(self, index: int, block: torch.nn.Module, reports: list[LayerReport], inputs: BlockInputs) -> None:
+        prefix = f"{self.prefix}{index}."
+        written = None
         if self.state["format"] == "auto" and reports:  # auto: decided by the first block the recipe changed
-            fits = any(is_quantized(m) for m in block.modules()) and \
-                _block_tensors(block, "", "compressed-tensors", self.dtype)[2] is None
+            if any(is_quantized(m) for m in block.modules()):
+                written = _block_tensors(block, prefix, "compressed-tensors", self.dtype)
+            fits = written is not None and written[2] is None
             self.state["format"] = "compressed-tensors" if fits else "fake-quant"
+            written = written if fits else None
         fmt = "fake-quant" if self.state["format"] == "auto" else self.state["format"]
-        tensors, schemes, problem = _block_tensors(block, f"{self.prefix}{index}.", fmt, self.dtype)
+        tensors, schemes, problem = written or _block_tensors(block, prefix, fmt, self.dtype)
         if problem is not None:
             raise LowbitError(f"block {index} cannot be written as compressed-tensors: {problem}; rerun with "
                               "--format fake-quant")

@@ -24,12 +24,10 @@ class WeightReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[str, list[int], int, int]] = {}  # dtype, shape, absolute start, end
+        self._spans: dict[str, tuple[str, str, list[int], Path, int, int]] = {}  # name, dtype, shape, file, bytes
         for f in self._files():
-            for key, span in safetensors_spans(f).items():
-                self._where[key] = f
-                self._meta[key] = span
+            for key, (dtype, shape, start, end) in safetensors_spans(f).items():
+                self._spans[key] = (key, dtype, shape, f, start, end)
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -51,28 +49,28 @@ class WeightReader:
 
     def files(self) -> list[Path]:
         """The safetensors files read."""
-        return sorted(set(self._where.values()))
+        return sorted({span[3] for span in self._spans.values()})
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._spans
 
-    def keys(self) -> list[str]:
-        return list(self._where)
+    def span(self, key: str) -> tuple[str, str, list[int], Path, int, int]:
+        """Where tensor ``key``'s bytes lie: (name, safetensors dtype, shape, file, start, end)."""
+        span = self._spans.get(key)
+        if span is None:
+            raise LowbitError(f"{self.folder} has no tensor {key!r}; is it the checkpoint of this config?")
+        return span
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, mapped from its file copy-on-write: only the pages read are loaded, writes never reach the
         file, and the mapping goes when the tensor is freed."""
-        f = self._where.get(key)
-        if f is None:
-            raise LowbitError(f"{self.folder} has no tensor {key!r}; is it the checkpoint of this config?")
-        dtype_name, shape, start, end = self._meta[key]
+        _, dtype_name, shape, f, start, end = self.span(key)
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise LowbitError(f"{key} in {f.name} has dtype {dtype_name}, which lowbit does not read")
         if end == start:
             return torch.empty(shape, dtype=dtype)
-        page = mmap.ALLOCATIONGRANULARITY
-        lo = start - start % page
+        lo = start - start % mmap.ALLOCATIONGRANULARITY
         with open(f, "rb") as fh:
             mapped = mmap.mmap(fh.fileno(), end - lo, offset=lo, access=mmap.ACCESS_COPY)
         with warnings.catch_warnings():
@@ -81,15 +79,6 @@ class WeightReader:
         if (start - lo) % dtype.itemsize:
             flat = flat.clone()  # an unaligned tensor (another writer's layout)
         return flat.view(dtype).reshape(shape)
-
-    def span(self, key: str) -> tuple[str, str, list[int], Path, int, int]:
-        """Where tensor ``key``'s bytes lie: (name, safetensors dtype, shape, file, start, end)."""
-        dtype, shape, start, end = self._meta[key]
-        return key, dtype, shape, self._where[key], start, end
-
-    def nbytes(self) -> int:
-        """Bytes of every tensor in the checkpoint (from the headers)."""
-        return sum(end - start for _, _, start, end in self._meta.values())
 
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
@@ -126,8 +115,8 @@ def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtype: torch.dtype) -> None:
-    """Read ``module``'s parameters (and persistent buffers) from ``reader``, keys ``prefix + name``; floating
-    tensors are cast to ``dtype``."""
+    """Read ``module``'s parameters from ``reader``, keys ``prefix + name``; floating tensors are cast to ``dtype``
+    (buffers are not read: the skeleton built them, see ``params_on_meta``)."""
     for name, sub in module.named_modules():
         for pname, p in list(sub._parameters.items()):
             if p is None:
@@ -145,10 +134,7 @@ def materialize_rows(embedding: torch.nn.Module, key: str, reader: WeightReader,
                      dtype: torch.dtype) -> None:
     """Give ``embedding`` a full-size weight of which only ``rows`` (token ids) are read from the checkpoint: the
     other rows are never touched, so memory holds just the rows a calibration set looks up."""
-    f = reader._where.get(key)
-    if f is None:
-        raise LowbitError(f"{reader.folder} has no tensor {key!r}; is it the checkpoint of this config?")
-    dtype_name, shape, start, _ = reader._meta[key]
+    _, dtype_name, shape, f, start, _ = reader.span(key)
     if len(shape) != 2 or dtype_name not in _DTYPES:
         raise LowbitError(f"{key} is not a 2-D float table ({dtype_name}, {shape})")
     weight = torch.empty(shape, dtype=dtype)  # pages of rows never written are never allocated
