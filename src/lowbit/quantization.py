@@ -19,6 +19,7 @@ from lowbit.data.windows import check_batch_size, check_token_windows
 from lowbit.errors import LowbitError
 from lowbit.export import FORMATS
 from lowbit.jsonable import to_jsonable
+from lowbit.experts import expert_calibration, fuse_experts, fuse_state, unfuse_experts
 from lowbit.lowrank_layers import factorize_modules, lowrank_ranks, write_ranks
 from lowbit.eval.memory import peak_rss_mb
 from lowbit.pipeline.sequential import PipelineResult, run_sequential
@@ -94,6 +95,50 @@ def quantize(
     """
     check_batch_size(batch_size)
     rec = load_recipe(recipe)
+    unfused = unfuse_experts(model)  # MoE experts as linears: each calibrated on the tokens routed to it
+    try:
+        assignments, transforms, calib = _checked_run(model, rec, calib)
+    except LowbitError:
+        fuse_experts(model)  # refused before work: the model is left as it came
+        raise
+    if rec.kv_cache is not None:
+        model.lowbit_kv_cache = rec.kv_cache  # the cache the model will run with: training steps (LLM-QAT) read it
+    t0 = time.perf_counter()
+    for t in transforms:
+        t.apply_model(model)
+    result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
+    seconds = time.perf_counter() - t0
+    tokens = result.calib_tokens
+    if current_ranks().active:
+        tokens = total(tokens)
+    report = build_report(rec, result.to_dict()["layers"], model, seconds, tokens,
+                          _records(transforms, [m for steps in assignments.values() for m in steps]))
+    experts = fused_experts(model)
+    if experts:
+        warnings.warn(f"{len(experts)} fused expert weight tensors ({experts[0]}, ...) stay in full precision: lowbit "
+                      "rounds linear layers, and transformers keeps MoE experts as 3-D parameters", stacklevel=2)
+        report.extra["full_precision_experts"] = experts
+    if unfused:
+        report.extra["experts"] = expert_report(report.layers, unfused)
+    factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
+    return report
+
+
+def expert_report(layers: list[dict[str, Any]], unfused: list[str]) -> dict[str, Any]:
+    """Per-expert calibration counts of a MoE run, with a warning naming the experts no token reached."""
+    calibration = expert_calibration(layers)
+    unrouted = calibration["unrouted"]
+    if unrouted:
+        warnings.warn(f"{len(unrouted)} of {len(calibration['tokens'])} experts got no calibration token "
+                      f"({unrouted[0]}, ...): rounded without data (data-driven steps fell back to RTN); more "
+                      "calibration windows reach more experts", stacklevel=3)
+    return {"modules": unfused, **calibration}
+
+
+def _checked_run(model: torch.nn.Module, rec: Recipe, calib: torch.Tensor | None
+                 ) -> tuple[dict[str, list[Any]], list[Any], torch.Tensor]:
+    """Everything ``quantize`` checks before work: the targets, the transforms and this rank's share of the
+    windows."""
     assignments = resolve_targets(model, rec)
     if calib is None:
         raise LowbitError("quantize() needs calibration windows (lowbit.data.get_calibration(...)), even for "
@@ -107,25 +152,7 @@ def quantize(
     if ranks.active:  # data-parallel calibration (lowbit.ranks): this rank's share of the windows
         _check_parallel(rec, assignments, transforms, model)
         calib = shard_windows(calib, ranks)
-    if rec.kv_cache is not None:
-        model.lowbit_kv_cache = rec.kv_cache  # the cache the model will run with: training steps (LLM-QAT) read it
-    t0 = time.perf_counter()
-    for t in transforms:
-        t.apply_model(model)
-    result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
-    seconds = time.perf_counter() - t0
-    tokens = result.calib_tokens
-    if ranks.active:
-        tokens = total(tokens)
-    report = build_report(rec, result.to_dict()["layers"], model, seconds, tokens,
-                          _records(transforms, [m for steps in assignments.values() for m in steps]))
-    experts = fused_experts(model)
-    if experts:
-        warnings.warn(f"{len(experts)} fused expert weight tensors ({experts[0]}, ...) stay in full precision: lowbit "
-                      "rounds linear layers, and transformers keeps MoE experts as 3-D parameters", stacklevel=2)
-        report.extra["full_precision_experts"] = experts
-    factorize_modules(model)  # low-rank steps' layers become two linears (after the bits are counted)
-    return report
+    return assignments, transforms, calib
 
 
 def check_parallel(recipe: str | Path | dict[str, Any] | Recipe, model: torch.nn.Module) -> None:
@@ -234,7 +261,8 @@ def _write_model(tmp: Path, model: torch.nn.Module, tokenizer: Any, extra: dict[
     """``model`` (``state`` if given), its tokenizer and the ``extra`` text files into the directory ``tmp``."""
     from lowbit.export.compressed_tensors import write_beside_weights
 
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model.state_dict() if state is None else state)
+    state = fuse_state(model, model.state_dict() if state is None else state)  # MoE experts as transformers has them
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     write_beside_weights(tmp, None, tokenizer, extra)  # save_pretrained wrote the generation config
 
 

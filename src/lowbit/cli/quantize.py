@@ -227,6 +227,12 @@ def report_rows(report: Any, before: Any, after: Any, out: str | None) -> list[t
     experts = report.extra.get("full_precision_experts")
     if experts:
         rows.append(("kept in full precision", f"{len(experts)} fused MoE expert tensors (not linear layers)"))
+    moe = report.extra.get("experts")
+    if moe and moe["tokens"]:
+        counts = list(moe["tokens"].values())
+        unrouted = f", {len(moe['unrouted'])} got none (rounded without data)" if moe["unrouted"] else ""
+        rows.append(("MoE experts", f"{len(counts)} calibrated on their routed tokens "
+                                    f"({min(counts):,}-{max(counts):,} each){unrouted}"))
     if out:
         rows.append(("written to", out))
     return rows

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from lowbit.errors import LowbitError
 from lowbit.export.ct_schemes import weight_args
 from lowbit.export.ct_tensors import packed_tensors, read_int_weight, split_packed
+from lowbit.experts import unfuse_like
 from lowbit.packed.intweight import IntWeight
 from lowbit.quantized_layers import QuantizedWeight, mark_quantized
 
@@ -50,6 +51,7 @@ def attach_codes(model: torch.nn.Module, directory: Path) -> int:
     if not path.is_file():
         return 0
     weights = read_codes(path)
+    unfuse_like(model, weights)  # codes of MoE experts name one linear per expert
     for name, w in weights.items():
         try:
             layer = model.get_submodule(name)

@@ -43,6 +43,8 @@ from lowbit.export.ct_tensors import (
     split_packed,
 )
 from lowbit.core.floats import FloatQuantized
+from lowbit.checkpoint_names import saved_layer_names
+from lowbit.experts import unfuse_like
 from lowbit.packed.floatweight import FloatWeight, float_weight_of
 from lowbit.packed.intweight import IntWeight, int_weight_of
 from lowbit.packed.qlinear import QuantLinear
@@ -150,9 +152,19 @@ def layer_tensors_and_schemes(weights: dict[str, LayerWeight], inputs: dict[str,
     return tensors, schemes
 
 
+def saved_names(model: torch.nn.Module, weights: dict[str, LayerWeight], inputs: dict[str, ActQuantizer]
+                ) -> tuple[dict[str, LayerWeight], dict[str, ActQuantizer]]:
+    """``weights`` and ``inputs`` keyed by the names the layers are written under: a MoE expert's linears by the
+    per-expert names transformers reads for ``model``'s family (``lowbit.checkpoint_names``)."""
+    rename = saved_layer_names(model, list(weights))
+    return ({rename.get(n, n): w for n, w in weights.items()}, {rename.get(n, n): q for n, q in inputs.items()})
+
+
 def checkpoint_config(model: torch.nn.Module, schemes: dict[str, dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` of the compressed-tensors checkpoint of ``model`` whose quantized layers have ``schemes``."""
     linears = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    rename = saved_layer_names(model, linears)
+    linears = [rename.get(n, n) for n in linears]
     cfg = model.config.to_dict()
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]  # vLLM picks its model class by it
     cfg["quantization_config"] = config_from_schemes(schemes, linears)
@@ -179,7 +191,7 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | 
     """Write the checkpoint from ``collect_exportable``'s weights and inputs (already checked)."""
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     tensors = dense_tensors(model, set(weights))
-    quantized, schemes = layer_tensors_and_schemes(weights, inputs, dtype)
+    quantized, schemes = layer_tensors_and_schemes(*saved_names(model, weights, inputs), dtype)
     tensors.update(quantized)
     cfg = checkpoint_config(model, schemes, dtype)
     out = Path(out)
@@ -323,13 +335,18 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     if not (path / WEIGHTS_FILE).is_file():
         raise LowbitError(f"{path} has a compressed-tensors config but no {WEIGHTS_FILE}; {CT_FIX}")
     model = plain_model(path, dtype)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ignored = set(qc.get("ignore") or [])
-    schemes = {n: g for n in linears if n not in ignored and (g := _scheme_for(n, qc)) is not None}
-    default = qc.get("format")
-    dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        unfuse_like(model, f.keys())  # MoE experts written as one linear per expert
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        saved = saved_layer_names(model, list(linears))
+        on_disk = {s: n for n, s in saved.items()}
+        ignored = set(qc.get("ignore") or [])
+        schemes = {n: g for n in linears if saved.get(n, n) not in ignored
+                   and (g := _scheme_for(saved.get(n, n), qc)) is not None}
+        default = qc.get("format")
+        dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
         per_layer, dense = split_packed(f, dense_weight)
+    per_layer = {on_disk.get(n, n): t for n, t in per_layer.items()}
     _check_layer_sets(path, per_layer, schemes, set(linears))
     for name, t in per_layer.items():
         group = schemes[name]

@@ -120,13 +120,15 @@ def load_sparse_bitmask(path: str | Path, dtype: torch.dtype = torch.float32) ->
     """The dense model of a sparse-bitmask checkpoint; every tensor checked against the config's model."""
     from lowbit.checkpoint import LoadReport, TensorMeta, compare_tensors, finite_state
     from lowbit.export.compressed_tensors import plain_model
+    from lowbit.experts import unfuse_like
 
     path = Path(path)
     model = plain_model(path, dtype)
-    expected = model.state_dict()
     dense: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        unfuse_like(model, f.keys())  # pruned MoE experts, one linear each
+        expected = model.state_dict()
         for key in f.keys():
             base, _, part = key.rpartition(".")
             if part in PARTS and key not in expected:  # NAME.weight.compressed ...

@@ -355,6 +355,7 @@ def _load_lowrank(source: ModelSource, torch_dtype: torch.dtype) -> Any:
     from lowbit.checkpoint import LoadReport, compare_tensors, finite_state, safetensors_header
     from lowbit.export.compressed_tensors import plain_model
     from lowbit.lowrank_layers import restore_lowrank
+    from lowbit.experts import unfuse_like
 
     assert source.path is not None
     fix = "re-save it with lowbit (quantize --out, or export)"
@@ -362,6 +363,7 @@ def _load_lowrank(source: ModelSource, torch_dtype: torch.dtype) -> Any:
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in ranks.items()):
         raise LowbitError(f"{source.path / LOWRANK_FILE} must map layer names to integer ranks; {fix}")
     model = plain_model(source.path, torch_dtype)
+    unfuse_like(model, ranks)  # low-rank MoE experts, one linear each
     try:
         restore_lowrank(model, ranks)
     except ValueError as exc:

@@ -50,6 +50,7 @@ class LayerReport:
     note: str | None = None  # e.g. the RTN fallback of a layer no calibration token reached
     steps: list[str] = field(default_factory=list)  # every step the layer went through, in order
     sparsity: float | None = None  # fraction of exact zeros in the final weight, when a step pruned it
+    tokens: int | None = None  # calibration rows the layer saw (fewer than the run's for a MoE expert)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stat
         name=name, method=method.name, shape=tuple(w.shape), bits_per_weight=res.bits_per_weight,
         output_error=output_error(stats[name].sample_inputs, w, res.weight) if name in stats else None,
         weight_error=_weight_error(w, res.weight), extra_params=res.extra_params,
-        seconds=time.perf_counter() - t0, note=note,
+        seconds=time.perf_counter() - t0, note=note, tokens=layer_stats.nsamples if name in stats else None,
     )
     w.copy_(res.weight)
     mark_quantized(layer, res.stored(method))
@@ -340,6 +341,7 @@ def run_sequential(
                     final = modules[r.name].weight.data
                     r.output_error = output_error(stats[r.name].sample_inputs, originals[r.name], final)
                     r.weight_error = _weight_error(originals[r.name], final)
+                    r.tokens = stats[r.name].nsamples
             del stats
         else:
             propagate(block, inputs)

@@ -23,6 +23,7 @@ from lowbit.eval.memory import peak_rss_mb
 from lowbit.eval.perplexity import EvalResult, check_seqlen
 from lowbit.models.capture import capture_block_inputs
 from lowbit.pipeline.sequential import propagate
+from lowbit.experts import unfuse_experts
 from lowbit.stream.weights import WeightReader, materialize, materialize_rows, meta_model, release
 
 VOCAB_SLICE = 8192  # head rows scored at once
@@ -78,6 +79,8 @@ def evaluate_streamed(ref: str, tokenizer: Any, dataset: str = "wikitext2", spli
         raise LowbitError(f"evaluation data {dataset} ({split}): {e}") from None
     map_large_allocations()
     reader = WeightReader(source.path)
+    unfuse_experts(model)  # MoE experts read as one linear each: whichever layout the checkpoint has
+    reader.follow(model)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     embed_name, head_name = _module_name(model, embed), _module_name(model, head)
     blocks = decoder_blocks(model)

@@ -32,10 +32,12 @@ from lowbit.atomic import allow_replace, atomic_dir, atomic_file, check_replacea
 from lowbit.errors import LowbitError
 from lowbit.jsonable import to_jsonable
 from lowbit.models.capture import BlockInputs, capture_block_inputs
+from lowbit.experts import fuse_state, unfuse_experts
 from lowbit.pipeline.memory import map_large_allocations, release_freed_memory
 from lowbit.pipeline.sequential import BlockHooks, LayerReport, run_sequential
 from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
+from lowbit.checkpoint_names import as_saved
 from lowbit.stream.spill import SpilledBatches
 from lowbit.stream.weights import DTYPE_NAMES, WeightReader, materialize, materialize_rows, meta_model, release
 
@@ -89,22 +91,27 @@ def _fingerprint(source_files: list[Path], recipe: dict[str, Any], calib: torch.
     return h.hexdigest()
 
 
-def _block_tensors(block: torch.nn.Module, prefix: str, fmt: str, dtype: torch.dtype
+def _block_tensors(model: torch.nn.Module, block: torch.nn.Module, prefix: str, fmt: str, dtype: torch.dtype
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], str | None]:
     """The block's checkpoint tensors (full names) in ``fmt``, its layers' compressed-tensors schemes, and why
-    compressed-tensors cannot hold it (None when it can)."""
-    from lowbit.export.compressed_tensors import collect_exportable, dense_tensors, layer_tensors_and_schemes
+    compressed-tensors cannot hold it (None when it can).  Dense blocks are written under the names
+    ``save_pretrained`` gives ``model``'s tensors."""
+    from lowbit.export.compressed_tensors import (collect_exportable, dense_tensors, layer_tensors_and_schemes,
+                                                  saved_names)
     from lowbit.export.dense import dense_state_dict
 
     quantized = any(is_quantized(m) for m in block.modules())
     if fmt == "fake-quant" or not quantized:
-        return {prefix + k: v.contiguous() for k, v in dense_state_dict(block).items()}, {}, None
+        dense = fuse_state(block, dense_state_dict(block))  # MoE experts fused back, as transformers has them
+        return as_saved(model, {prefix + k: v.contiguous() for k, v in dense.items()}), {}, None
     weights, inputs, problem = collect_exportable(block)
     if problem is not None:
         return {}, {}, problem
-    tensors, schemes = layer_tensors_and_schemes(weights, inputs, dtype)
-    tensors.update(dense_tensors(block, set(weights)))
-    return {prefix + k: v for k, v in tensors.items()}, {prefix + k: v for k, v in schemes.items()}, None
+    tensors = {prefix + k: v for k, v in dense_tensors(block, set(weights)).items()}
+    full = ({prefix + n: w for n, w in weights.items()}, {prefix + n: q for n, q in inputs.items()})
+    quantized, schemes = layer_tensors_and_schemes(*saved_names(model, *full), dtype)
+    tensors.update(quantized)
+    return tensors, schemes, None
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -154,9 +161,10 @@ def memory_plan(model: torch.nn.Module, calib: torch.Tensor, batch_size: int, ma
 class _StreamedBlocks(BlockHooks):
     """Reads each block before the pipeline works on it; writes its part, the next inputs and the state after."""
 
-    def __init__(self, reader: WeightReader, dtype: torch.dtype, fmt: str, partial: Path, state: dict[str, Any],
-                 blocks_prefix: str) -> None:
-        self.reader, self.dtype, self.fmt, self.partial, self.state = reader, dtype, fmt, partial, state
+    def __init__(self, model: torch.nn.Module, reader: WeightReader, dtype: torch.dtype, fmt: str, partial: Path,
+                 state: dict[str, Any], blocks_prefix: str) -> None:
+        self.model, self.reader, self.dtype, self.fmt = model, reader, dtype, fmt
+        self.partial, self.state = partial, state
         self.prefix = blocks_prefix
 
     def load(self, index: int, block: torch.nn.Module) -> None:
@@ -167,12 +175,12 @@ class _StreamedBlocks(BlockHooks):
         written = None
         if self.state["format"] == "auto" and reports:  # auto: decided by the first block the recipe changed
             if any(is_quantized(m) for m in block.modules()):
-                written = _block_tensors(block, prefix, "compressed-tensors", self.dtype)
+                written = _block_tensors(self.model, block, prefix, "compressed-tensors", self.dtype)
             fits = written is not None and written[2] is None
             self.state["format"] = "compressed-tensors" if fits else "fake-quant"
             written = written if fits else None
         fmt = "fake-quant" if self.state["format"] == "auto" else self.state["format"]
-        tensors, schemes, problem = written or _block_tensors(block, prefix, fmt, self.dtype)
+        tensors, schemes, problem = written or _block_tensors(self.model, block, prefix, fmt, self.dtype)
         if problem is not None:
             raise LowbitError(f"block {index} cannot be written as compressed-tensors: {problem}; rerun with "
                               "--format fake-quant")
@@ -259,7 +267,7 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     from lowbit.data.windows import check_batch_size, check_token_windows
     from lowbit.export.compressed_tensors import checkpoint_config, write_beside_weights
     from lowbit.models.loading import load_config, resolve_model
-    from lowbit.quantization import SUMMARY_FILE, build_report
+    from lowbit.quantization import SUMMARY_FILE, build_report, expert_report
     from lowbit.recipe import load_recipe, resolve_targets
 
     check_batch_size(batch_size)
@@ -274,6 +282,8 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     reader = WeightReader(source.path)
     rec = load_recipe(recipe)
     model = meta_model(config, dtype)
+    unfused = unfuse_experts(model)  # MoE experts calibrated one by one, as in memory
+    reader.follow(model)
     tied = _tied_copies(model)
     assignments = resolve_targets(model, rec)
     check_streamable(rec, assignments, fmt)
@@ -303,7 +313,7 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     release(embed)
     if start:
         inputs.hidden = store if store is not None else torch.load(partial / HIDDEN_FILE, weights_only=True)
-    hooks = _StreamedBlocks(reader, dtype, fmt, partial, state, blocks_prefix)
+    hooks = _StreamedBlocks(model, reader, dtype, fmt, partial, state, blocks_prefix)
     if start < len(blocks):
         run_sequential(model, assignments, calib, batch_size, progress, hooks=hooks, inputs=inputs, start=start)
     seconds = time.perf_counter() - t0
@@ -334,6 +344,8 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
         _copy_generation_config(source.path, tmp)
     shutil.rmtree(partial, ignore_errors=True)
     report.extra["format"] = written
+    if unfused:
+        report.extra["experts"] = expert_report(report.layers, unfused)
     return report, written
 
 

@@ -8,12 +8,14 @@ import json
 import mmap
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from lowbit.checkpoint import safetensors_spans
 from lowbit.errors import LowbitError
+from lowbit.experts import ExpertLinears
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -24,6 +26,7 @@ class WeightReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._other_names: Callable[[str], list[str]] | None = None
         self._spans: dict[str, tuple[str, str, list[int], Path, int, int]] = {}  # name, dtype, shape, file, bytes
         for f in self._files():
             for key, (dtype, shape, start, end) in safetensors_spans(f).items():
@@ -51,12 +54,24 @@ class WeightReader:
         """The safetensors files read."""
         return sorted({span[3] for span in self._spans.values()})
 
+    def follow(self, model: torch.nn.Module) -> None:
+        """Find ``model``'s tensors under the names another transformers layout gave them (``stream.keys``)."""
+        from lowbit.checkpoint_names import checkpoint_names
+
+        self._other_names = checkpoint_names(model)
+
+    def _find(self, key: str) -> tuple[str, str, list[int], Path, int, int] | None:
+        span = self._spans.get(key)
+        if span is None and self._other_names is not None:
+            span = next((self._spans[n] for n in self._other_names(key) if n in self._spans), None)
+        return span
+
     def __contains__(self, key: str) -> bool:
-        return key in self._spans
+        return self._find(key) is not None
 
     def span(self, key: str) -> tuple[str, str, list[int], Path, int, int]:
-        """Where tensor ``key``'s bytes lie: (name, safetensors dtype, shape, file, start, end)."""
-        span = self._spans.get(key)
+        """Where tensor ``key``'s bytes lie: (name on disk, safetensors dtype, shape, file, start, end)."""
+        span = self._find(key)
         if span is None:
             raise LowbitError(f"{self.folder} has no tensor {key!r}; is it the checkpoint of this config?")
         return span
@@ -116,8 +131,25 @@ def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
 
 def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtype: torch.dtype) -> None:
     """Read ``module``'s parameters from ``reader``, keys ``prefix + name``; floating tensors are cast to ``dtype``
-    (buffers are not read: the skeleton built them, see ``params_on_meta``)."""
+    (buffers are not read: the skeleton built them, see ``params_on_meta``).  MoE experts made one linear each
+    (``lowbit.experts``) are read from the checkpoint's fused tensors."""
+    experts = {}  # those the checkpoint holds fused (written by transformers 5 layouts); else one linear each
     for name, sub in module.named_modules():
+        base = f"{prefix}{name}." if name else prefix
+        if isinstance(sub, ExpertLinears) and all(base + k in reader for k in sub.fused_shapes()):
+            experts[name] = sub
+    for name, sub in experts.items():
+        base = f"{prefix}{name}." if name else prefix
+        fused = sub.fused_shapes()
+        tensors = [reader.tensor(base + k) for k in fused]
+        for key, t, shape in zip(fused, tensors, fused.values()):
+            if tuple(t.shape) != shape:
+                raise LowbitError(f"{base}{key}: the checkpoint holds shape {tuple(t.shape)}, the config wants "
+                                  f"{shape}; the config and weights do not match")
+        sub.load_fused(*(t.to(dtype) for t in tensors))
+    for name, sub in module.named_modules():
+        if any(name.startswith(e + ".") or not e for e in experts):
+            continue
         for pname, p in list(sub._parameters.items()):
             if p is None:
                 continue
