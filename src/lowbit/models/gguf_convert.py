@@ -118,7 +118,7 @@ def _check_gguf_model(path: Path, gguf_model: Any, info: dict[str, Any], plain: 
     finite_state(report, gguf_model).check()
 
 
-def _load_gguf_tokenizer(path: Path) -> Any:
+def load_gguf_tokenizer(path: Path) -> Any:
     """The tokenizer a GGUF file carries (a LowbitError naming the file when transformers cannot build it)."""
     from transformers import AutoTokenizer
 
@@ -141,7 +141,7 @@ def load_gguf_plain(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any
 
     check_gguf(path)
     gguf_model, info = _load_gguf_model(path)
-    tokenizer = _load_gguf_tokenizer(path)
+    tokenizer = load_gguf_tokenizer(path)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

@@ -31,7 +31,8 @@ from lowbit.hub import hub_reachable
 from lowbit.kvcache.config import read_kv_cache_file
 from lowbit.models.aliases import ALIASES
 from lowbit.models.cache import cache_dir
-from lowbit.models.gguf_convert import check_gguf, convert_gguf_to_hf, gguf_config, load_gguf_plain
+from lowbit.models.gguf_convert import (check_gguf, convert_gguf_to_hf, gguf_config, load_gguf_plain,
+                                        load_gguf_tokenizer)
 from lowbit.models.wheel_fetch import fetch_alias_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -295,6 +296,9 @@ def load_tokenizer(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | 
                    trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model reference alone (no weights loaded)."""
     source = resolve_model(ref, cache)
+    if source.kind == "gguf":
+        assert source.path is not None
+        return load_gguf_tokenizer(source.path)
     target = str(source.path) if source.path is not None else source.ref
     return _load_tokenizer(source, target, dict(trust_remote_code=trust_remote_code, **_hub_kwargs(source)))
 

@@ -24,7 +24,7 @@ from lowbit.eval.perplexity import EvalResult, check_seqlen
 from lowbit.models.capture import capture_block_inputs
 from lowbit.pipeline.sequential import propagate
 from lowbit.experts import unfuse_experts
-from lowbit.stream.weights import WeightReader, materialize, materialize_rows, meta_model, release
+from lowbit.stream.weights import materialize, materialize_rows, meta_model, open_weights, release
 
 VOCAB_SLICE = 8192  # head rows scored at once
 
@@ -62,9 +62,7 @@ def evaluate_streamed(ref: str, tokenizer: Any, dataset: str = "wikitext2", spli
     from lowbit.pipeline.memory import map_large_allocations
 
     source = resolve_model(ref, cache)
-    if source.path is None or not source.path.is_dir():
-        raise LowbitError(f"streamed evaluation reads a safetensors checkpoint directory; {ref} is a {source.kind}")
-    if is_compressed_tensors(source.path):
+    if source.path is not None and source.path.is_dir() and is_compressed_tensors(source.path):
         raise LowbitError(f"{ref} is a compressed-tensors checkpoint, which streamed evaluation does not unpack yet; "
                           "evaluate it in memory (lowbit eval without --streamed) or export it as fake-quant")
     config = load_config(source)
@@ -78,7 +76,7 @@ def evaluate_streamed(ref: str, tokenizer: Any, dataset: str = "wikitext2", spli
     except LowbitError as e:
         raise LowbitError(f"evaluation data {dataset} ({split}): {e}") from None
     map_large_allocations()
-    reader = WeightReader(source.path)
+    reader = open_weights(source, model, "streamed evaluation")
     unfuse_experts(model)  # MoE experts read as one linear each: whichever layout the checkpoint has
     reader.follow(model)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -39,7 +39,8 @@ from lowbit.quantized_layers import is_quantized
 from lowbit.stream.assemble import assemble_safetensors
 from lowbit.checkpoint_names import as_saved
 from lowbit.stream.spill import SpilledBatches
-from lowbit.stream.weights import DTYPE_NAMES, WeightReader, materialize, materialize_rows, meta_model, release
+from lowbit.stream.weights import (DTYPE_NAMES, WeightReader, materialize, materialize_rows, meta_model,
+                                   open_weights, release)
 
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.pt"
@@ -247,8 +248,8 @@ def _rest(model: torch.nn.Module, reader: WeightReader, blocks_prefix: str, dtyp
     for key in model.state_dict(keep_vars=True):
         if key.startswith(blocks_prefix) or key in tied:
             continue
-        span = reader.span(key)
-        if span[1] == want or span[1] not in DTYPE_NAMES.values():
+        span = reader.span(key) if reader.byte_spans else None
+        if span is not None and (span[1] == want or span[1] not in DTYPE_NAMES.values()):
             spans.append(span)
         else:
             cast[key] = reader.tensor(key).to(dtype)
@@ -275,13 +276,10 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     map_large_allocations()  # activations come and go block after block: give their memory back at once
     release_freed_memory()  # what reading the calibration corpus left in the heap
     source = resolve_model(ref, cache)
-    if source.path is None or not source.path.is_dir():
-        raise LowbitError(f"a streamed run reads a safetensors checkpoint directory; {ref} is a {source.kind} "
-                          "(load and save it once with lowbit export --format fake-quant, then stream that)")
     config = load_config(source)
-    reader = WeightReader(source.path)
     rec = load_recipe(recipe)
     model = meta_model(config, dtype)
+    reader = open_weights(source, model, "a streamed run")
     unfused = unfuse_experts(model)  # MoE experts calibrated one by one, as in memory
     reader.follow(model)
     tied = _tied_copies(model)
@@ -341,7 +339,8 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
             model.config.dtype = dtype
             model.config.save_pretrained(tmp)
         write_beside_weights(tmp, None, tokenizer, extra)
-        _copy_generation_config(source.path, tmp)
+        if source.path.is_dir():
+            _copy_generation_config(source.path, tmp)
     shutil.rmtree(partial, ignore_errors=True)
     report.extra["format"] = written
     if unfused:

@@ -24,6 +24,8 @@ class WeightReader:
     """The tensors of a local checkpoint directory by name, read from the files on demand (memory-mapped: only
     what is asked for is read).  Sharded checkpoints are found through ``model.safetensors.index.json``."""
 
+    byte_spans = True  # tensors can be copied to an output file byte for byte (``span``)
+
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self._other_names: Callable[[str], list[str]] | None = None
@@ -96,6 +98,24 @@ class WeightReader:
         return flat.view(dtype).reshape(shape)
 
 
+def open_weights(source: Any, model: torch.nn.Module, what: str) -> Any:
+    """The reader of a streamed run's checkpoint ``source`` (``models.loading.ModelSource``): a safetensors
+    directory (``WeightReader``) or a GGUF file (``GGUFWeights``, dequantized tensor by tensor); ``model`` is the
+    config's skeleton with its experts still fused; ``what`` names the run in errors."""
+    if source.kind == "gguf":
+        from lowbit.stream.gguf_weights import GGUFWeights
+
+        if any(p.dim() == 3 for p in model.parameters()):  # fused MoE experts
+            raise LowbitError(f"{what} does not read MoE experts from GGUF yet; convert {source.path} once (lowbit "
+                              "export --format fake-quant) and stream the directory")
+        return GGUFWeights(source.path, model)
+    if source.path is None or not source.path.is_dir():
+        raise LowbitError(f"{what} reads a safetensors checkpoint directory or a .gguf file; {source.ref} is a "
+                          f"{source.kind} (load and save it once with lowbit export --format fake-quant, then stream "
+                          "that)")
+    return WeightReader(source.path)
+
+
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -165,7 +185,11 @@ def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtyp
 def materialize_rows(embedding: torch.nn.Module, key: str, reader: WeightReader, rows: torch.Tensor,
                      dtype: torch.dtype) -> None:
     """Give ``embedding`` a full-size weight of which only ``rows`` (token ids) are read from the checkpoint: the
-    other rows are never touched, so memory holds just the rows a calibration set looks up."""
+    other rows are never touched, so memory holds just the rows a calibration set looks up.  A reader without
+    byte spans (GGUF) gives the whole table."""
+    if not reader.byte_spans:
+        embedding._parameters["weight"] = torch.nn.Parameter(reader.tensor(key).to(dtype), requires_grad=False)
+        return
     _, dtype_name, shape, f, start, _ = reader.span(key)
     if len(shape) != 2 or dtype_name not in _DTYPES:
         raise LowbitError(f"{key} is not a 2-D float table ({dtype_name}, {shape})")
