@@ -10,6 +10,7 @@ group per distinct scheme); the tensors per format are in ``lowbit.export.ct_ten
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,63 @@ def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tenso
     finite_state(report, model).check()
 
 
+@dataclass
+class CTLayout:
+    """How a compressed-tensors checkpoint quantizes a model's linears: each one's config group, the names they
+    are stored under, and the checkpoint's default format."""
+
+    schemes: dict[str, dict[str, Any]]  # model layer name -> its config group
+    saved: dict[str, str]  # model layer name -> name on disk, where they differ (MoE experts)
+    default: str | None
+
+    @property
+    def dense_weight(self) -> set[str]:
+        """Stored names of the layers whose codes sit under a plain ``weight`` (int- / float-quantized)."""
+        return {self.saved.get(n, n) for n, g in self.schemes.items()
+                if (g.get("format") or self.default) in DENSE_WEIGHT_FORMATS}
+
+    def stored_name(self, name: str) -> str:
+        return self.saved.get(name, name)
+
+    def quantized_module(self, name: str, t: dict[str, torch.Tensor], old: torch.nn.Linear, dtype: torch.dtype
+                         ) -> torch.nn.Module:
+        """Layer ``name``'s module from its stored tensors ``t`` (suffix -> tensor), its input quantizer on."""
+        group = self.schemes[name]
+        w = read_layer_weight(name, t, group.get("format") or self.default, group["weights"])
+        new = _quantized_module(name, w, old, dtype)
+        q = _input_quantizer(name, group.get("input_activations"), t)
+        if q is not None:
+            attach_input_quantizer(new, q)
+        return new
+
+
+def ct_layout(model: torch.nn.Module, qc: dict[str, Any], keys: Iterable[str]) -> CTLayout:
+    """The layout of a checkpoint with ``quantization_config`` ``qc`` and tensor names ``keys`` over ``model``
+    (a fresh model of its config, whose MoE experts are made one linear each when the checkpoint stores them so)."""
+    keys = list(keys)
+    unfuse_like(model, keys)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    saved = saved_layer_names(model, linears)
+    ignored = set(qc.get("ignore") or [])
+    schemes = {n: g for n in linears if saved.get(n, n) not in ignored
+               and (g := _scheme_for(saved.get(n, n), qc)) is not None}
+    return CTLayout(schemes, saved, qc.get("format"))
+
+
+def read_ct_config(path: str | Path) -> dict[str, Any]:
+    """The checked ``quantization_config`` of compressed-tensors checkpoint ``path``."""
+    return _quantization_config(Path(path))
+
+
+def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the module it replaced."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
+
+
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Build the model of a compressed-tensors checkpoint with lowbit modules: ``QuantLinear`` for int
     weights, ``nn.Linear`` holding the dequantized values for FP8 / NVFP4 (no packed float kernel on CPU),
@@ -336,26 +394,13 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
         raise LowbitError(f"{path} has a compressed-tensors config but no {WEIGHTS_FILE}; {CT_FIX}")
     model = plain_model(path, dtype)
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        unfuse_like(model, f.keys())  # MoE experts written as one linear per expert
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        saved = saved_layer_names(model, list(linears))
-        on_disk = {s: n for n, s in saved.items()}
-        ignored = set(qc.get("ignore") or [])
-        schemes = {n: g for n in linears if saved.get(n, n) not in ignored
-                   and (g := _scheme_for(saved.get(n, n), qc)) is not None}
-        default = qc.get("format")
-        dense_weight = {n for n, g in schemes.items() if (g.get("format") or default) in DENSE_WEIGHT_FORMATS}
-        per_layer, dense = split_packed(f, dense_weight)
-    per_layer = {on_disk.get(n, n): t for n, t in per_layer.items()}
-    _check_layer_sets(path, per_layer, schemes, set(linears))
+        layout = ct_layout(model, qc, f.keys())
+        per_layer, dense = split_packed(f, layout.dense_weight)
+    by_stored = {s: n for n, s in layout.saved.items()}
+    per_layer = {by_stored.get(n, n): t for n, t in per_layer.items()}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    _check_layer_sets(path, per_layer, layout.schemes, set(linears))
     for name, t in per_layer.items():
-        group = schemes[name]
-        w = read_layer_weight(name, t, group.get("format") or default, group["weights"])
-        new = _quantized_module(name, w, linears[name], dtype)
-        q = _input_quantizer(name, group.get("input_activations"), t)
-        if q is not None:
-            attach_input_quantizer(new, q)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, layout.quantized_module(name, t, linears[name], dtype))
     _load_dense(path, model, dense, set(per_layer))
     return model.eval()

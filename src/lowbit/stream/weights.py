@@ -71,6 +71,10 @@ class WeightReader:
     def __contains__(self, key: str) -> bool:
         return self._find(key) is not None
 
+    def keys(self) -> list[str]:
+        """The tensor names on disk."""
+        return list(self._spans)
+
     def span(self, key: str) -> tuple[str, str, list[int], Path, int, int]:
         """Where tensor ``key``'s bytes lie: (name on disk, safetensors dtype, shape, file, start, end)."""
         span = self._find(key)
@@ -171,8 +175,8 @@ def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtyp
         if any(name.startswith(e + ".") or not e for e in experts):
             continue
         for pname, p in list(sub._parameters.items()):
-            if p is None:
-                continue
+            if p is None or p.device.type != "meta":
+                continue  # already given (a compressed-tensors layer built from its stored codes)
             key = f"{prefix}{name}.{pname}" if name else f"{prefix}{pname}"
             t = reader.tensor(key)
             if tuple(t.shape) != tuple(p.shape):
