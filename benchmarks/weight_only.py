@@ -29,6 +29,7 @@ CONFIGS += [f"{m}-w{b}g64-asym" for b in (4, 3) for m in _SYM] + [f"{m}-w{b}g64"
 CONFIGS += ["spqr-4bit", "spqr-3bit"]
 CONFIGS += ["awq-gptq-w4g64", "awq-gptq-w3g64"]  # staged: AWQ's scales and clipping, then GPTQ's rounding
 PEERS = ["llmcompressor-rtn-w4g64", "llmcompressor-gptq-w4g64"]
+HQQ_PEERS = ["hqq-lib-w4g64", "hqq-lib-w3g64"]  # the hqq library (extra peers), its BaseQuantizeConfig defaults
 # Measured on this machine by the issue author (10 windows x 2048, same calibration).
 REFERENCE = {"fp32": 19.92, "llmcompressor-rtn-w4g64": 27.83, "llmcompressor-gptq-w4g64": 25.40}
 
@@ -47,6 +48,21 @@ def _llmcompressor(model, calib, scheme: str) -> None:
             max_seq_length=calib.shape[1])
 
 
+def _hqq_library(model, bits: int) -> None:
+    """The ``hqq`` library's own quantizer on every decoder linear of ``model``, in place: BaseQuantizeConfig's
+    defaults (group 64 along the input dimension, axis 1; zero rounded at 4 bits only; its proximal solver),
+    the dequantized weights written back (fp16 scale and zero stored: 4 + 32/64 bits per weight)."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, Quantizer
+
+    params = BaseQuantizeConfig(nbits=bits, group_size=64)["weight_quant_params"]
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            codes, meta = Quantizer.quantize(m.weight.data, device="cpu", bitpack=False, **params)
+            w = (codes.float() - meta["zero"].half().float()) * meta["scale"].half().float()
+            m.weight.data.copy_(w.reshape(meta["shape"]))
+
+
 def run_one(name: str, windows: int | None, nsamples: int) -> dict:
     """Quantize + evaluate one configuration in this process."""
     from lowbit.data import get_calibration
@@ -62,6 +78,10 @@ def run_one(name: str, windows: int | None, nsamples: int) -> dict:
     if name.startswith("llmcompressor-"):
         _llmcompressor(model, calib, name.split("-")[1])
         row["bits_per_weight"] = 4 + 16 / 64  # fp16 scale per 64 weights, symmetric
+    elif name.startswith("hqq-lib-"):
+        bits = int(name.split("-w")[1][0])
+        _hqq_library(model, bits)
+        row["bits_per_weight"] = bits + 32 / 64  # fp16 scale and zero per 64 weights
     elif name != "fp32":
         report = quantize(model, name, calib, progress=False)
         row["bits_per_weight"] = report.bits_per_weight
@@ -148,11 +168,17 @@ def main() -> None:
     mode = "_full" if args.full else ""
     path = RESULTS / f"weight_only{mode}.json"
     rows: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    peers = []
     try:
         import llmcompressor  # noqa: F401
-        peers = PEERS
+        peers += PEERS
     except ImportError:
-        peers = []
+        pass
+    try:
+        import hqq  # noqa: F401
+        peers += HQQ_PEERS
+    except ImportError:
+        pass
     todo = args.only or ["fp32", *CONFIGS, *peers]
     for name in todo:
         if name in rows and not args.only:
