@@ -1,5 +1,5 @@
 """``lowbit eval MODEL``: perplexity (GPTQ convention), KL / top-1 agreement against a reference,
-speed and memory, optionally through a quantized KV cache."""
+speed and memory, optionally through a quantized KV cache; or lm-evaluation-harness tasks (``--tasks``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--streamed", action="store_true",
                    help="never hold the whole model: run the windows through one decoder block at a time (a "
                         "full-precision or fake-quant safetensors checkpoint; no --reference or KV cache)")
+    p.add_argument("--tasks", default=None,
+                   help="run lm-evaluation-harness tasks instead of perplexity (comma-separated): wikitext_lastword "
+                        "(offline, from WikiText-2), a task YAML path, or an lm-eval task name (extra lmeval)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="with --tasks: examples per task (an integer), or a fraction of each task below 1")
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="with --tasks: requests per forward pass")
     add_json_option(p)
     p.set_defaults(func=run)
 
@@ -38,6 +45,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
 
+    if args.tasks is not None:
+        return _run_tasks(args)
     if args.streamed:
         return _run_streamed(args)
     model, tok = load(model_source(args))
@@ -50,6 +59,36 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_table(result_rows(result))
+    return 0
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from lowbit.errors import LowbitError
+    from lowbit.eval.harness import harness_lm, resolve_tasks, run_tasks
+
+    clash = [f for f, on in (("--streamed", args.streamed), ("--reference", args.reference),
+                             ("--max-windows", args.max_windows is not None)) if on]
+    if clash:
+        raise LowbitError(f"--tasks does not take {clash[0]}: lm-eval tasks set their own data")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise LowbitError("--tasks is empty; name at least one task (e.g. wikitext_lastword)")
+    limit = args.limit
+    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+        raise LowbitError(f"--limit {limit:g} must be a whole number of examples, or a fraction in (0, 1)")
+    if args.batch_size < 1:
+        raise LowbitError(f"--batch-size {args.batch_size} must be at least 1")
+    tasks, folders = resolve_tasks(names, args.data_dir)  # checked before the model is loaded
+    model, tok = load(model_source(args))
+    kv, _ = kv_setup(args, model, tok)
+    lm = harness_lm(model, tok, args.batch_size, kv_cache=kv)
+    results = run_tasks(lm, tasks, folders, int(limit) if limit is not None and limit >= 1 else limit,
+                        args.num_fewshot)
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results}, indent=2))
+    else:
+        print_table([(f"{task} {metric}", f"{value:.4f}") for task, metrics in results.items()
+                     for metric, value in metrics.items()])
     return 0
 
 
