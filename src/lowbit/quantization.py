@@ -22,10 +22,10 @@ from lowbit.jsonable import to_jsonable
 from lowbit.experts import expert_calibration, fuse_experts, fuse_state, unfuse_experts
 from lowbit.lowrank_layers import factorize_modules, lowrank_ranks, write_ranks
 from lowbit.eval.memory import peak_rss_mb
-from lowbit.pipeline.sequential import PipelineResult, run_sequential
+from lowbit.pipeline.sequential import PipelineResult, round_outer, run_sequential
 from lowbit.ranks import current as current_ranks
 from lowbit.ranks import shard_windows, total
-from lowbit.recipe import Recipe, load_recipe, resolve_targets
+from lowbit.recipe import Recipe, load_recipe, resolve_outer_targets, resolve_targets
 
 SUMMARY_FILE = "lowbit_summary.json"
 
@@ -97,7 +97,7 @@ def quantize(
     rec = load_recipe(recipe)
     unfused = unfuse_experts(model)  # MoE experts as linears: each calibrated on the tokens routed to it
     try:
-        assignments, transforms, calib = _checked_run(model, rec, calib)
+        assignments, outer, transforms, calib = _checked_run(model, rec, calib)
     except LowbitError:
         fuse_experts(model)  # refused before work: the model is left as it came
         raise
@@ -106,7 +106,10 @@ def quantize(
     t0 = time.perf_counter()
     for t in transforms:
         t.apply_model(model)
+    modules = dict(model.named_modules())
+    outer_reports = round_outer({n: (modules[n], step) for n, step in outer.items()})
     result: PipelineResult = run_sequential(model, assignments, calib, batch_size, progress, transforms)
+    result.layers[:0] = outer_reports
     seconds = time.perf_counter() - t0
     tokens = result.calib_tokens
     if current_ranks().active:
@@ -136,10 +139,11 @@ def expert_report(layers: list[dict[str, Any]], unfused: list[str]) -> dict[str,
 
 
 def _checked_run(model: torch.nn.Module, rec: Recipe, calib: torch.Tensor | None
-                 ) -> tuple[dict[str, list[Any]], list[Any], torch.Tensor]:
-    """Everything ``quantize`` checks before work: the targets, the transforms and this rank's share of the
-    windows."""
+                 ) -> tuple[dict[str, list[Any]], dict[str, Any], list[Any], torch.Tensor]:
+    """Everything ``quantize`` checks before work: the targets (in the blocks, and the embedding / head), the
+    transforms and this rank's share of the windows."""
     assignments = resolve_targets(model, rec)
+    outer = resolve_outer_targets(model, rec)
     if calib is None:
         raise LowbitError("quantize() needs calibration windows (lowbit.data.get_calibration(...)), even for "
                           "data-free methods: they are used to measure each layer's output error")
@@ -152,7 +156,7 @@ def _checked_run(model: torch.nn.Module, rec: Recipe, calib: torch.Tensor | None
     if ranks.active:  # data-parallel calibration (lowbit.ranks): this rank's share of the windows
         _check_parallel(rec, assignments, transforms, model)
         calib = shard_windows(calib, ranks)
-    return assignments, transforms, calib
+    return assignments, outer, transforms, calib
 
 
 def check_parallel(recipe: str | Path | dict[str, Any] | Recipe, model: torch.nn.Module) -> None:

@@ -256,6 +256,62 @@ def _unnamed_router(name: str, routers: tuple[str, ...], targets: list[str]) -> 
         p.startswith("re:") or p != "Linear" and name.endswith(p) for p in targets)
 
 
+def _names(pattern: str, name: str) -> bool:
+    """Whether ``pattern`` names ``name`` (a name, a dotted suffix or ``re:``), not by class."""
+    if pattern.startswith("re:"):
+        return _regex(pattern).fullmatch(name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def outer_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The input embedding and the output head by name; a head tied to the embedding appears once, under the
+    embedding's name (one tensor serves both)."""
+    out: dict[str, torch.nn.Module] = {}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in (embed, head):
+        if module is None or id(module) not in names or getattr(module, "weight", None) is None:
+            continue
+        if module is head and embed is not None and head.weight is embed.weight:
+            continue  # tied: the embedding's entry is the head's too
+        out[names[id(module)]] = module
+    return out
+
+
+def _tied_head(model: torch.nn.Module) -> str | None:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def resolve_outer_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, WeightMethod]:
+    """The input embedding and output head that recipe entries name (by name or ``re:``, never by class, so
+    ``Linear`` keeps meaning the blocks' linears): each with its step, which must round without calibration data
+    (rtn, hqq ...), since these tensors sit outside the block pipeline.  A tied head is named through its
+    embedding: both names reach the one tensor."""
+    outer = outer_modules(model)
+    tied = _tied_head(model)
+    chosen: dict[str, WeightMethod] = {}
+    for entry, method in zip(recipe.entries, recipe.build()):
+        for name, module in outer.items():
+            aliases = [name] + ([tied] if tied and module is model.get_input_embeddings() else [])
+            ignore = [p for p in entry.ignore if p not in entry.targets]  # named in both (lm_head): named wins
+            if not any(_names(p, a) and not any(_names(i, a) for i in ignore) for p in entry.targets for a in aliases):
+                continue
+            if name in chosen:
+                raise LowbitError(f"{name}{' (tied to ' + tied + ')' if tied and name != tied else ''} is named by "
+                                  f"two recipe entries ({chosen[name].name!r}, {entry.method!r}); one tensor takes "
+                                  "one step")
+            if not method.rounds() or method.statistics(name, module) or method.after_rounding:
+                raise LowbitError(f"recipe entry {entry.method!r} names {name}, which sits outside the decoder "
+                                  "blocks: only a rounding step that needs no calibration data quantizes it (rtn, "
+                                  "hqq ...); quantize it with one of those in its own entry")
+            method.validate_layer(name, module)
+            chosen[name] = method
+    return chosen
+
+
 def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[WeightMethod]]:
     """Map every targeted linear (inside the decoder blocks) to its steps, in recipe order; validate before work.
 
@@ -272,13 +328,15 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
             and not _unnamed_router(n, arch.routers, entry.targets)
         }
         outside = sorted(n for n in chosen if not n.startswith(blocks_prefix))
-        if outside and len(outside) == len(chosen):
+        named_outer = any(_names(p, n) for p in entry.targets for n in [*outer_modules(model), _tied_head(model) or ""]
+                          if n)
+        if outside and len(outside) == len(chosen) and not named_outer:
             raise LowbitError(
                 f"recipe entry {entry.method!r}: targets {entry.targets} match only layers outside the decoder "
                 f"blocks ({', '.join(outside[:3])}); those are not quantized by the sequential pipeline"
             )
         chosen = {n: m for n, m in chosen.items() if n.startswith(blocks_prefix)}
-        if not chosen:
+        if not chosen and not named_outer:
             raise LowbitError(
                 f"recipe entry {entry.method!r}: targets {entry.targets} (ignore {entry.ignore}) match no linear "
                 f"layer of {type(model).__name__}; e.g. {', '.join(list(linears)[:3])}"

@@ -10,6 +10,7 @@ group per distinct scheme); the tensors per format are in ``lowbit.export.ct_ten
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,6 +55,8 @@ from lowbit.rotation.online import input_rotations
 from lowbit.rotation.permutation import output_permutations
 from lowbit.spec import QuantSpec, SpecError
 
+QUANTIZABLE = (torch.nn.Linear, torch.nn.Embedding)  # module classes whose weights the format stores as codes
+
 WEIGHTS_FILE = "model.safetensors"
 CT_FIX = "re-export the checkpoint (lowbit quantize --out, or lowbit export)"
 
@@ -74,15 +77,18 @@ def _layer_weight(name: str, layer: torch.nn.Module) -> LayerWeight:
 def export_weights(model: torch.nn.Module) -> tuple[dict[str, LayerWeight], dict[str, ActQuantizer]]:
     """Every quantized layer's weight (int or float form) and every input quantizer, by layer name."""
     weights = {n: _layer_weight(n, m) for n, m in model.named_modules()
-               if isinstance(m, QuantLinear) or (isinstance(m, torch.nn.Linear) and is_quantized(m))}
+               if isinstance(m, QuantLinear) or (isinstance(m, QUANTIZABLE) and is_quantized(m))}
     return weights, input_quantizers(model)
 
 
 def dense_tensors(model: torch.nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
-    """Every other tensor of the model, tied duplicates dropped (transformers re-ties them on load)."""
+    """Every other tensor of the model, tied duplicates dropped (transformers re-ties them on load; a head tied
+    to a quantized embedding is the quantized tensor too)."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, t in model.state_dict().items():
+    state = model.state_dict()
+    seen: set[int] = {t.untyped_storage().data_ptr() for k, t in state.items()
+                      if k.rsplit(".", 1)[0] in skip and k.endswith(".weight") and t.numel() > 0}
+    for key, t in state.items():
         layer = key.rsplit(".", 1)[0]
         if layer in skip and (key.endswith(".weight") or key.rsplit(".", 1)[-1] in SUFFIXES):
             continue
@@ -191,6 +197,10 @@ def write_compressed_tensors(model: torch.nn.Module, tokenizer: Any, out: str | 
                              extra_files: dict[str, str] | None = None) -> Path:
     """Write the checkpoint from ``collect_exportable``'s weights and inputs (already checked)."""
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    embeddings = [n for n in weights if isinstance(model.get_submodule(n), torch.nn.Embedding)]
+    if embeddings:
+        warnings.warn(f"{embeddings[0]} is written as packed codes: lowbit and vLLM (WNA16 input embeddings) read "
+                      "it; transformers' own compressed-tensors loader (5.x) does not yet", stacklevel=3)
     tensors = dense_tensors(model, set(weights))
     quantized, schemes = layer_tensors_and_schemes(*saved_names(model, weights, inputs), dtype)
     tensors.update(quantized)
@@ -213,11 +223,15 @@ def is_compressed_tensors(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
-def _scheme_for(name: str, qc: dict[str, Any]) -> dict[str, Any] | None:
-    """The config group that targets linear ``name`` (by name or as any ``Linear``), or None."""
+def _scheme_for(name: str, qc: dict[str, Any], kind: str = "Linear") -> dict[str, Any] | None:
+    """The config group that targets layer ``name`` of class ``kind`` (by name, ``re:`` pattern or class), or
+    None."""
+    import re
+
     for group in qc["config_groups"].values():
         targets = group.get("targets", [])
-        if name in targets or "Linear" in targets:
+        if name in targets or kind in targets or any(
+                t.startswith("re:") and re.fullmatch(t[3:], name) for t in targets if isinstance(t, str)):
             return group
     return None
 
@@ -313,6 +327,17 @@ def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: to
     return quantized_linear(QuantizedWeight(w, None, "compressed-tensors"), old.bias, dtype)
 
 
+def _quantized_embedding(name: str, w: LayerWeight, old: torch.nn.Embedding, dtype: torch.dtype
+                         ) -> torch.nn.Embedding:
+    """``old`` holding the dequantized rows of its stored codes (a tied head is re-tied to them on load)."""
+    if w.shape != tuple(old.weight.shape):
+        raise LowbitError(f"{name}: the checkpoint holds a {w.shape[0]}x{w.shape[1]} embedding where config.json "
+                          f"has {old.weight.shape[0]}x{old.weight.shape[1]}: the config and the tensors disagree; "
+                          f"{CT_FIX}")
+    old.weight = torch.nn.Parameter(w.dequantize().to(dtype), requires_grad=False)
+    return old
+
+
 def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tensor], quantized: set[str]) -> None:
     """Check the non-quantized tensors against the model (the loader report), then load them."""
     report = LoadReport(str(path), f"check that config.json belongs to these weights, or {CT_FIX}")
@@ -349,6 +374,8 @@ class CTLayout:
         """Layer ``name``'s module from its stored tensors ``t`` (suffix -> tensor), its input quantizer on."""
         group = self.schemes[name]
         w = read_layer_weight(name, t, group.get("format") or self.default, group["weights"])
+        if isinstance(old, torch.nn.Embedding):
+            return _quantized_embedding(name, w, old, dtype)
         new = _quantized_module(name, w, old, dtype)
         q = _input_quantizer(name, group.get("input_activations"), t)
         if q is not None:
@@ -361,11 +388,13 @@ def ct_layout(model: torch.nn.Module, qc: dict[str, Any], keys: Iterable[str]) -
     (a fresh model of its config, whose MoE experts are made one linear each when the checkpoint stores them so)."""
     keys = list(keys)
     unfuse_like(model, keys)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    layers = {n: "Linear" if isinstance(m, torch.nn.Linear) else "Embedding" for n, m in model.named_modules()
+              if isinstance(m, QUANTIZABLE)}
+    linears = [n for n, kind in layers.items() if kind == "Linear"]
     saved = saved_layer_names(model, linears)
     ignored = set(qc.get("ignore") or [])
-    schemes = {n: g for n in linears if saved.get(n, n) not in ignored
-               and (g := _scheme_for(saved.get(n, n), qc)) is not None}
+    schemes = {n: g for n, kind in layers.items() if saved.get(n, n) not in ignored
+               and (g := _scheme_for(saved.get(n, n), qc, kind)) is not None}
     return CTLayout(schemes, saved, qc.get("format"))
 
 
@@ -398,9 +427,11 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
         per_layer, dense = split_packed(f, layout.dense_weight)
     by_stored = {s: n for n, s in layout.saved.items()}
     per_layer = {by_stored.get(n, n): t for n, t in per_layer.items()}
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
     _check_layer_sets(path, per_layer, layout.schemes, set(linears))
     for name, t in per_layer.items():
         replace_module(model, name, layout.quantized_module(name, t, linears[name], dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # a head tied to a quantized embedding reads its dequantized rows
     _load_dense(path, model, dense, set(per_layer))
     return model.eval()

@@ -110,6 +110,7 @@ def config_from_schemes(layer_schemes: dict[str, dict[str, Any]], linear_names: 
     config_groups = {}
     for i, (key, names) in enumerate(groups.items()):
         targets = ["Linear"] if len(groups) == 1 else sorted(names)
+        targets += sorted(n for n in names if n not in linear_names and n not in targets)  # an embedding, by name
         config_groups[f"group_{i}"] = {"targets": targets, **schemes[key]}
     formats = {s["format"] for s in schemes.values()}
     ignore = sorted(n for n in linear_names if n not in layer_schemes) if len(groups) == 1 else []

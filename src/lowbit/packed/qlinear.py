@@ -232,7 +232,7 @@ def int_weights(model: torch.nn.Module, strict: bool = True) -> dict[str, Any]:
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             out[name] = m.int_weight()
-        elif isinstance(m, torch.nn.Linear) and is_quantized(m):
+        elif isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and is_quantized(m):  # embedding: by request
             try:
                 out[name] = int_weight_of(m)
             except LowbitError as e:

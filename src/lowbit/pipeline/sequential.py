@@ -127,6 +127,17 @@ def _round_layer(name: str, assigned: WeightMethod, layer: torch.nn.Module, stat
     return report, original
 
 
+def round_outer(outer: dict[str, tuple[torch.nn.Module, WeightMethod]]) -> list[LayerReport]:
+    """Round the input embedding and output head named by a recipe (``recipe.resolve_outer_targets``: data-free
+    steps) in place, before the blocks are calibrated on what the embedding now gives."""
+    reports = []
+    for name, (module, method) in outer.items():
+        report, _ = _round_layer(name, method, module, {}, keep_original=False)
+        report.steps = [method.name]
+        reports.append(report)
+    return reports
+
+
 def _prepare_layer(name: str, method: WeightMethod, layer: torch.nn.Module, stats: LayerStats) -> PreparedLayer:
     """Let a non-rounding step rewrite one layer; the mask it leaves includes every earlier one."""
     prepared = method.prepare_layer(name, layer, stats)

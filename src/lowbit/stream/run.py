@@ -269,7 +269,7 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     from lowbit.export.compressed_tensors import checkpoint_config, write_beside_weights
     from lowbit.models.loading import load_config, resolve_model
     from lowbit.quantization import SUMMARY_FILE, build_report, expert_report
-    from lowbit.recipe import load_recipe, resolve_targets
+    from lowbit.recipe import load_recipe, resolve_outer_targets, resolve_targets
 
     check_batch_size(batch_size)
     check_token_windows(calib, "quantization's calibration")
@@ -285,6 +285,9 @@ def quantize_streamed(ref: str, recipe: Any, calib: torch.Tensor, out: str | os.
     tied = _tied_copies(model)
     assignments = resolve_targets(model, rec)
     check_streamable(rec, assignments, fmt)
+    if resolve_outer_targets(model, rec):
+        raise LowbitError(f"recipe {rec.name!r} quantizes the embedding or the head, which a streamed run does not do "
+                          "yet; run it without --streamed")
     out = Path(out).absolute()
     replacing = allow_replace(out) if overwrite else contextlib.nullcontext()
     with replacing:
