@@ -150,6 +150,12 @@ def write_tables(rows: dict[str, dict], mode: str) -> None:
               "", "awq-gptq-*: a staged recipe, AWQ's scale search and folding (round: false) then GPTQ's rounding on "
               "the same calibration; the *-clip rows are the same with AutoAWQ's clipping applied as a weight clamp "
               "before GPTQ (measured once, then dropped from the shipped recipes).",
+              "", "hqq-lib-*: the hqq library 0.2.8's own quantizer (BaseQuantizeConfig defaults: g64 along the input "
+              "dimension, zero rounded at 4 bits only) on the same decoder linears in the same run, fp16 scale and zero "
+              "(4.5 / 3.5 bits per weight, as lowbit's hqq recipes). Its time is the quantizer alone; lowbit's includes "
+              "the block passes quantize() makes to report each layer's output error. lowbit's HQQ starts from the "
+              "rounded zero at every width (methods/hqq.py): 24.68 vs 24.79 at W4 and 67.18 vs 169.66 at W3, the "
+              "library's W3 being worse than RTN asym (69.13) because its unrounded start leaves 0 off the grid.",
               "", "Orderings:", *(_orderings(rows, fp) if fp else [])]
     (RESULTS / f"weight_only{mode}.md").write_text("\n".join(lines) + "\n")
 
