@@ -85,8 +85,8 @@ _MOE = Architecture(blocks="model.layers", groups=_LLAMA_GROUPS[:2], plain_head=
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": replace(_LLAMA, gguf="llama"),
     "mistral": replace(_LLAMA, gguf="llama"),
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen2": replace(_LLAMA, gguf="qwen2"),
+    "qwen3": replace(_LLAMA, gguf="qwen3"),
     "gemma": Architecture(blocks="model.layers", groups=_LLAMA_GROUPS, plain_head=True),  # RMSNorm scales by 1 + w: not llama_layout
     "gemma2": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),
     "gemma3_text": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),

@@ -4,7 +4,8 @@ Quantized linears whose codes fit the chosen type (see ``gguf_blocks.exact_fit``
 code for code; the others, and every unquantized matrix, are rounded by llama.cpp's reference
 quantizer, and the export reports each tensor's relative error against lowbit's own weights.
 Norms stay F32; the token embedding (and an untied output head) use ``embed_type``.
-Llama's q/k projections are stored with llama.cpp's rotary row order, as its converter does.
+Llama's q/k projections are stored with llama.cpp's rotary row order, as its converter does (Qwen2 / Qwen3 use
+rotate-half RoPE in llama.cpp too, so theirs stay as they are).
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
     config = model.config
     arch = gguf_arch(config)
     n_layers = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     weights = int_weights(model, strict=False)  # layers without integer codes are re-rounded below
-    heads = {"q_proj": config.num_attention_heads,
-             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    heads = {}  # llama.cpp's llama graph rotates interleaved pairs; qwen's (NEOX) rotates halves as HF does
+    if arch == "llama":
+        heads = {"q_proj": config.num_attention_heads,
+                 "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     out = Path(out)
     report = GGUFReport(out, type_name)
     with atomic_file(out) as tmp:
@@ -138,7 +141,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
                 key, tensor = f"{layer}.weight", weights[layer].dequantize()
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise LowbitError(f"no GGUF name for tensor {key}; the model layout is not llama's")
+                raise LowbitError(f"no GGUF name for tensor {key}; the model layout is not {arch}'s")
             w = weights.get(layer)
             short = layer.rsplit(".", 1)[-1]
             if short in heads:
@@ -149,7 +152,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
                 rec = TensorRecord(gname, "F32", True, 0.0)
             else:
                 is_embedding = "embed" in key or "lm_head" in key
-                kind = embed_type if is_embedding and layer not in weights else type_name
+                kind = embed_type if is_embedding else type_name  # lowbit's codes kept where embed_type holds them
                 arr, raw, rec = _encode_matrix(gname, tensor, w, kind)
             writer.add_tensor(gname, arr, raw_dtype=raw)
             report.tensors.append(rec)

@@ -1,4 +1,5 @@
-"""GGUF metadata for a transformers Llama-family model: hyper-parameters and a GPT-2 style BPE vocabulary.
+"""GGUF metadata for a transformers Llama-family model (llama, mistral, qwen2, qwen3): hyper-parameters and a
+GPT-2 style BPE vocabulary.
 
 llama.cpp reads the tokenizer from the file itself, so it is rebuilt here from the HF fast
 tokenizer: tokens in id order, their types (control for special added tokens), BPE merges,
@@ -15,6 +16,7 @@ from typing import Any
 from lowbit.arch import ARCHITECTURES
 from lowbit.errors import LowbitError
 
+DEFAULT_PRE = {"qwen2": "qwen2", "qwen3": "qwen2"}  # llama.cpp's pre-tokenizer of each family's BPE
 GGUF_ARCH = {t: a.gguf for t, a in ARCHITECTURES.items() if a.gguf}  # HF model_type -> GGUF architecture (lowbit.arch)
 
 
@@ -40,6 +42,9 @@ def write_hparams(writer: Any, config: Any) -> None:
                                     (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:  # Qwen3: heads wider than hidden / heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
 
 
@@ -71,7 +76,7 @@ def write_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
         types[i] = (gguf.TokenType.CONTROL if text in special else
                     gguf.TokenType.USER_DEFINED if text in added else gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(getattr(config, "lowbit_gguf_pre", None) or "default")
+    writer.add_tokenizer_pre(getattr(config, "lowbit_gguf_pre", None) or DEFAULT_PRE.get(config.model_type, "default"))
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(_merges(model))
