@@ -21,7 +21,14 @@ def add_parser(sub: Any) -> None:
                                                     "lowbit wrote before is replaced atomically")
     add_overwrite_option(p)
     p.add_argument("--format", default="compressed-tensors", choices=[*FORMATS, "gguf"])
-    p.add_argument("--type", default="Q4_0", help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, F32)")
+    p.add_argument("--type", default="Q4_0",
+                   help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, F32) or "
+                        "a llama.cpp mix (Q4_K_M, Q5_K_M)")
+    p.add_argument("--imatrix", default=None, metavar="CALIB",
+                   help="weight K-quant rounding by each input column's mean square over this calibration text "
+                        "(wikitext2, c4, a .txt/.jsonl path), as llama.cpp's --imatrix")
+    p.add_argument("--nsamples", type=int, default=32, help="with --imatrix: calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="with --imatrix: tokens per window")
     p.add_argument("--embed-type", default="Q8_0", help="GGUF type of the token embedding / untied output head")
     add_dtype_option(p)
     p.set_defaults(func=run)
@@ -35,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
     check_output(args.output, "file" if args.format == "gguf" else "dir", args.overwrite, [src], "OUTPUT")
+    if args.imatrix is not None and args.format != "gguf":
+        raise LowbitError("--imatrix weights GGUF K-quant rounding; use it with --format gguf")
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise LowbitError(f"--nsamples {args.nsamples} / --seqlen {args.seqlen}: need at least 1 window of 2 tokens")
     model, tok = load(ModelSource(src, dtype=args.dtype), require_tokenizer=False)
     attach_codes(model, src)
     if args.format == "gguf":
@@ -49,9 +60,17 @@ def run(args: argparse.Namespace) -> int:
 def _export_gguf(model: Any, tok: Any, args: argparse.Namespace) -> int:
     from lowbit.export.gguf import export_gguf
 
-    report = export_gguf(model, tok, args.output, args.type, args.embed_type)
+    imatrix = None
+    if args.imatrix is not None:
+        from lowbit.data import get_calibration
+        from lowbit.export.imatrix import collect_imatrix
+
+        if tok is None:
+            raise LowbitError("--imatrix tokenizes calibration text; the checkpoint has no tokenizer")
+        imatrix = collect_imatrix(model, get_calibration(args.imatrix, tok, args.nsamples, args.seqlen))
+    report = export_gguf(model, tok, args.output, args.type, args.embed_type, imatrix)
     worst = max(report.tensors, key=lambda r: r.rel_error)
-    requant = [r for r in report.tensors if not r.exact and r.type == args.type]
+    requant = [r for r in report.tensors if not r.exact and r.type not in ("F32", "F16")]
     rows = [("format", f"gguf {args.type} (embeddings {args.embed_type})"), ("written to", str(report.path)),
             ("size on disk", fmt_bytes(report.path.stat().st_size)),
             ("tensors kept code for code", f"{report.exact_count} of {len(report.tensors)}"),

@@ -21,12 +21,14 @@ from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_requantized, exact_fit
+from lowbit.export.gguf_kquants import K_FALLBACK, K_TYPES, QK_K, encode_k
 from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
 from lowbit.packed.intweight import IntWeight
 from lowbit.packed.qlinear import int_weights
 
 FLOAT_TYPES = ("F32", "F16")
-GGUF_TYPES = (*BLOCK_TYPES, *FLOAT_TYPES)
+MIXES = ("Q4_K_M", "Q5_K_M")  # llama.cpp's mixtures: K-quants with Q6_K where precision matters most
+GGUF_TYPES = (*BLOCK_TYPES, *K_TYPES, *FLOAT_TYPES)
 
 
 @dataclass
@@ -73,11 +75,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).norm().item() / den if den > 0 else 0.0
 
 
+def _decode_k(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    raw = quants.dequantize(data.numpy().reshape(shape[0], -1), GGMLQuantizationType[type_name])
+    return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).reshape(shape)
+
+
+def _encode_k(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: str,
+              imatrix: torch.Tensor | None) -> tuple[np.ndarray, Any, TensorRecord]:
+    """A K-quant matrix by llama.cpp's rounding (``imatrix``-weighted when given); a width that is not a multiple
+    of 256 takes llama.cpp's fallback type, as its quantizer does."""
+    import gguf
+
+    if weight.shape[-1] % QK_K:
+        fallback = K_FALLBACK[type_name]
+        arr, raw, rec = _encode_matrix(name, weight, w, fallback)
+        rec.note = f"{type_name} -> {fallback}: width {weight.shape[-1]} is not a multiple of {QK_K} (llama.cpp's fallback)"
+        return arr, raw, rec
+    data = encode_k(weight, type_name, imatrix)
+    err = _rel(_decode_k(data, type_name, tuple(weight.shape)), weight)
+    note = "llama.cpp's K-quant rounding" + (", imatrix-weighted" if imatrix is not None else "")
+    arr = data.numpy().reshape(weight.shape[0], -1)  # the writer reads the shape from bytes per row
+    return arr, gguf.GGMLQuantizationType[type_name], TensorRecord(name, type_name, False, err, note)
+
+
 def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: str,
-                   ) -> tuple[np.ndarray, Any, TensorRecord]:
+                   imatrix: torch.Tensor | None = None) -> tuple[np.ndarray, Any, TensorRecord]:
     """Bytes of one 2-D matrix in ``type_name``, with how faithfully they hold lowbit's weight."""
     import gguf
 
+    if type_name in K_TYPES:
+        return _encode_k(name, weight, w, type_name, imatrix)
     if type_name in FLOAT_TYPES:
         arr, raw = _encode_float(weight, type_name)
         err = _rel(torch.from_numpy(arr.astype(np.float32)), weight)
@@ -98,14 +127,34 @@ def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_na
     return data, raw_type, TensorRecord(name, type_name, False, err, f"re-quantized: {reason}")
 
 
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(gguf_name: str, mix: str, n_layers: int) -> str:
+    """The type llama.cpp's ``mix`` (Q4_K_M, Q5_K_M) gives tensor ``gguf_name``: Q6_K for the output head and for
+    attn_v / ffn_down in the layers ``_more_bits`` picks, the mix's K type elsewhere."""
+    base = "Q4_K" if mix == "Q4_K_M" else "Q5_K"
+    if gguf_name.startswith("output."):
+        return "Q6_K"
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), n_layers):
+        return "Q6_K"
+    return base
+
+
 def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_name: str = "Q4_0",
-                embed_type: str = "Q8_0") -> GGUFReport:
-    """Write ``model`` as a GGUF file at ``out`` (atomically) with linears in ``type_name``."""
+                embed_type: str = "Q8_0", imatrix: dict[str, torch.Tensor] | None = None) -> GGUFReport:
+    """Write ``model`` as a GGUF file at ``out`` (atomically) with linears in ``type_name`` (a GGUF type, or a
+    llama.cpp mix: ``Q4_K_M`` / ``Q5_K_M``, whose embedding follows the mix too).  ``imatrix`` (layer name ->
+    mean square of each input column over calibration tokens, ``collect_imatrix``) weights K-quant rounding."""
     import gguf
 
     for t, what in ((type_name, "--type"), (embed_type, "--embed-type")):
-        if t not in GGUF_TYPES:
-            raise LowbitError(f"unsupported GGUF type {t!r} for {what}; choose one of {', '.join(GGUF_TYPES)}")
+        if t not in GGUF_TYPES and not (what == "--type" and t in MIXES):
+            choices = [*GGUF_TYPES, *MIXES] if what == "--type" else GGUF_TYPES
+            raise LowbitError(f"unsupported GGUF type {t!r} for {what}; choose one of {', '.join(choices)}")
     if tokenizer is None:
         raise LowbitError("GGUF files carry the tokenizer; the checkpoint has none (save it with its tokenizer)")
     if lowrank_ranks(model):
@@ -125,7 +174,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(getattr(config, "_name_or_path", "") or "lowbit export")
         write_hparams(writer, config)
-        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{type_name}", gguf.LlamaFileType.ALL_F32))
+        file_type = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(type_name, type_name)
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{file_type}", gguf.LlamaFileType.ALL_F32))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(writer, tokenizer, config)
         seen: set[int] = set()
@@ -153,7 +203,9 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
             else:
                 is_embedding = "embed" in key or "lm_head" in key
                 kind = embed_type if is_embedding else type_name  # lowbit's codes kept where embed_type holds them
-                arr, raw, rec = _encode_matrix(gname, tensor, w, kind)
+                if type_name in MIXES:
+                    kind = mix_type(gname, type_name, n_layers)
+                arr, raw, rec = _encode_matrix(gname, tensor, w, kind, (imatrix or {}).get(layer))
             writer.add_tensor(gname, arr, raw_dtype=raw)
             report.tensors.append(rec)
         writer.write_header_to_file()
