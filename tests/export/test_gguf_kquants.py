@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.export.gguf_kquants import (encode_k, fit_scale_min, fit_symmetric, importance, pack_q6_k,
+from lowbit.export.gguf_kquants import (encode_k, fit_scale_min, fit_symmetric, pack_q6_k,
                                         pack_qk_asym)
 
 gguf = pytest.importorskip("gguf")
