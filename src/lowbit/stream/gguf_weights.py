@@ -13,6 +13,9 @@ import torch
 from lowbit.errors import LowbitError
 
 
+ROWS = 4096  # rows dequantized at once
+
+
 class GGUFWeights:
     """The tensors of ``path`` under ``model``'s parameter names (``model``: the config's skeleton, experts fused)."""
 
@@ -57,18 +60,41 @@ class GGUFWeights:
     def span(self, key: str) -> Any:
         raise LowbitError(f"{key}: a GGUF tensor has no safetensors bytes to copy")
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` as float32 (dequantized from its GGUF type, transformers' fix-ups applied)."""
-        from gguf import dequantize
-
+    def _gguf(self, key: str) -> Any:
         name = self._names.get(key)
         if name is None:
             raise LowbitError(f"{self.path} has no tensor for {key!r}; is it the GGUF of this config?")
-        t = self._tensors[name]
-        weights = dequantize(t.data, t.tensor_type)
-        result = self._processor.process(weights=weights, name=name, tensor_key_mapping={},
+        return self._tensors[name]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as float32 (dequantized from its GGUF type, ``ROWS`` rows at a time so the
+        dequantizer's temporaries stay small; transformers' fix-ups applied)."""
+        t = self._gguf(key)
+        data = t.data  # memory-mapped: (rows, bytes of a row) for block types, the values for float ones
+        if data.ndim > 1:
+            out = np.empty((data.shape[0], *self._dequantize(t, data[:1]).shape[1:]), dtype=np.float32)
+            for start in range(0, data.shape[0], ROWS):
+                out[start:start + ROWS] = self._dequantize(t, data[start:start + ROWS])
+        else:
+            out = self._dequantize(t, data).astype(np.float32)
+        result = self._processor.process(weights=out, name=t.name, tensor_key_mapping={},
                                          parsed_parameters={"config": self._config, "tensors": {}})
-        return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32).copy())
+        return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        """Tensor ``key``'s shape in transformers' order (GGUF lists dimensions innermost first)."""
+        return tuple(int(x) for x in reversed(self._gguf(key).shape))
+
+    def rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of 2-D tensor ``key`` (an embedding's looked-up tokens) without the others."""
+        t = self._gguf(key)
+        return torch.from_numpy(np.ascontiguousarray(self._dequantize(t, t.data[index.numpy()]), dtype=np.float32))
+
+    @staticmethod
+    def _dequantize(t: Any, data: Any) -> np.ndarray:
+        from gguf import dequantize
+
+        return dequantize(np.asarray(data), t.tensor_type)
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:

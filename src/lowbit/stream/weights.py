@@ -191,8 +191,14 @@ def materialize_rows(embedding: torch.nn.Module, key: str, reader: WeightReader,
     """Give ``embedding`` a full-size weight of which only ``rows`` (token ids) are read from the checkpoint: the
     other rows are never touched, so memory holds just the rows a calibration set looks up.  A reader without
     byte spans (GGUF) gives the whole table."""
-    if not reader.byte_spans:
-        embedding._parameters["weight"] = torch.nn.Parameter(reader.tensor(key).to(dtype), requires_grad=False)
+    if not reader.byte_spans:  # a GGUF: the rows dequantized from their blocks
+        wanted = rows.unique()
+        shape = reader.tensor_shape(key)
+        if not bool(((wanted >= 0) & (wanted < shape[0])).all()):
+            raise LowbitError(f"a token id is outside the embedding's {shape[0]} rows")
+        weight = torch.empty(shape, dtype=dtype)  # pages of rows never written are never allocated
+        weight[wanted] = reader.rows(key, wanted).to(dtype)
+        embedding._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
         return
     _, dtype_name, shape, f, start, _ = reader.span(key)
     if len(shape) != 2 or dtype_name not in _DTYPES:
