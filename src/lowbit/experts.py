@@ -96,8 +96,12 @@ class ExpertLinears(nn.ModuleList):
 
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate_up_proj, down_proj)`` in the fused module's layout, from the experts' current weights."""
-        gate_up = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in self])
-        down = torch.stack([m.down_proj.weight for m in self])
+        return self.stack([(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight) for m in self])
+
+    def stack(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert ``(gate, up, down)`` weights stacked into the fused module's ``(gate_up_proj, down_proj)``."""
+        gate_up = torch.stack([torch.cat([g, u]) for g, u, _ in weights])
+        down = torch.stack([d for _, _, d in weights])
         if self.transposed:
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         return gate_up.detach().contiguous(), down.detach().contiguous()
@@ -107,9 +111,7 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` that ``ExpertLinears`` reproduces; returns their names."""
     names = [n for n, m in model.named_modules() if n and _unfusable(m)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, ExpertLinears(getattr(owner, child)))
+        model.set_submodule(name, ExpertLinears(model.get_submodule(name)))
     return names
 
 
@@ -117,14 +119,12 @@ def fuse_experts(model: nn.Module) -> list[str]:
     """Inverse of ``unfuse_experts`` for full-precision experts (a validation that failed after unfusing)."""
     names = [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        unfused: ExpertLinears = getattr(owner, child)
+        unfused: ExpertLinears = model.get_submodule(name)
         gate_up, down = unfused.fused_weights()
         fused = unfused._shell[0]
         fused.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         fused.down_proj = nn.Parameter(down, requires_grad=False)
-        setattr(owner, child, fused)
+        model.set_submodule(name, fused)
     return names
 
 
@@ -140,15 +140,9 @@ def fuse_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
         keys = [[f"{prefix}{e}.{p}.weight" for p in PROJECTIONS] for e in range(m.num_experts)]
         if not all(k in out for ks in keys for k in ks):
             continue  # experts held another way (low-rank factors): written one linear each
-        gate_up, down = [], []
-        for gate, up, dn in keys:
-            gate_up.append(torch.cat([out.pop(gate), out.pop(up)]))
-            down.append(out.pop(dn))
-        g, d = torch.stack(gate_up), torch.stack(down)
-        if m.transposed:
-            g, d = g.transpose(1, 2), d.transpose(1, 2)
-        out[prefix + "gate_up_proj"] = g.contiguous()
-        out[prefix + "down_proj"] = d.contiguous()
+        g, d = m.stack([(out.pop(gate), out.pop(up), out.pop(dn)) for gate, up, dn in keys])
+        out[prefix + "gate_up_proj"] = g
+        out[prefix + "down_proj"] = d
     return out
 
 

@@ -320,6 +320,7 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
     arch = architecture_of(model)
     blocks_prefix = arch.blocks + "."
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    outer_names = [*outer_modules(model), *filter(None, [_tied_head(model)])]  # quantized by resolve_outer_targets
     assignments: dict[str, list[WeightMethod]] = {}
     for entry, method in zip(recipe.entries, recipe.build()):
         chosen = {
@@ -328,8 +329,7 @@ def resolve_targets(model: torch.nn.Module, recipe: Recipe) -> dict[str, list[We
             and not _unnamed_router(n, arch.routers, entry.targets)
         }
         outside = sorted(n for n in chosen if not n.startswith(blocks_prefix))
-        named_outer = any(_names(p, n) for p in entry.targets for n in [*outer_modules(model), _tied_head(model) or ""]
-                          if n)
+        named_outer = any(_names(p, n) for p in entry.targets for n in outer_names)
         if outside and len(outside) == len(chosen) and not named_outer:
             raise LowbitError(
                 f"recipe entry {entry.method!r}: targets {entry.targets} match only layers outside the decoder "

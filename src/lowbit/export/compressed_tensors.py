@@ -10,8 +10,10 @@ group per distinct scheme); the tensors per format are in ``lowbit.export.ct_ten
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -226,8 +228,6 @@ def is_compressed_tensors(path: str | Path) -> bool:
 def _scheme_for(name: str, qc: dict[str, Any], kind: str = "Linear") -> dict[str, Any] | None:
     """The config group that targets layer ``name`` of class ``kind`` (by name, ``re:`` pattern or class), or
     None."""
-    import re
-
     for group in qc["config_groups"].values():
         targets = group.get("targets", [])
         if name in targets or kind in targets or any(
@@ -360,7 +360,7 @@ class CTLayout:
     saved: dict[str, str]  # model layer name -> name on disk, where they differ (MoE experts)
     default: str | None
 
-    @property
+    @cached_property
     def dense_weight(self) -> set[str]:
         """Stored names of the layers whose codes sit under a plain ``weight`` (int- / float-quantized)."""
         return {self.saved.get(n, n) for n, g in self.schemes.items()
@@ -405,10 +405,8 @@ def read_ct_config(path: str | Path) -> dict[str, Any]:
 
 def replace_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
     """Put ``new`` at ``name`` in ``model``; returns the module it replaced."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = getattr(owner, child)
-    setattr(owner, child, new)
+    old = model.get_submodule(name)
+    model.set_submodule(name, new)
     return old
 
 

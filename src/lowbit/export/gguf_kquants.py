@@ -22,21 +22,18 @@ K_TYPES = {"Q4_K": (4, 144), "Q5_K": (5, 176), "Q6_K": (6, 210)}  # bits, bytes 
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's type when a row is not 256-divisible
 
 
-def _rint(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x)
-
-
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).float()
 
 
-def importance(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """llama.cpp's per-weight fit weights for super-blocks ``x`` (nb, 256): ``av_x + |x|``, or with an
-    imatrix (the same shape, each weight's column importance) ``imatrix * sqrt(sigma2 + x^2)``."""
+def importance(x: torch.Tensor, imatrix: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """llama.cpp's per-weight fit weights for the super-blocks ``x`` (nb, 256) of a ``rows``-row matrix:
+    ``av_x + |x|``, or with an imatrix (one importance per input column) ``imatrix * sqrt(sigma2 + x^2)``."""
     sigma2 = 2 * x.square().mean(dim=1, keepdim=True)
     if imatrix is None:
         return sigma2.sqrt() / 2 ** 0.5 + x.abs()  # av_x = sqrt(sum x^2 / 256)
-    return imatrix * (sigma2 + x.square()).sqrt()
+    columns = imatrix.float().reshape(1, -1).expand(rows, -1).reshape(-1, QK_K)
+    return columns * (sigma2 + x.square()).sqrt()
 
 
 def fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -1.0, rdelta: float = 0.1,
@@ -51,12 +48,12 @@ def fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -1.
     def err(scale: torch.Tensor, mn: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return (w * (scale * q + mn - x).square()).sum(1, keepdim=True)
 
-    q = _rint((x - lo) * (nmax / rng)).clamp(0, nmax)
+    q = torch.round((x - lo) * (nmax / rng)).clamp(0, nmax)
     best_scale, best_min = rng / nmax, lo
     best = err(best_scale, best_min, q)
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * step + nmax) / rng
-        q = _rint((x - lo) * iscale).clamp(0, nmax)
+        q = torch.round((x - lo) * iscale).clamp(0, nmax)
         sum_l, sum_l2, sum_xl = (w * q).sum(1, keepdim=True), (w * q * q).sum(1, keepdim=True), (w * q * x).sum(1, keepdim=True)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
@@ -84,7 +81,7 @@ def fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     best = torch.full_like(peak, float("inf"))
     for step in range(-9, 10):
         iscale = -(nmax + 0.1 * step) / safe
-        q = _rint(iscale * x).clamp(-nmax, nmax - 1)
+        q = torch.round(iscale * x).clamp(-nmax, nmax - 1)
         sum_xl, sum_l2 = (w * x * q).sum(1, keepdim=True), (w * q * q).sum(1, keepdim=True)
         scale = sum_xl / sum_l2.clamp_min(1e-30)
         e = (w * (scale * q - x).square()).sum(1, keepdim=True)
@@ -113,8 +110,7 @@ def encode_qk_asym(weight: torch.Tensor, bits: int, imatrix: torch.Tensor | None
     """Q4_K (``bits`` 4) or Q5_K (5) bytes of ``weight`` (rows, cols), one row of blocks per super-block."""
     x = _super_blocks(weight)
     nb = x.shape[0]
-    imp = importance(x, None if imatrix is None else imatrix.float().reshape(1, -1).expand(weight.shape[0], -1)
-                     .reshape(-1, QK_K))
+    imp = importance(x, imatrix, weight.shape[0])
     nmax = (1 << bits) - 1
     sub = x.reshape(nb * 8, 32)
     scale, mn = fit_scale_min(sub, imp.reshape(nb * 8, 32), nmax)
@@ -122,11 +118,11 @@ def encode_qk_asym(weight: torch.Tensor, bits: int, imatrix: torch.Tensor | None
     max_scale, max_min = scale.amax(1, keepdim=True), mn.amax(1, keepdim=True)
     d = _fp16(max_scale / 63)
     dmin = _fp16(max_min / 63)
-    sc = _rint(scale * (63 / max_scale.where(max_scale > 0, torch.ones_like(max_scale)))).clamp(0, 63)
-    m = _rint(mn * (63 / max_min.where(max_min > 0, torch.ones_like(max_min)))).clamp(0, 63)
+    sc = torch.round(scale * (63 / max_scale.where(max_scale > 0, torch.ones_like(max_scale)))).clamp(0, 63)
+    m = torch.round(mn * (63 / max_min.where(max_min > 0, torch.ones_like(max_min)))).clamp(0, 63)
     step = (d * sc).reshape(nb, 8, 1)
     offset = (dmin * m).reshape(nb, 8, 1)
-    q = _rint((x.reshape(nb, 8, 32) + offset) / step.where(step > 0, torch.ones_like(step)))
+    q = torch.round((x.reshape(nb, 8, 32) + offset) / step.where(step > 0, torch.ones_like(step)))
     q = q.where(step > 0, torch.zeros_like(q)).clamp(0, nmax)
     return pack_qk_asym(d.squeeze(1), dmin.squeeze(1), sc, m, q.reshape(nb, QK_K), bits)
 
@@ -151,16 +147,15 @@ def encode_q6_k(weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> to
     """Q6_K bytes of ``weight`` (rows, cols)."""
     x = _super_blocks(weight)
     nb = x.shape[0]
-    imp = importance(x, None if imatrix is None else imatrix.float().reshape(1, -1).expand(weight.shape[0], -1)
-                     .reshape(-1, QK_K))
+    imp = importance(x, imatrix, weight.shape[0])
     scale = fit_symmetric(x.reshape(nb * 16, 16), imp.reshape(nb * 16, 16), 32).reshape(nb, 16)
     amax_idx = scale.abs().argmax(dim=1, keepdim=True)
     peak = scale.gather(1, amax_idx)
     iscale = -128 / peak.where(peak != 0, torch.ones_like(peak))
     d = _fp16(1 / iscale).where(peak != 0, torch.zeros_like(peak))
-    sc = _rint(iscale * scale).clamp(max=127).where(peak != 0, torch.zeros_like(scale))
+    sc = torch.round(iscale * scale).clamp(max=127).where(peak != 0, torch.zeros_like(scale))
     step = (d * sc).reshape(nb, 16, 1)
-    q = _rint(x.reshape(nb, 16, 16) / step.where(step != 0, torch.ones_like(step)))
+    q = torch.round(x.reshape(nb, 16, 16) / step.where(step != 0, torch.ones_like(step)))
     q = q.where(step != 0, torch.zeros_like(q)).clamp(-32, 31) + 32
     return pack_q6_k(d.squeeze(1), sc, q.reshape(nb, QK_K))
 

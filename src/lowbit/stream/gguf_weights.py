@@ -72,7 +72,7 @@ class GGUFWeights:
         t = self._gguf(key)
         data = t.data  # memory-mapped: (rows, bytes of a row) for block types, the values for float ones
         if data.ndim > 1:
-            out = np.empty((data.shape[0], *self._dequantize(t, data[:1]).shape[1:]), dtype=np.float32)
+            out = np.empty(tuple(int(x) for x in reversed(t.shape)), dtype=np.float32)
             for start in range(0, data.shape[0], ROWS):
                 out[start:start + ROWS] = self._dequantize(t, data[start:start + ROWS])
         else:
