@@ -45,6 +45,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from lowbit.eval.perplexity import evaluate
 
+    from lowbit.runtime.onnxrt import is_onnx_path
+
+    if is_onnx_path(args.model):
+        return _run_onnx(args)
     if args.tasks is not None:
         return _run_tasks(args)
     if args.streamed:
@@ -89,6 +93,24 @@ def _run_tasks(args: argparse.Namespace) -> int:
     else:
         print_table([(f"{task} {metric}", f"{value:.4f}") for task, metrics in results.items()
                      for metric, value in metrics.items()])
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.onnxrt import evaluate_onnx
+
+    clash = [f for f, on in (("--tasks", args.tasks is not None), ("--streamed", args.streamed),
+                             ("--reference", args.reference), ("--kv-cache", args.kv_cache not in (None, "none")),
+                             ("--device", args.device != "cpu"), ("--dtype", args.dtype != "float32")) if on]
+    if clash:
+        raise LowbitError(f"an .onnx model runs in ONNX Runtime on the CPU as exported; it does not take {clash[0]}")
+    result = evaluate_onnx(args.model, args.dataset, args.split, args.seqlen, args.max_windows, args.data_dir,
+                           progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_table(result_rows(result))
     return 0
 
 
