@@ -20,7 +20,7 @@ import torch
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.export.onnx_decoder import build_decoder, check_exportable
-from lowbit.export.onnx_linear import OPS, LinearRecord
+from lowbit.export.onnx_linear import OPS, LinearRecord, check_layers
 from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.packed.qlinear import int_weights
 from lowbit.runtime.onnxrt import ACCURACY_KEY, CONFIG_KEY, TOKENIZER_PREFIX
@@ -99,6 +99,7 @@ def export_onnx(model: torch.nn.Module, tokenizer: Any, out: str | Path, ops: st
         raise LowbitError("the ONNX file carries the tokenizer; the checkpoint has none (save it with its tokenizer)")
     out = Path(out)
     weights = int_weights(model, strict=False)
+    check_layers(model, weights)
     graph = build_decoder(model, weights, ops, accuracy_level)
     metadata = {CONFIG_KEY: model.config.to_json_string(use_diff=False), ACCURACY_KEY: str(accuracy_level),
                 **_tokenizer_files(tokenizer)}

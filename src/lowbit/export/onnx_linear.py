@@ -118,6 +118,14 @@ def _int_weight_or_refuse(name: str, module: torch.nn.Module, w: IntWeight | Non
     return w
 
 
+def check_layers(model: torch.nn.Module, weights: dict[str, IntWeight]) -> None:
+    """Refuse, before the graph is built, any weight or input quantizer ONNX cannot hold."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            _int_weight_or_refuse(name, module, weights.get(name))
+            _quantizer(name, module)
+
+
 def write_linear(b: GraphBuilder, x: str, name: str, module: torch.nn.Module, w: IntWeight | None, ops: str,
                  accuracy_level: int) -> tuple[str, LinearRecord]:
     """``module(x)`` as nodes; returns the output value and how the weight was written."""
