@@ -1,4 +1,5 @@
-"""llama.cpp through llama-cpp-python (optional extra ``llamacpp``): perplexity, quantization, speed.
+"""llama.cpp through llama-cpp-python (optional extra ``llamacpp``) or, where that is not installed, the
+prebuilt C library of ``llama-cpp-py-sync`` (``llamacpp_capi``): perplexity, quantization, speed.
 
 The same token windows lowbit evaluates are fed to llama.cpp, so perplexities compare one to
 one; llama.cpp's own quantizer (``llama_model_quantize``) provides the baseline GGUFs.
@@ -28,12 +29,33 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-def available() -> bool:
+def _has_llama_cpp_python() -> bool:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def backend() -> str | None:
+    """The module running llama.cpp jobs: this one (llama-cpp-python), ``llamacpp_capi``, or None."""
+    if _has_llama_cpp_python():
+        return "llamacpp"
+    from lowbit.runtime import llamacpp_capi
+
+    return "llamacpp_capi" if llamacpp_capi.available() else None
+
+
+def available() -> bool:
+    return backend() is not None
+
+
+def _require_backend() -> str:
+    name = backend()
+    if name is None:
+        raise LowbitError("llama.cpp runs need llama-cpp-python (pip install 'lowbit[llamacpp]') or a loadable "
+                          "llama-cpp-py-sync")
+    return name
 
 
 def open_model(path: str | Path, n_ctx: int, threads: int | None = None, logits_all: bool = False) -> Any:
@@ -94,7 +116,7 @@ def _in_child(function: str, *args: str) -> str:
     """Run ``function(*args)`` of this module in a fresh Python and return what it printed.
 
     A llama.cpp crash cannot take the caller down, and each job's memory is its own."""
-    code = f"import sys; from lowbit.runtime import llamacpp as m; print(m.{function}(*sys.argv[1:]))"
+    code = f"import sys; from lowbit.runtime import {_require_backend()} as m; print(m.{function}(*sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise LowbitError(f"llama.cpp {function} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
@@ -103,7 +125,8 @@ def _in_child(function: str, *args: str) -> str:
 
 _FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
            "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-           "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+           "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+           "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
 _GGML_TYPES = {"Q8_0": 8, "F16": 1, "F32": 0, "Q4_0": 2, "Q6_K": 14}
 
 
@@ -111,7 +134,7 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, embed_type: str |
              threads: int | None = None) -> Path:
     """llama.cpp's own quantization of ``src`` (an F32/F16 GGUF) to ``type_name``; the token
     embedding / output head use ``embed_type`` (None: llama.cpp's default choice)."""
-    _llama_cpp()
+    _require_backend()
     if type_name not in _FTYPES:
         raise LowbitError(f"llama.cpp quantization types here: {', '.join(_FTYPES)}; not {type_name!r}")
     embed = str(_GGML_TYPES[embed_type]) if embed_type else "-1"
