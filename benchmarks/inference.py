@@ -1,11 +1,13 @@
-"""Inference on this machine: fp32, int8 and int4 in lowbit's runtime, Q8_0 / Q4_0 in llama.cpp.
+"""Inference on this machine: fp32, int8 and int4 in lowbit's runtime, in ONNX Runtime (lowbit's ONNX export of
+the same weights), and Q8_0 / Q4_0 / Q4_K_M in llama.cpp.
 
 Decode tok/s (greedy, KV cache, 64 steps after a 128-token prompt), prefill tok/s (the 128-token
 prompt in one forward, and a 2048-token window in one forward: the regime of ``lowbit eval``),
 peak RSS of a fresh process per row, size on disk, and which kernel the packed layers chose for
 decode and prefill.  Each row runs in its own subprocess so RSS is its own.  llama.cpp rows need
-the optional extra ``llamacpp``; where it is missing, the llama.cpp rows of the previous results
-are kept and marked as such.  The load average before and after the run goes in the caption.
+llama-cpp-python (extra ``llamacpp``) or a loadable llama-cpp-py-sync; where neither is there, the
+llama.cpp rows of the previous results are kept and marked as such.  ONNX Runtime rows need the
+extra ``onnx``.  The load average before and after the run goes in the caption.
 
     python benchmarks/inference.py
 
@@ -23,7 +25,11 @@ from pathlib import Path
 
 from _results import write_results
 
-ROWS = ["fp32", "int8 (rtn-w8, packed)", "int4 (gptq-w4g64, packed)", "llama.cpp Q8_0", "llama.cpp Q4_0"]
+ROWS = ["fp32", "int8 (rtn-w8, packed)", "int4 (gptq-w4g64, packed)", "onnxruntime fp32", "onnxruntime int8 (rtn-w8, QDQ)",
+        "onnxruntime int4 (gptq-w4g64, MatMulNBits)", "onnxruntime int4 (gptq-w4g64, MatMulNBits, accuracy 4)",
+        "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp Q4_K_M"]
+ONNX_ROWS = {"onnxruntime int8 (rtn-w8, QDQ)": ("rtn-w8", 0), "onnxruntime int4 (gptq-w4g64, MatMulNBits)": ("gptq-w4g64", 0),
+             "onnxruntime int4 (gptq-w4g64, MatMulNBits, accuracy 4)": ("gptq-w4g64", 4)}
 PROMPT_TOKENS, NEW_TOKENS, WINDOW_TOKENS = 128, 64, 2048
 
 
@@ -60,17 +66,55 @@ def prepare(tmp: Path) -> dict[str, Path]:
     paths = {}
     model, tok = load_model("smollm2-135m")
     calib = get_calibration("wikitext2", tok, nsamples=128, seqlen=512, seed=0)
+    onnx = _onnx_available()
+    if onnx:
+        from lowbit.export.onnx_export import export_onnx
+
+        paths["onnxruntime fp32"] = export_onnx(model, tok, tmp / "fp32.onnx").path
     for row, recipe in (("int8 (rtn-w8, packed)", "rtn-w8"), ("int4 (gptq-w4g64, packed)", "gptq-w4g64")):
         import copy
 
         m = copy.deepcopy(model)
         quantize(m, recipe, calib, progress=False)
         paths[row] = save_quantized(m, tok, None, tmp / recipe, "compressed-tensors")[0]
+        for onnx_row, (onnx_recipe, level) in ONNX_ROWS.items():
+            if onnx and onnx_recipe == recipe:
+                paths[onnx_row] = export_onnx(m, tok, tmp / f"{recipe}-{level}.onnx", accuracy_level=level).path
     if llamacpp.available():
         export_gguf(model, tok, tmp / "f32.gguf", "F32", "F32")
-        for t in ("Q8_0", "Q4_0"):
+        for t in ("Q8_0", "Q4_0", "Q4_K_M"):
             paths[f"llama.cpp {t}"] = llamacpp.quantize(tmp / "f32.gguf", tmp / f"{t}.gguf", t, embed_type="Q8_0")
     return paths
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_onnx_row(path: str) -> dict:
+    """Speed of an ONNX export in ONNX Runtime (same prompt, steps and window as the lowbit rows)."""
+    import time
+
+    from lowbit.eval.memory import peak_rss_mb
+    from lowbit.runtime.onnxrt import OnnxDecoder, onnx_speed
+
+    decoder = OnnxDecoder(path)
+    tok = decoder.tokenizer()
+    r = onnx_speed(decoder, _prompt(tok), NEW_TOKENS)
+    out = {"decode_tokens_per_s": r["decode_tok_s"], "prefill_tokens_per_s": r["prefill_tok_s"],
+           "peak_rss_mb": peak_rss_mb()}
+    window = [_prompt(tok, WINDOW_TOKENS)]
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        decoder.forward(window)
+        best = min(best, time.perf_counter() - t0)
+    return out | {"window_tokens_per_s": WINDOW_TOKENS / best}
 
 
 def run_row(row: str, path: str) -> dict:
@@ -79,13 +123,15 @@ def run_row(row: str, path: str) -> dict:
 
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
         else Path(path).stat().st_size
-    if row.startswith("llama.cpp"):
+    if row.startswith("onnxruntime"):
+        r = run_onnx_row(path)
+    elif row.startswith("llama.cpp"):
         from transformers import AutoTokenizer
 
         from lowbit.runtime import llamacpp
 
         tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
-        r = llamacpp.speed(path, _prompt(tok), NEW_TOKENS).to_dict()
+        r = llamacpp.speed(path, _prompt(tok), NEW_TOKENS).to_dict() | {"backend": llamacpp.backend()}
     else:
         from collections import Counter
 
@@ -113,16 +159,26 @@ def _kernels(r: dict) -> str:
     return f"decode: {fmt(r['kernels'])} / prefill: {fmt(r.get('prefill_kernels') or {})}"
 
 
+NATIVE = " (llama-cpp-python native build)"
+
+
 def keep_previous_llamacpp(results: dict, previous: Path) -> list[str]:
     """Add to ``results`` the llama.cpp rows of ``previous`` (a results JSON) that this run did not
-    measure (the extra is not installed), marked ``previous_run``; returns their names."""
+    measure, marked ``previous_run``; rows of llama-cpp-python's native build are kept beside this run's
+    rows of another backend (the prebuilt AVX2 library), under their own name.  Returns their names."""
     kept: list[str] = []
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        for row in ROWS:
-            if row not in results and row.startswith("llama.cpp") and row in old:
-                results[row] = old[row] | {"previous_run": True}
-                kept.append(row)
+    if not previous.is_file():
+        return kept
+    old = json.loads(previous.read_text())
+    for row, r in old.items():
+        if not row.startswith("llama.cpp"):
+            continue
+        native = r.get("backend", "llamacpp") == "llamacpp"
+        name = row if row.endswith(NATIVE) or not native else row + NATIVE
+        measured_native = results.get(row, {}).get("backend") == "llamacpp"
+        if name not in results and not (native and measured_native):
+            results[name] = r | {"previous_run": True}
+            kept.append(name)
     return kept
 
 
@@ -148,10 +204,20 @@ def report_lines(results: dict, kept: list[str], load_before: float, load_after:
               "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
               "W8A8 layers). Peak RSS of the packed rows includes building the fp32 module tree before "
               "packing."]
+    lines += ["", "ONNX Runtime rows: `lowbit export --format onnx` of the same weights, run by onnxruntime's CPU "
+              "provider through `lowbit.runtime.onnxrt` (the KV cache as graph inputs / outputs, numpy in between). "
+              "Accuracy level 0 computes MatMulNBits in fp32 (what `lowbit eval` measures); 4 quantizes its inputs "
+              "to int8 per block."]
+    if any(r.get("backend") == "llamacpp_capi" for r in results.values()):
+        lines += ["", "llama.cpp rows without a suffix: the prebuilt `libllama` of llama-cpp-py-sync 0.11739 "
+                  "(llama.cpp commit 0ce8cd1), compiled for AVX2 only (no AVX-512 / VNNI kernels), through its C API "
+                  "(`lowbit.runtime.llamacpp_capi`); llama-cpp-python is not installed in this environment (it "
+                  "compiles for ~45 min here). That library asks for glibc 2.38 for four C23 `strto*` / `sscanf` "
+                  "entry points; this machine has 2.36, so for this run those were shimmed to their C99 "
+                  "equivalents (benchmarks/tools/llamacpp_glibc_shim.py)."]
     if kept:
-        lines += ["", f"{', '.join(kept)}: kept from the previous run (llama-cpp-python is not installed in "
-                  "this environment); the llama.cpp rows used its plain CPU buffers (the repacked/AMX ones "
-                  "crashed with that build)."]
+        lines += ["", f"{', '.join(kept)}: kept from the previous run; the native llama-cpp-python build "
+                  "used its plain CPU buffers (the repacked/AMX ones crashed with that build)."]
     return lines
 
 

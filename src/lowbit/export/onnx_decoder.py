@@ -119,7 +119,8 @@ def build_decoder(model: torch.nn.Module, weights: dict[str, Any], ops: str, acc
         return out
 
     head = model.lm_head
-    tied = head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
+    head_weight = getattr(head, "weight", None)  # a packed head has codes instead
+    tied = head_weight is not None and head_weight.data_ptr() == base.embed_tokens.weight.data_ptr()
     table_w = weights.get("model.embed_tokens") or (weights.get("lm_head") if tied else None)
     table, rec = write_embedding(b, "model.embed_tokens", base.embed_tokens, table_w)
     graph.records.append(rec)
