@@ -52,16 +52,7 @@ def predicted_bytes(model, ops: str) -> tuple[int, int, int]:
 
     weights = int_weights(model, strict=False)
     total = qbytes = qparams = 0
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
-            continue  # the tied head reads the embedding table
-        seen.add(p.data_ptr())
-        layer = name.rsplit(".", 1)[0]
-        w = weights.get(layer) if name.endswith(".weight") else None
-        if w is None:
-            total += p.numel() * 4
-            continue
+    for name, w in weights.items():
         n, k = w.shape
         groups = 1 if w.group_size is None else math.ceil(k / w.group_size)
         pow2 = w.group_size is not None and w.group_size >= 16 and not w.group_size & (w.group_size - 1)
@@ -76,6 +67,13 @@ def predicted_bytes(model, ops: str) -> tuple[int, int, int]:
         total += size
         qbytes += size
         qparams += n * k
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        layer, _, kind = name.rpartition(".")
+        if p.data_ptr() in seen or (kind == "weight" and layer in weights):
+            continue  # the tied head reads the embedding table; quantized weights are counted above
+        seen.add(p.data_ptr())
+        total += p.numel() * 4
     total += model.model.rotary_emb.inv_freq.numel() * 4
     return total, qbytes, qparams
 

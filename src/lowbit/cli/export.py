@@ -22,8 +22,8 @@ def add_parser(sub: Any) -> None:
     add_overwrite_option(p)
     p.add_argument("--format", default="compressed-tensors", choices=[*FORMATS, "gguf", "onnx"])
     p.add_argument("--type", default="Q4_0",
-                   help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, F32) or "
-                        "a llama.cpp mix (Q4_K_M, Q5_K_M)")
+                   help="GGUF type of the linear weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K ... Q6_K, IQ4_NL, F16, "
+                        "F32) or a llama.cpp mix (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M)")
     p.add_argument("--imatrix", default=None, metavar="CALIB",
                    help="weight K-quant rounding by each input column's mean square over this calibration text "
                         "(wikitext2, c4, a .txt/.jsonl path), as llama.cpp's --imatrix")

@@ -21,14 +21,16 @@ from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_requantized, exact_fit
+from lowbit.export.gguf_iq4nl import encode_iq4_nl
 from lowbit.export.gguf_kquants import K_FALLBACK, K_TYPES, QK_K, encode_k
 from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
+from lowbit.export.gguf_mix import MIX_DEFAULT, mix_type
 from lowbit.packed.intweight import IntWeight
 from lowbit.packed.qlinear import int_weights
 
 FLOAT_TYPES = ("F32", "F16")
-MIXES = ("Q4_K_M", "Q5_K_M")  # llama.cpp's mixtures: K-quants with Q6_K where precision matters most
-GGUF_TYPES = (*BLOCK_TYPES, *K_TYPES, *FLOAT_TYPES)
+MIXES = tuple(m for m in MIX_DEFAULT if m[-2:] in ("_S", "_M", "_L"))  # llama.cpp's K mixes (gguf_mix)
+GGUF_TYPES = (*BLOCK_TYPES, *K_TYPES, "IQ4_NL", *FLOAT_TYPES)
 
 
 @dataclass
@@ -100,6 +102,20 @@ def _encode_k(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: s
     return arr, gguf.GGMLQuantizationType[type_name], TensorRecord(name, type_name, False, err, note)
 
 
+def _encode_iq4_nl(name: str, weight: torch.Tensor, imatrix: torch.Tensor | None) -> tuple[np.ndarray, Any, TensorRecord]:
+    import gguf
+
+    if weight.shape[-1] % 32:
+        arr, raw = _encode_float(weight, "F16")
+        return arr, raw, TensorRecord(name, "F16", False, _rel(torch.from_numpy(arr.astype(np.float32)), weight),
+                                      f"width {weight.shape[-1]} is not a multiple of 32")
+    data = encode_iq4_nl(weight, imatrix)
+    err = _rel(_decode_k(data, "IQ4_NL", tuple(weight.shape)), weight)
+    note = "llama.cpp's IQ4_NL rounding" + (", imatrix-weighted" if imatrix is not None else "")
+    return data.numpy().reshape(weight.shape[0], -1), gguf.GGMLQuantizationType.IQ4_NL, TensorRecord(
+        name, "IQ4_NL", False, err, note)
+
+
 def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: str,
                    imatrix: torch.Tensor | None = None) -> tuple[np.ndarray, Any, TensorRecord]:
     """Bytes of one 2-D matrix in ``type_name``, with how faithfully they hold lowbit's weight."""
@@ -107,6 +123,8 @@ def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_na
 
     if type_name in K_TYPES:
         return _encode_k(name, weight, w, type_name, imatrix)
+    if type_name == "IQ4_NL":
+        return _encode_iq4_nl(name, weight, imatrix)
     if type_name in FLOAT_TYPES:
         arr, raw = _encode_float(weight, type_name)
         err = _rel(torch.from_numpy(arr.astype(np.float32)), weight)
@@ -127,27 +145,10 @@ def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_na
     return data, raw_type, TensorRecord(name, type_name, False, err, f"re-quantized: {reason}")
 
 
-def _more_bits(i: int, n: int) -> bool:
-    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def mix_type(gguf_name: str, mix: str, n_layers: int) -> str:
-    """The type llama.cpp's ``mix`` (Q4_K_M, Q5_K_M) gives tensor ``gguf_name``: Q6_K for the output head and for
-    attn_v / ffn_down in the layers ``_more_bits`` picks, the mix's K type elsewhere."""
-    base = "Q4_K" if mix == "Q4_K_M" else "Q5_K"
-    if gguf_name.startswith("output."):
-        return "Q6_K"
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), n_layers):
-        return "Q6_K"
-    return base
-
-
 def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_name: str = "Q4_0",
                 embed_type: str = "Q8_0", imatrix: dict[str, torch.Tensor] | None = None) -> GGUFReport:
     """Write ``model`` as a GGUF file at ``out`` (atomically) with linears in ``type_name`` (a GGUF type, or a
-    llama.cpp mix: ``Q4_K_M`` / ``Q5_K_M``, whose embedding follows the mix too).  ``imatrix`` (layer name ->
+    llama.cpp mix such as ``Q4_K_M`` / ``Q3_K_M``, whose embedding and head follow the mix too).  ``imatrix`` (layer name ->
     mean square of each input column over calibration tokens, ``collect_imatrix``) weights K-quant rounding."""
     import gguf
 
@@ -174,11 +175,16 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(getattr(config, "_name_or_path", "") or "lowbit export")
         write_hparams(writer, config)
-        file_type = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(type_name, type_name)
+        file_type = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(type_name, type_name)
         writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{file_type}", gguf.LlamaFileType.ALL_F32))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(writer, tokenizer, config)
         seen: set[int] = set()
+        head = getattr(model, "lm_head", None)
+        head_weight = getattr(head, "weight", None)
+        embed_weight = model.get_input_embeddings().weight
+        has_output = head is not None and not (head_weight is not None and head_weight.data_ptr() == embed_weight.data_ptr())
+        n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         for key, tensor in model.state_dict().items():
             layer, _, suffix = key.rpartition(".")
             if suffix.startswith("weight_") and suffix != "weight_packed":
@@ -204,7 +210,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
                 is_embedding = "embed" in key or "lm_head" in key
                 kind = embed_type if is_embedding else type_name  # lowbit's codes kept where embed_type holds them
                 if type_name in MIXES:
-                    kind = mix_type(gname, type_name, n_layers)
+                    kind = mix_type(gname, type_name, n_layers, tensor.shape[-1], has_output, n_gqa)
                 arr, raw, rec = _encode_matrix(gname, tensor, w, kind, (imatrix or {}).get(layer))
             writer.add_tensor(gname, arr, raw_dtype=raw)
             report.tensors.append(rec)
