@@ -75,6 +75,6 @@ def test_gguf_q4_0_export_keeps_the_codes(smollm, tmp_path, run_cli, clean_error
     assert (got - ref).abs().max().item() < 1e-4  # measured 0.0: same codes, same fp16 scales, Q8_0 embedding
     assert tok2("Hello world, lowbit!").input_ids == tok("Hello world, lowbit!").input_ids
     code, _, err = run_cli("export", str(tmp_path / "ct"), str(tmp_path / "x.gguf"), "--format", "gguf",
-                           "--type", "Q3_K")
-    clean_error(code, err, "unsupported GGUF type 'Q3_K'", "Q4_0")
+                           "--type", "Q3_K_XL")
+    clean_error(code, err, "unsupported GGUF type 'Q3_K_XL'", "Q4_0", "Q3_K_M")
     assert not (tmp_path / "x.gguf").exists()
