@@ -20,7 +20,7 @@ import torch
 from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
-from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_requantized, exact_fit
+from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_imatrix, encode_requantized, exact_fit
 from lowbit.export.gguf_iq4nl import encode_iq4_nl
 from lowbit.export.gguf_kquants import K_FALLBACK, K_TYPES, QK_K, encode_k
 from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
@@ -92,7 +92,7 @@ def _encode_k(name: str, weight: torch.Tensor, w: IntWeight | None, type_name: s
 
     if weight.shape[-1] % QK_K:
         fallback = K_FALLBACK[type_name]
-        arr, raw, rec = _encode_matrix(name, weight, w, fallback)
+        arr, raw, rec = _encode_matrix(name, weight, w, fallback, imatrix)
         rec.note = f"{type_name} -> {fallback}: width {weight.shape[-1]} is not a multiple of {QK_K} (llama.cpp's fallback)"
         return arr, raw, rec
     data = encode_k(weight, type_name, imatrix)
@@ -140,9 +140,10 @@ def _encode_matrix(name: str, weight: torch.Tensor, w: IntWeight | None, type_na
         arr, raw = _encode_float(weight, "F16")
         return arr, raw, TensorRecord(name, "F16", False, _rel(torch.from_numpy(arr.astype(np.float32)), weight),
                                       f"width {weight.shape[-1]} is not a multiple of 32")
-    data = encode_requantized(weight, bt)
+    data = encode_requantized(weight, bt) if imatrix is None else encode_imatrix(weight, bt, imatrix)
     err = _rel(decode(data, bt, tuple(weight.shape)), weight)
-    return data, raw_type, TensorRecord(name, type_name, False, err, f"re-quantized: {reason}")
+    how = "re-quantized" + (" (imatrix-weighted)" if imatrix is not None and type_name != "Q8_0" else "")
+    return data, raw_type, TensorRecord(name, type_name, False, err, f"{how}: {reason}")
 
 
 def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_name: str = "Q4_0",

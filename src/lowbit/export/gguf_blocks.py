@@ -75,6 +75,24 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
     return (u[:, :16] & 0xF) | ((u[:, 16:] & 0xF) << 4)
 
 
+def pack_blocks(t: BlockType, d: np.ndarray, u: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """Raw bytes (n, bytes_per_block) of ``n`` blocks from their fp32 scale ``d`` (n, 1), codes ``u`` (n, 32) (unsigned,
+    int8 values for Q8_0) and, for the offset types, minimum ``m`` (n, 1)."""
+    parts = [d.astype(np.float16).view(np.uint8)]
+    if t.offset:
+        parts.append(m.astype(np.float16).view(np.uint8))
+    n = u.shape[0]
+    if t.bits == 8:
+        parts.append(u.astype(np.int8).view(np.uint8))
+    else:
+        u = u.astype(np.uint8)
+        if t.bits == 5:
+            high = ((u >> 4) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)
+            parts.append(high.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(n, 4))
+        parts.append(_nibbles(u))
+    return np.concatenate(parts, axis=1)
+
+
 def encode_exact(w: IntWeight, t: BlockType) -> np.ndarray:
     """Raw bytes (out, in/32 * bytes_per_block) of ``w`` on ``t``'s grid; see ``exact_fit``."""
     reason = exact_fit(w, t)
@@ -84,23 +102,36 @@ def encode_exact(w: IntWeight, t: BlockType) -> np.ndarray:
     n = rows * cols // BLOCK
     q = w.codes.to(torch.int32).reshape(n, BLOCK)
     s = _per_block(w.scale.float(), w).reshape(n, 1)
+    half = 1 << (t.bits - 1) if t.bits < 8 else 0
     if t.offset:  # x = s*(q - z) = s*u + m with u = q + 2^(t.bits-1), m = -s*(z + 2^(t.bits-1))
-        half = 1 << (t.bits - 1)
         z = torch.zeros_like(s) if w.zero is None else _per_block(w.zero.to(torch.float32), w).reshape(n, 1)
-        u = (q + half).numpy().astype(np.uint8)
-        parts = [s.numpy().astype(np.float16).view(np.uint8), (-s * (z + half)).numpy().astype(np.float16).view(np.uint8)]
+        out = pack_blocks(t, s.numpy(), (q + half).numpy(), (-s * (z + half)).numpy())
     else:
-        half = 1 << (t.bits - 1) if t.bits < 8 else 0
-        u = (q + half).numpy().astype(np.uint8) if t.bits < 8 else q.numpy().astype(np.int8).view(np.uint8)
-        parts = [s.numpy().astype(np.float16).view(np.uint8)]
-    if t.bits == 8:
-        parts.append(u)
+        out = pack_blocks(t, s.numpy(), (q + half).numpy())
+    return out.reshape(rows, -1)
+
+
+def encode_imatrix(weight: torch.Tensor, t: BlockType, imatrix: torch.Tensor) -> np.ndarray:
+    """llama.cpp's imatrix-weighted rounding (``quantize_row_q{4,5}_{0,1}_impl``): fit weights
+    ``imatrix[col] * sqrt(sigma2 + x^2)`` (``sigma2`` the row's mean square); Q4_0 / Q5_0 take ``make_qx_quants``'s
+    scale and codes, Q4_1 / Q5_1 ``make_qkx3_quants``'s.  Q8_0 ignores the imatrix, as llama.cpp does."""
+    from lowbit.export.gguf_kquants import fit_scale_min, fit_symmetric
+
+    if t.name == "Q8_0":
+        return encode_requantized(weight, t)
+    rows, cols = weight.shape
+    x_rows = weight.detach().float()
+    sigma2 = x_rows.square().mean(dim=1, keepdim=True)
+    w = (imatrix.float().reshape(1, -1) * (sigma2 + x_rows.square()).sqrt()).reshape(-1, BLOCK)
+    x = x_rows.reshape(-1, BLOCK)
+    if t.offset:
+        scale, mn, codes = fit_scale_min(x, w, (1 << t.bits) - 1, -0.9, 0.05, 36, codes=True)
+        out = pack_blocks(t, scale.reshape(-1, 1).numpy(), codes.numpy(), (-mn).reshape(-1, 1).numpy())
     else:
-        if t.bits == 5:
-            high = ((u >> 4) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)
-            parts.append(high.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(n, 4))
-        parts.append(_nibbles(u))
-    return np.concatenate(parts, axis=1).reshape(rows, -1)
+        half = 1 << (t.bits - 1)
+        scale, codes = fit_symmetric(x, w, half)
+        out = pack_blocks(t, scale.reshape(-1, 1).numpy(), (codes + half).numpy())
+    return out.reshape(rows, -1)
 
 
 def encode_requantized(weight: torch.Tensor, t: BlockType) -> np.ndarray:

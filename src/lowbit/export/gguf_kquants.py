@@ -50,10 +50,10 @@ def sub_block_av_weights(x: torch.Tensor, size: int = 32) -> torch.Tensor:
 
 
 def fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -1.0, rdelta: float = 0.1,
-                  nstep: int = 20, mad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  nstep: int = 20, mad: bool = False, codes: bool = False) -> tuple[torch.Tensor, ...]:
     """``make_qkx2_quants`` / ``make_qkx3_quants`` on every row of ``x`` (n, k) with fit weights ``w``: (scale, min)
     per row, the min as the positive offset (``w ~ scale * q - min``), ``q`` in ``[0, nmax]``; ``mad`` scores
-    absolute errors."""
+    absolute errors; ``codes`` also returns the winning grid's codes."""
     lo = x.amin(dim=1, keepdim=True).clamp(max=0.0)
     hi = x.amax(dim=1, keepdim=True)
     rng = (hi - lo).clamp_min(1e-30)
@@ -66,6 +66,7 @@ def fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -1.
     q = torch.round((x - lo) * (nmax / rng)).clamp(0, nmax)
     best_scale, best_min = rng / nmax, lo
     best = err(best_scale, best_min, q)
+    best_q = q
     for step in range(nstep + 1):
         # as llama.cpp does, each candidate grid starts from the best offset found so far, not the minimum
         iscale = (rmin + rdelta * step + nmax) / (hi - best_min).clamp_min(1e-30)
@@ -82,8 +83,11 @@ def fit_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -1.
         better = ok & (e < best)
         best = torch.where(better, e, best)
         best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, mn, best_min)
+        best_q = torch.where(better, q, best_q)
     flat = hi == lo
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    if codes:
+        return best_scale.squeeze(1), (-best_min).squeeze(1), best_q.where(~flat, torch.zeros_like(best_q))
     return best_scale.squeeze(1), (-best_min).squeeze(1)
 
 
