@@ -69,7 +69,8 @@ def test_q4_k_m_mix_with_an_imatrix_reads_back_close(tiny, tmp_path):
     K-quants weighted by an imatrix, read back by transformers' GGUF reader (gguf-py's dequantizers)."""
     from collections import Counter
 
-    from lowbit.export.gguf import export_gguf, mix_type
+    from lowbit.export.gguf import export_gguf
+    from lowbit.export.gguf_mix import mix_type
     from lowbit.export.imatrix import collect_imatrix
     from lowbit.models.loading import load_model
 
@@ -108,3 +109,24 @@ def test_cli_export_q4_k_m_with_an_imatrix(run_cli, tiny, tmp_path, text_file, c
     assert (tmp_path / "m.gguf").stat().st_size > 0 and "re-quantized" in out
     clean_error(*run_cli("export", str(src), str(tmp_path / "d"), "--imatrix", str(text_file))[::2],
                 "--imatrix", "--format gguf")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_llama_cpp_runs_the_export(family, tiny, tmp_path):
+    """llama.cpp itself (when a build is installed) reads lowbit's GGUF of a tiny random model and scores token
+    windows as lowbit does: its kernels round activations, so a small perplexity difference remains."""
+    import math
+
+    from lowbit.eval.nll import shifted_nll_sum
+    from lowbit.export.gguf import export_gguf
+    from lowbit.models.loading import load_model
+    from lowbit.runtime import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("no llama.cpp build (llama-cpp-python or llama-cpp-py-sync) in this environment")
+    model, tok = load_model(tiny.save(family, tmp_path / "fp"))
+    export_gguf(model, tok, tmp_path / "m.gguf", "F32", "F32")
+    ids = torch.randint(0, tiny.vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = math.exp(shifted_nll_sum(model(ids).logits, ids).item() / (2 * 31))
+    assert llamacpp.perplexity(tmp_path / "m.gguf", ids) == pytest.approx(ours, rel=1e-3)

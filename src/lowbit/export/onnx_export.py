@@ -23,7 +23,7 @@ from lowbit.export.onnx_decoder import build_decoder, check_exportable
 from lowbit.export.onnx_linear import OPS, LinearRecord, check_layers
 from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.packed.qlinear import int_weights
-from lowbit.runtime.onnxrt import ACCURACY_KEY, CONFIG_KEY, TOKENIZER_PREFIX
+from lowbit.export.onnx_meta import ACCURACY_KEY, CONFIG_KEY, TOKENIZER_PREFIX
 
 PROTOBUF_LIMIT = 2_000_000_000  # bytes a single ONNX protobuf may hold
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 = fp32 compute ... 4 = int8 activations

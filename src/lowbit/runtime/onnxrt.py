@@ -19,10 +19,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-
-CONFIG_KEY = "lowbit.config"
-ACCURACY_KEY = "lowbit.accuracy_level"
-TOKENIZER_PREFIX = "lowbit.tokenizer/"
+from lowbit.export.onnx_meta import ACCURACY_KEY, CONFIG_KEY, TOKENIZER_PREFIX
 
 
 def is_onnx_path(ref: str | Path) -> bool:
