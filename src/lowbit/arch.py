@@ -87,8 +87,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": replace(_LLAMA, gguf="llama"),
     "qwen2": replace(_LLAMA, gguf="qwen2"),
     "qwen3": replace(_LLAMA, gguf="qwen3"),
-    "gemma": Architecture(blocks="model.layers", groups=_LLAMA_GROUPS, plain_head=True),  # RMSNorm scales by 1 + w: not llama_layout
-    "gemma2": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),
+    "gemma": Architecture(blocks="model.layers", groups=_LLAMA_GROUPS, plain_head=True,  # RMSNorm scales by 1 + w: not llama_layout
+                          gguf="gemma"),
+    "gemma2": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True, gguf="gemma2"),
     "gemma3_text": Architecture(blocks="model.layers", groups=_GEMMA2_GROUPS, plain_head=True),
     "mixtral": _MOE,
     "qwen2_moe": _MOE,
@@ -100,6 +101,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
         ),
         plain_head=True,
+        gguf="phi3",
     ),
     "phi": Architecture(
         blocks="model.layers",

@@ -56,7 +56,8 @@ def family_config(family: str) -> Any:
         "opt": lambda: T.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **base),
         "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                      **ids),  # Conv1D layers
-        "gemma2": lambda: T.Gemma2Config(head_dim=16, sliding_window=16, **llama_like),  # soft-capping, 4 norms
+        "gemma2": lambda: T.Gemma2Config(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,  # as 2B / 9B
+                                         **llama_like),  # soft-capping, 4 norms
         "gemma3": lambda: T.Gemma3TextConfig(head_dim=16, sliding_window=16, **llama_like),  # q/k norms, local RoPE
         "gemma3_text": lambda: T.Gemma3TextConfig(head_dim=16, sliding_window=16, **llama_like),  # its model_type
         "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),

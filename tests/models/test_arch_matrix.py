@@ -30,15 +30,16 @@ REFUSED: dict[tuple[str, str], str] = {
     **{(f, "kv-cache"): "KV-cache quantization knows the attention layout" for f in FAMILIES
        if f not in LLAMA_LAYOUT},
     ("mistral", "kv-cache"): "sliding-window attention is not supported by the quantized KV cache",
-    **{(f, "gguf"): "GGUF export supports model types llama, mistral" for f in FAMILIES
-       if f not in ("llama", "mistral", "qwen2", "qwen3")},
+    **{(f, "gguf"): "GGUF export supports model types gemma, gemma2, llama" for f in FAMILIES
+       if f not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
 }
 WHY = {  # the table's footnotes, by refusal
     "QuaRot's rotation mapping is known for": "QuaRot rotates Llama-layout blocks only (plain RMSNorm, rotate-half RoPE)",
     "KV-cache quantization knows the attention layout": "the quantized KV cache knows the Llama attention layout only",
     "sliding-window attention is not supported by the quantized KV cache": "sliding-window caches are not quantized",
-    "GGUF export supports model types llama, mistral": "GGUF export writes llama, mistral, qwen2 and qwen3 "
-                                                       "metadata so far (issue 21)",
+    "GGUF export supports model types gemma, gemma2, llama": "GGUF export writes llama, mistral, qwen2, qwen3, "
+                                                             "phi3, gemma and gemma2 (gemma3 and MoE files: "
+                                                             "not yet)",
 }
 NOTES = ["MoE families (mixtral, qwen2_moe, qwen3_moe): the experts, fused by transformers into 3-D parameters, "
          "are run as one linear per expert while quantizing, so each is calibrated on the tokens routed to it "

@@ -23,7 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.gguf_blocks import BLOCK_TYPES, decode, encode_exact, encode_imatrix, encode_requantized, exact_fit
 from lowbit.export.gguf_iq4nl import encode_iq4_nl
 from lowbit.export.gguf_kquants import K_FALLBACK, K_TYPES, QK_K, encode_k
-from lowbit.export.gguf_meta import gguf_arch, write_hparams, write_tokenizer
+from lowbit.export.gguf_meta import adjust_tensor, check_gguf_config, gguf_arch, write_hparams, write_tokenizer
 from lowbit.export.gguf_mix import MIX_DEFAULT, mix_type
 from lowbit.packed.intweight import IntWeight
 from lowbit.packed.qlinear import int_weights
@@ -163,6 +163,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
         raise LowbitError("GGUF has no low-rank layers; export fake-quant (dense products) first and convert that")
     config = model.config
     arch = gguf_arch(config)
+    check_gguf_config(config, arch)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     weights = int_weights(model, strict=False)  # layers without integer codes are re-rounded below
@@ -175,7 +176,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
     with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(getattr(config, "_name_or_path", "") or "lowbit export")
-        write_hparams(writer, config)
+        write_hparams(writer, config, arch)
         file_type = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(type_name, type_name)
         writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{file_type}", gguf.LlamaFileType.ALL_F32))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -201,6 +202,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
                 raise LowbitError(f"no GGUF name for tensor {key}; the model layout is not {arch}'s")
             w = weights.get(layer)
             short = layer.rsplit(".", 1)[-1]
+            tensor = adjust_tensor(arch, key, tensor)
             if short in heads:
                 tensor = rope_permute(tensor, heads[short])
                 w = _permute_int_weight(w, heads[short]) if w is not None else None

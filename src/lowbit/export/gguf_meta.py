@@ -1,5 +1,5 @@
-"""GGUF metadata for a transformers Llama-family model (llama, mistral, qwen2, qwen3): hyper-parameters and a
-GPT-2 style BPE vocabulary.
+"""GGUF metadata for the transformers families llama.cpp runs that lowbit exports (llama, mistral, qwen2, qwen3,
+phi3, gemma, gemma2): hyper-parameters, each family's tensor fix-ups, and a GPT-2 style BPE vocabulary.
 
 llama.cpp reads the tokenizer from the file itself, so it is rebuilt here from the HF fast
 tokenizer: tokens in id order, their types (control for special added tokens), BPE merges,
@@ -28,8 +28,32 @@ def gguf_arch(config: Any) -> str:
     return arch
 
 
-def write_hparams(writer: Any, config: Any) -> None:
-    """Model hyper-parameters (llama architecture keys)."""
+def check_gguf_config(config: Any, arch: str) -> None:
+    """Refuse settings of a family that llama.cpp's graph for ``arch`` would not reproduce."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in ("default", None):
+        raise LowbitError(f"GGUF export writes unscaled RoPE; this {arch} model uses {kind!r} RoPE scaling "
+                          f"(convert it with llama.cpp's convert_hf_to_gguf.py)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "gemma2" and getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+        raise LowbitError("llama.cpp scales gemma2 attention by 1/sqrt(head_dim); this model's query_pre_attn_scalar "
+                          f"is {config.query_pre_attn_scalar}, not {head_dim}")
+    if arch == "phi3" and getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise LowbitError("GGUF export of phi3 writes full-width RoPE; this model rotates part of each head")
+
+
+def adjust_tensor(arch: str, key: str, tensor: Any) -> Any:
+    """A state-dict tensor as llama.cpp's ``arch`` reads it: Gemma's RMSNorms scale by ``1 + w``, so their weights
+    are stored plus one (as convert_hf_to_gguf does)."""
+    if arch in ("gemma", "gemma2") and key.endswith("norm.weight"):
+        return tensor.float() + 1
+    return tensor
+
+
+def write_hparams(writer: Any, config: Any, arch: str = "llama") -> None:
+    """Model hyper-parameters (llama architecture keys, and each family's own)."""
+    check_gguf_config(config, arch)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_context_length(config.max_position_embeddings)
@@ -42,10 +66,22 @@ def write_hparams(writer: Any, config: Any) -> None:
                                     (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:  # Qwen3: heads wider than hidden / heads
+    if head_dim != config.hidden_size // heads or arch in ("gemma", "gemma2"):  # heads wider than hidden / heads
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if arch == "gemma2":
+        for value, add in ((config.attn_logit_softcapping, writer.add_attn_logit_softcapping),
+                           (config.final_logit_softcapping, writer.add_final_logit_softcapping),
+                           (config.sliding_window, writer.add_sliding_window)):
+            if value is not None:
+                add(value)
+    if arch == "phi3":
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original:
+            writer.add_rope_scaling_orig_ctx_len(int(original))
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(int(config.sliding_window))
 
 
 def _merges(model: dict[str, Any]) -> list[str]:

@@ -96,6 +96,31 @@ def perplexity(path: str | Path, windows: torch.Tensor, threads: int | None = No
         return float(_in_child("perplexity_here", str(path), str(ids), str(threads or torch.get_num_threads())))
 
 
+def logits(path: str | Path, windows: torch.Tensor, threads: int | None = None) -> np.ndarray:
+    """llama.cpp's logits ``(n, seqlen, vocab)`` for each row of ``windows`` (a fresh context per row; own process)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, out = Path(tmp) / "windows.npy", Path(tmp) / "logits.npy"
+        np.save(ids, windows.numpy().astype(np.int64))
+        _in_child("logits_here", str(path), str(ids), str(out), str(threads or torch.get_num_threads()))
+        return np.load(out)
+
+
+def logits_here(path: str, ids_file: str, out_file: str, threads: str) -> str:
+    """``logits`` in this process (llama-cpp-python)."""
+    windows = np.load(ids_file)
+    seqlen = windows.shape[1]
+    llm = open_model(path, seqlen, int(threads), logits_all=True)
+    rows = []
+    for row in windows.tolist():
+        llm.reset()
+        llm.eval(row)
+        rows.append(np.asarray(llm.scores[:seqlen], dtype=np.float32))
+    np.save(out_file, np.stack(rows))
+    return "ok"
+
+
 def perplexity_here(path: str, ids_file: str, threads: str) -> float:
     """``perplexity`` in this process (one model per process)."""
     windows = np.load(ids_file)

@@ -98,6 +98,18 @@ def perplexity_here(path: str, ids_file: str, threads: str) -> float:
     return math.exp(nll / count)
 
 
+def logits_here(path: str, ids_file: str, out_file: str, threads: str) -> str:
+    windows = np.load(ids_file)
+    c = _Context(path, windows.shape[1], int(threads))
+    rows = []
+    for row in windows.tolist():
+        c.reset()
+        rows.append(c.decode(row, 0, all_logits=True).copy())
+    c.close()
+    np.save(out_file, np.stack(rows))
+    return "ok"
+
+
 def quantize_here(src: str, dst: str, ftype: str, embed: str, threads: str) -> int:
     ffi, lib = _lib()
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
