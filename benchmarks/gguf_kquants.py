@@ -4,9 +4,9 @@ weighted by an importance matrix, and lowbit-optimised values (GPTQ codes writte
 type is a 32-block legacy grid, imatrix-weighted rounding for the rest).
 
 On smollm2 (hidden 576, not a multiple of 256) llama.cpp's mixes put every 576-wide matrix in a fallback type (Q5_0
-for Q4_K, Q8_0 for Q6_K, IQ4_NL for Q3_K) and the tied embedding / head in Q8_0; only ffn_down (1536 wide) holds
-K-quants.  The ``gptq`` rows run GPTQ (symmetric, g32, fp16 scales) at 5 bits on the Q5_0 tensors and 8 bits on
-the Q8_0 ones, in one sequential pass.
+for Q4_K, Q8_0 for Q6_K, Q4_0 for Q3_K) and the tied embedding / head in Q8_0; only ffn_down (1536 wide) holds
+K-quants.  The ``gptq`` rows run GPTQ (symmetric, g32, fp16 scales) at 4 / 5 / 8 bits on the Q4_0 / Q5_0 / Q8_0
+tensors, in one sequential pass.
 
 Each row runs in its own process: build the file (llama.cpp's rows: ``llama_model_quantize`` of lowbit's F32 GGUF
 of the model), evaluate the first 10 WikiText-2 test windows of 2048 in llama.cpp (``lowbit.runtime.llamacpp``) and,
@@ -116,8 +116,8 @@ def _lines(rows: dict) -> list[str]:
                "file's weights in lowbit (transformers' GGUF reader, fp32 forward); size of the .gguf file. llama.cpp",
                "rows: llama.cpp's own quantizer on the fp32 model (no imatrix). lowbit: llama.cpp's reference rounding",
                "as lowbit implements it (the same tensor types); imatrix: weighted by an importance matrix (128 x 512",
-               "WikiText-2 validation windows); gptq: GPTQ codes written code for code into every Q5_0 / Q8_0 tensor,",
-               "the imatrix-weighted rounding for the K / IQ4_NL ones. llama.cpp: the prebuilt AVX2 library of",
+               "WikiText-2 validation windows); gptq: GPTQ codes written code for code into every Q4_0 / Q5_0 / Q8_0 one,",
+               "the imatrix-weighted rounding for the K-quant ones. llama.cpp: the prebuilt AVX2 library of",
                "llama-cpp-py-sync (see inference.md)."]
     return table_lines(caption, ["file", "llama.cpp ppl", "vs llama.cpp's own", "lowbit ppl", "MB",
                                  "tensors code for code", "tensor types"], body)

@@ -208,7 +208,7 @@ def test_mix_rules_follow_llama_cpp():
     # rows of 576 weights are not K-quantizable: llama.cpp's fallbacks
     assert mix_type("blk.4.attn_q.weight", "Q4_K_M", n, 576) == "Q5_0"
     assert mix_type("blk.0.attn_v.weight", "Q4_K_M", n, 576) == "Q8_0"
-    assert mix_type("blk.4.attn_q.weight", "Q3_K_M", n, 576) == "IQ4_NL"
+    assert mix_type("blk.4.attn_q.weight", "Q3_K_M", n, 576) == "Q4_0"
     # Q3_K_M: attn_v Q5_K in the first two layers then Q4_K, attn_output Q4_K, ffn_down Q5_K in the first 1/16
     assert [mix_type(f"blk.{i}.attn_v.weight", "Q3_K_M", n, 512) for i in (0, 1, 2)] == ["Q5_K", "Q5_K", "Q4_K"]
     assert mix_type("blk.9.attn_output.weight", "Q3_K_M", n, 512) == "Q4_K"

@@ -1,8 +1,7 @@
 """llama.cpp's IQ4_NL: blocks of 32 weights, one fp16 scale, 4-bit indices into a fixed non-uniform grid.
 
-``w = d * KVALUES[q]``.  llama.cpp falls back to IQ4_NL for Q2_K / Q3_K tensors whose rows are not a
-multiple of 256.  The rounding follows ``quantize_row_iq4_nl_impl``: the scale is the least-squares one of
-the best of 15 grids ``(s - 127) / max`` (s = -7..7, plus the first ``max / 127`` one), weights ``x^2`` (or
+``w = d * KVALUES[q]``: 4.5 bits per weight like Q4_0, on a grid denser near zero.  The rounding follows
+``quantize_row_iq4_nl_impl``: the scale is the least-squares one of the best of 15 grids ``(s - 127) / max`` (s = -7..7, plus the first ``max / 127`` one), weights ``x^2`` (or
 ``imatrix * sqrt(sigma2 + x^2)``), then every weight is re-rounded to its nearest grid value at that scale.
 """
 

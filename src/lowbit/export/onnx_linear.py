@@ -33,7 +33,7 @@ class LinearRecord:
     """How one weight was written, and the bits it takes in the file."""
 
     name: str
-    form: str  # "float", "MatMulNBits 4-bit g64", "QDQ int8 per channel", ...
+    form: str  # "float32", "MatMulNBits 4-bit (4-bit codes) g64", "QDQ int8 (8-bit codes) per channel", ...
     activations: str  # "-" or the input quantization
     bytes: int
 
