@@ -25,14 +25,23 @@ def gguf_file(small_model_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "fake-quant"])
-def test_streamed_from_gguf_writes_the_in_memory_bytes(gguf_file, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def gguf_loaded(gguf_file):
+    """(model, tokenizer) of the GGUF loaded whole by transformers' GGUF loader (once: it converts the vocabulary)."""
     from lowbit.models.loading import load_model
+
+    return load_model(gguf_file)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fake-quant"])
+def test_streamed_from_gguf_writes_the_in_memory_bytes(gguf_file, gguf_loaded, tmp_path, fmt):
+    import copy
+
     from lowbit.quantization import quantize, save_quantized
     from lowbit.stream.run import quantize_streamed
 
     calib = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
-    model, tok = load_model(gguf_file)  # transformers' GGUF loader, whole model
+    model, tok = copy.deepcopy(gguf_loaded[0]), gguf_loaded[1]
     report = quantize(model, GPTQ, calib, batch_size=2, progress=False)
     mem, _ = save_quantized(model, tok, report, tmp_path / "mem", fmt)
     _, written = quantize_streamed(str(gguf_file), GPTQ, calib, tmp_path / "st", tok, fmt=fmt, batch_size=2,
@@ -41,12 +50,11 @@ def test_streamed_from_gguf_writes_the_in_memory_bytes(gguf_file, tmp_path, fmt)
     assert (mem / "model.safetensors").read_bytes() == (tmp_path / "st" / "model.safetensors").read_bytes()
 
 
-def test_streamed_perplexity_of_a_gguf_equals_the_in_memory_one(gguf_file, data_dir):
+def test_streamed_perplexity_of_a_gguf_equals_the_in_memory_one(gguf_file, gguf_loaded, data_dir):
     from lowbit.eval.perplexity import evaluate
-    from lowbit.models.loading import load_model
     from lowbit.stream.evaluate import evaluate_streamed
 
-    model, tok = load_model(gguf_file)
+    model, tok = gguf_loaded
     ref = evaluate(model, tok, "wikitext2", "test", seqlen=128, max_windows=2, data_dir=str(data_dir))
     got = evaluate_streamed(str(gguf_file), tok, "wikitext2", "test", seqlen=128, max_windows=2,
                             data_dir=str(data_dir))
