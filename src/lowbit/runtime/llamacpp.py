@@ -130,9 +130,7 @@ def perplexity_here(path: str, ids_file: str, threads: str) -> float:
     for row in windows.tolist():
         llm.reset()
         llm.eval(row)
-        logits = torch.from_numpy(np.asarray(llm.scores[:seqlen], dtype=np.float32))
-        lp = torch.log_softmax(logits[:-1].double(), dim=-1)
-        nll -= lp.gather(1, torch.tensor(row[1:]).unsqueeze(1)).sum().item()
+        nll += window_nll(np.asarray(llm.scores[:seqlen]), row)
         count += seqlen - 1
     return math.exp(nll / count)
 
@@ -202,19 +200,40 @@ def speed(path: str | Path, prompt: list[int], new_tokens: int = 64, repeats: in
     return LlamaCppSpeed(prefill, decode, len(prompt), new_tokens, threads)
 
 
+def time_generation(reset: Any, prefill: Any, step: Any, n_prompt: int, n_new: int, repeats: int) -> str:
+    """Best-of-``repeats`` prefill and decode speed (after one warm-up run) as ``"prefill_tok_s,decode_tok_s"``:
+    ``prefill()`` runs the prompt and returns the id it predicts, ``step(token, position)`` one decode step."""
+    best_p, best_d = math.inf, math.inf
+    for _ in range(repeats + 1):
+        reset()
+        t0 = time.perf_counter()
+        nxt = prefill()
+        t1 = time.perf_counter()
+        for i in range(n_new):
+            nxt = step(nxt, n_prompt + i)
+        t2 = time.perf_counter()
+        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+    return f"{n_prompt / best_p},{n_new / best_d}"
+
+
+def window_nll(logits: np.ndarray, row: list[int]) -> float:
+    """Next-token NLL summed over one window from its ``(seqlen, vocab)`` logits (float64 log-softmax)."""
+    lp = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits[:-1], dtype=np.float32)).double(), dim=-1)
+    return -lp.gather(1, torch.tensor(row[1:]).unsqueeze(1)).sum().item()
+
+
 def speed_here(path: str, prompt: str, new_tokens: str, repeats: str, threads: str) -> str:
     """``speed`` in this process: ``"prefill_tok_s,decode_tok_s"``."""
     ids = [int(t) for t in prompt.split(",")]
     n_new = int(new_tokens)
     llm = open_model(path, len(ids) + n_new + 8, int(threads))
-    best_p, best_d = math.inf, math.inf
-    for _ in range(int(repeats) + 1):  # the first run warms up
-        llm.reset()
-        t0 = time.perf_counter()
+
+    def prefill() -> int:
         llm.eval(ids)
-        t1 = time.perf_counter()
-        for _ in range(n_new):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        t2 = time.perf_counter()
-        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
-    return f"{len(ids) / best_p},{n_new / best_d}"
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def step(token: int, _pos: int) -> int:
+        llm.eval([token])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    return time_generation(llm.reset, prefill, step, len(ids), n_new, int(repeats))

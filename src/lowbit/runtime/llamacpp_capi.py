@@ -10,11 +10,9 @@ other backend does.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from lowbit.errors import LowbitError
 
@@ -84,15 +82,15 @@ class _Context:
 
 
 def perplexity_here(path: str, ids_file: str, threads: str) -> float:
+    from lowbit.runtime.llamacpp import window_nll
+
     windows = np.load(ids_file)
     seqlen = windows.shape[1]
     c = _Context(path, seqlen, int(threads))
     nll, count = 0.0, 0
     for row in windows.tolist():
         c.reset()
-        logits = torch.from_numpy(c.decode(row, 0, all_logits=True).copy())
-        lp = torch.log_softmax(logits[:-1].double(), dim=-1)
-        nll -= lp.gather(1, torch.tensor(row[1:]).unsqueeze(1)).sum().item()
+        nll += window_nll(c.decode(row, 0, all_logits=True), row)
         count += seqlen - 1
     c.close()
     return math.exp(nll / count)
@@ -122,18 +120,18 @@ def quantize_here(src: str, dst: str, ftype: str, embed: str, threads: str) -> i
 
 
 def speed_here(path: str, prompt: str, new_tokens: str, repeats: str, threads: str) -> str:
+    from lowbit.runtime.llamacpp import time_generation
+
     ids = [int(t) for t in prompt.split(",")]
     n_new = int(new_tokens)
     c = _Context(path, len(ids) + n_new + 8, int(threads))
-    best_p, best_d = math.inf, math.inf
-    for _ in range(int(repeats) + 1):  # the first run warms up
-        c.reset()
-        t0 = time.perf_counter()
-        last = c.decode(ids, 0, all_logits=False)
-        t1 = time.perf_counter()
-        for i in range(n_new):
-            last = c.decode([int(last[0].argmax())], len(ids) + i, all_logits=False)
-        t2 = time.perf_counter()
-        best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+
+    def prefill() -> int:
+        return int(c.decode(ids, 0, all_logits=False)[0].argmax())
+
+    def step(token: int, pos: int) -> int:
+        return int(c.decode([token], pos, all_logits=False)[0].argmax())
+
+    out = time_generation(c.reset, prefill, step, len(ids), n_new, int(repeats))
     c.close()
-    return f"{len(ids) / best_p},{n_new / best_d}"
+    return out
