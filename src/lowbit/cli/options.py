@@ -17,7 +17,8 @@ KV_CACHE_HELP = "quantized KV cache: a preset (KV8, KV4, KV2, KIVI4, KIVI2, KVQU
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """The model to work on (positional, optional) and the cache its files go to."""
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"alias, HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
+                   help=f"alias, HF directory, .gguf file, hub id, or (eval / generate) an exported .onnx file "
+                        f"(default {DEFAULT_MODEL})")
     p.add_argument("--cache", default=None, help="cache directory (default $LOWBIT_CACHE or ~/.cache/lowbit)")
 
 
