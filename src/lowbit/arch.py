@@ -127,6 +127,13 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def head_is_tied(model: torch.nn.Module) -> bool:
+    """Whether the output head reads the input embedding's tensor (a packed head, holding codes, never does)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return embed is not None and weight is not None and weight.data_ptr() == embed.weight.data_ptr()
+
+
 def types_with(fact: str) -> tuple[str, ...]:
     """The model types whose table entry has ``fact`` (an ``Architecture`` field) set, in table order."""
     return tuple(t for t, a in ARCHITECTURES.items() if getattr(a, fact))

@@ -35,7 +35,7 @@ from lowbit.safeio import load_yaml, read_yaml
 from lowbit.kvcache.config import KVCacheConfig, as_kv_config
 from lowbit.methods import get_method
 from lowbit.methods.base import WeightMethod
-from lowbit.arch import architecture_of
+from lowbit.arch import architecture_of, head_is_tied
 from lowbit.spec import PRESETS, QuantSpec, SpecError, preset
 from lowbit.transforms import BlockTransform, get_transform
 
@@ -279,9 +279,9 @@ def outer_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _tied_head(model: torch.nn.Module) -> str | None:
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None or embed is None or head.weight is not embed.weight:
+    if not head_is_tied(model):
         return None
+    head = model.get_output_embeddings()
     return next(n for n, m in model.named_modules() if m is head)
 
 

@@ -48,13 +48,11 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError(f"{src} is not a directory; give the --out directory of 'lowbit quantize'")
     check_output(args.output, "file" if args.format in ("gguf", "onnx") else "dir", args.overwrite, [src], "OUTPUT")
     if args.format == "onnx":
-        from lowbit.export.onnx_export import ACCURACY_LEVELS
+        from lowbit.export.onnx_export import check_accuracy_level
 
         if not str(args.output).endswith(".onnx"):
             raise LowbitError(f"OUTPUT {args.output}: an ONNX export is one file; give a path ending in .onnx")
-        if args.accuracy_level not in ACCURACY_LEVELS:
-            raise LowbitError(f"--accuracy-level {args.accuracy_level}: choose 0 (fp32), 1, 2 (fp16), 3 (bf16) or 4 "
-                              f"(int8 activations)")
+        check_accuracy_level(args.accuracy_level)
     if args.imatrix is not None and args.format != "gguf":
         raise LowbitError("--imatrix weights GGUF K-quant rounding; use it with --format gguf")
     if args.nsamples < 1 or args.seqlen < 2:

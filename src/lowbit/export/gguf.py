@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowbit.arch import head_is_tied
 from lowbit.lowrank_layers import lowrank_ranks
 from lowbit.atomic import atomic_file
 from lowbit.errors import LowbitError
@@ -182,10 +183,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, type_na
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(writer, tokenizer, config)
         seen: set[int] = set()
-        head = getattr(model, "lm_head", None)
-        head_weight = getattr(head, "weight", None)
-        embed_weight = model.get_input_embeddings().weight
-        has_output = head is not None and not (head_weight is not None and head_weight.data_ptr() == embed_weight.data_ptr())
+        has_output = model.get_output_embeddings() is not None and not head_is_tied(model)
         n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         for key, tensor in model.state_dict().items():
             layer, _, suffix = key.rpartition(".")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowbit.arch import architecture_of
+from lowbit.arch import architecture_of, head_is_tied
 from lowbit.errors import LowbitError
 from lowbit.export.onnx_builder import GraphBuilder
 from lowbit.export.onnx_linear import LinearRecord, write_embedding, write_linear
@@ -118,9 +118,7 @@ def build_decoder(model: torch.nn.Module, weights: dict[str, Any], ops: str, acc
         graph.records.append(rec)
         return out
 
-    head = model.lm_head
-    head_weight = getattr(head, "weight", None)  # a packed head has codes instead
-    tied = head_weight is not None and head_weight.data_ptr() == base.embed_tokens.weight.data_ptr()
+    tied = head_is_tied(model)
     table_w = weights.get("model.embed_tokens") or (weights.get("lm_head") if tied else None)
     table, rec = write_embedding(b, "model.embed_tokens", base.embed_tokens, table_w)
     graph.records.append(rec)

@@ -41,6 +41,12 @@ class OnnxReport:
         return sum(f.stat().st_size for f in files)
 
 
+def check_accuracy_level(level: int) -> None:
+    if level not in ACCURACY_LEVELS:
+        raise LowbitError(f"--accuracy-level {level}: MatMulNBits takes 0 (fp32), 1 (fp32), 2 (fp16), 3 (bf16) or "
+                          f"4 (int8 activations)")
+
+
 def check_onnx_export(model: torch.nn.Module, ops: str, accuracy_level: int) -> None:
     """Refuse, before any work, what the ONNX exporter cannot write."""
     try:
@@ -50,9 +56,7 @@ def check_onnx_export(model: torch.nn.Module, ops: str, accuracy_level: int) -> 
         raise LowbitError("ONNX export needs the onnx and onnxruntime packages: pip install 'lowbit[onnx]'") from None
     if ops not in OPS:
         raise LowbitError(f"unknown ONNX weight ops {ops!r}; choose one of {', '.join(OPS)}")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise LowbitError(f"--accuracy-level {accuracy_level}: MatMulNBits takes 0 (fp32), 1 (fp32), 2 (fp16), "
-                          f"3 (bf16) or 4 (int8 activations)")
+    check_accuracy_level(accuracy_level)
     if lowrank_ranks(model):
         raise LowbitError("ONNX export has no low-rank layers; export fake-quant (dense products) first")
     if getattr(model, "lowbit_kv_cache", None):

@@ -170,13 +170,20 @@ def quantize(src: str | Path, dst: str | Path, type_name: str, embed_type: str |
 def quantize_here(src: str, dst: str, ftype: str, embed: str, threads: str) -> int:
     """``quantize`` in this process."""
     llama_cpp = _llama_cpp()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, ftype)
+    params = set_quantize_params(llama_cpp.llama_model_quantize_default_params(), getattr(llama_cpp, ftype), embed,
+                                 threads)
+    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
+
+
+def set_quantize_params(params: Any, ftype: int, embed: str, threads: str) -> Any:
+    """``llama_model_quantize_params`` (either binding's struct) set to ``ftype`` on ``threads`` threads, with the
+    embedding / output head at GGML type ``embed`` (negative: llama.cpp's choice)."""
+    params.ftype = ftype
     params.nthread = int(threads)
     if int(embed) >= 0:
         params.token_embedding_type = int(embed)
         params.output_tensor_type = int(embed)
-    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
+    return params
 
 
 @dataclass

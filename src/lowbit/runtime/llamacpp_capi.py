@@ -109,13 +109,11 @@ def logits_here(path: str, ids_file: str, out_file: str, threads: str) -> str:
 
 
 def quantize_here(src: str, dst: str, ftype: str, embed: str, threads: str) -> int:
+    from lowbit.runtime.llamacpp import set_quantize_params
+
     ffi, lib = _lib()
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
-    params.ftype = getattr(lib, ftype)
-    params.nthread = int(threads)
-    if int(embed) >= 0:
-        params.token_embedding_type = int(embed)
-        params.output_tensor_type = int(embed)
+    set_quantize_params(params, getattr(lib, ftype), embed, threads)
     return int(lib.llama_model_quantize(src.encode(), dst.encode(), params))
 
 

@@ -34,16 +34,57 @@ def _ort() -> Any:
     return onnxruntime
 
 
+_METADATA_FIELD = 14  # ModelProto.metadata_props
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read from its top-level protobuf fields without parsing the graph (the
+    weights are skipped by their length prefix, so this costs a few reads, not a second load of the model)."""
+    import mmap
+
+    from onnx import StringStringEntryProto
+
+    props: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos = 0
+            while pos < len(buf):
+                key, pos = _varint(buf, pos)
+                field, wire = key >> 3, key & 7
+                if wire == 0:
+                    _, pos = _varint(buf, pos)
+                elif wire in (1, 5):
+                    pos += 8 if wire == 1 else 4
+                elif wire == 2:
+                    size, pos = _varint(buf, pos)
+                    if pos + size > len(buf):
+                        raise ValueError("field runs past the end of the file")
+                    if field == _METADATA_FIELD:
+                        entry = StringStringEntryProto.FromString(buf[pos:pos + size])
+                        props[entry.key] = entry.value
+                    pos += size
+                else:
+                    raise ValueError(f"unexpected wire type {wire}")
+    except (ValueError, OSError) as e:  # protobuf's DecodeError is a ValueError too
+        raise LowbitError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
+    return props
+
+
 def read_accuracy_level(path: Path) -> int:
     """The MatMulNBits accuracy level a lowbit ONNX file was exported with (0 when it does not say)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises its own DecodeError
-        raise LowbitError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    value = props.get(ACCURACY_KEY, "0")
+    value = read_metadata(path).get(ACCURACY_KEY, "0")
     return int(value) if value.isdigit() else 0
 
 
@@ -123,7 +164,7 @@ def onnx_perplexity(decoder: OnnxDecoder, windows: torch.Tensor, progress: bool 
         seconds += time.perf_counter() - t0
         nll += nll_sum(torch.from_numpy(logits[:, :-1]), row.unsqueeze(0)[:, 1:]).item()
         count += ids.shape[1] - 1
-    return {"nll_sum": nll, "count": count, "seconds": seconds, "perplexity": math.exp(nll / count)}
+    return {"nll_sum": nll, "count": count, "seconds": seconds}
 
 
 def onnx_generate(decoder: OnnxDecoder, prompt_ids: list[int], max_new_tokens: int, eos: int | None = None
