@@ -230,3 +230,77 @@ def safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """The tensors a safetensors file lists (its header only; nothing else is read)."""
     return {k: TensorMeta(tuple(v["shape"]), v["dtype"])
             for k, v in raw_safetensors_header(path).items() if k != "__metadata__"}
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class SafetensorsReader:
+    """A safetensors file read one tensor at a time into fresh memory (``keys`` / ``get_tensor``, as
+    ``safetensors.safe_open``), without mapping the file: a loaded model then holds each tensor once,
+    where a mapped file would also keep every page it touched resident until closed.  The header is
+    checked first (bounded size, known dtypes, spans inside the file that match their shapes)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        fix = "re-save or re-download the checkpoint"
+        size = self.path.stat().st_size
+        self._spans: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for key, (dtype, shape, start, end) in safetensors_spans(self.path).items():
+            tdtype = SAFETENSORS_DTYPES.get(dtype)
+            if tdtype is None:
+                raise LowbitError(f"safetensors file {self.path}: tensor {key} has dtype {dtype!r}, which lowbit does "
+                                  f"not read; {fix}")
+            n = 1
+            for d in shape:
+                n *= int(d)
+            if not (0 <= start <= end <= size) or end - start != n * tdtype.itemsize:
+                raise LowbitError(f"safetensors file {self.path}: tensor {key} spans bytes {start}-{end}, which do not "
+                                  f"hold its shape {list(shape)} of {dtype} inside the {size}-byte file; {fix}")
+            self._spans[key] = (tdtype, [int(d) for d in shape], start, end)
+        self._fh = open(self.path, "rb")
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def keys(self) -> list[str]:
+        return list(self._spans)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        dtype, shape, start, end = self._spans[key]
+        out = torch.empty((end - start) // dtype.itemsize, dtype=dtype)
+        if end > start:
+            self._fh.seek(start)
+            if self._fh.readinto(memoryview(out.view(torch.uint8).numpy())) != end - start:
+                raise LowbitError(f"safetensors file {self.path} ended inside tensor {key}; re-save or re-download "
+                                  "the checkpoint")
+        return out.reshape(shape)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, initialisers do nothing),
+    while buffers (rotary tables and other values computed from the config) are real: what a checkpoint
+    then fills is assigned in, never copied over a materialised random copy."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def meta_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers still on the meta device (never loaded)."""
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

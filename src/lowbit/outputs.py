@@ -46,7 +46,7 @@ def input_paths(*refs: str | os.PathLike[str] | None, cache: str | None = None) 
     """The local files and directories that ``refs`` (model references, recipe or data paths) name:
     a built-in model alias gives its converted checkpoint in the cache; hub ids and names give nothing."""
     from lowbit.models.aliases import ALIASES
-    from lowbit.models.cache import cache_dir
+    from lowbit.cache import cache_dir
     from lowbit.models.loading import _alias_dir
 
     paths = []

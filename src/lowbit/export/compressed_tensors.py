@@ -9,6 +9,7 @@ group per distinct scheme); the tensors per format are in ``lowbit.export.ct_ten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.activations.attach import attach_input_quantizer, input_quantizers
@@ -27,8 +27,11 @@ from lowbit.activations.quantizer import ActQuantizer
 from lowbit.atomic import atomic_dir
 from lowbit.checkpoint import (
     LoadReport,
+    SafetensorsReader,
     compare_tensors,
     finite_state,
+    meta_tensors,
+    parameters_on_meta,
     quiet_loading,
     read_config_json,
     safetensors_header,
@@ -286,15 +289,19 @@ def _quantization_config(path: Path) -> dict[str, Any]:
     return qc
 
 
-def plain_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """The config's model with fresh weights (real buffers such as rotary tables), Conv1D as nn.Linear."""
+def plain_model(path: Path, dtype: torch.dtype, empty: bool = False) -> torch.nn.Module:
+    """The config's model with fresh weights (real buffers such as rotary tables), Conv1D as nn.Linear.
+
+    ``empty``: its parameters on the meta device (no memory, no random init), to be replaced or assigned
+    from the checkpoint (``lowbit.checkpoint.meta_tensors`` names any left behind)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with quiet_loading():
         config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with parameters_on_meta() if empty else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     convert_conv1d(model)
     return model
 
@@ -345,9 +352,13 @@ def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tenso
                 if not (k.rpartition(".")[0] in quantized and not k.endswith(".bias"))}
     header = safetensors_header(path / WEIGHTS_FILE)
     compare_tensors(report, expected, {k: header[k] for k in dense}, model).check()
-    model.load_state_dict(dense, strict=False)
+    model.load_state_dict(dense, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    left = meta_tensors(model)
+    if left:
+        raise LowbitError(f"{path}: {len(left)} tensor(s) the model needs are not in the checkpoint ({', '.join(left[:3])}"
+                          f"); check that config.json belongs to these weights, or {CT_FIX}")
     finite_state(report, model).check()
 
 
@@ -419,8 +430,8 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32
     qc = _quantization_config(path)
     if not (path / WEIGHTS_FILE).is_file():
         raise LowbitError(f"{path} has a compressed-tensors config but no {WEIGHTS_FILE}; {CT_FIX}")
-    model = plain_model(path, dtype)
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+    model = plain_model(path, dtype, empty=True)
+    with SafetensorsReader(path / WEIGHTS_FILE) as f:
         layout = ct_layout(model, qc, f.keys())
         per_layer, dense = split_packed(f, layout.dense_weight)
     by_stored = {s: n for n, s in layout.saved.items()}

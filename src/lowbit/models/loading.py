@@ -30,7 +30,7 @@ from lowbit.lowrank_layers import LOWRANK_FILE
 from lowbit.hub import hub_reachable
 from lowbit.kvcache.config import read_kv_cache_file
 from lowbit.models.aliases import ALIASES
-from lowbit.models.cache import cache_dir
+from lowbit.cache import cache_dir
 from lowbit.models.gguf_convert import (check_gguf, convert_gguf_to_hf, gguf_config, load_gguf_plain,
                                         load_gguf_tokenizer)
 from lowbit.models.wheel_fetch import fetch_alias_gguf

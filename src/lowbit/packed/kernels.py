@@ -11,6 +11,11 @@ keep in memory and how fast they are on a given machine:
 * ``int8pack``: torch's ``_weight_int8pack_mm``: 8-bit symmetric, one scale per output row.
 * ``int8x8``: W8A8, inputs quantized per token to int8 and multiplied by the int8 weights with
   ``torch._int_mm`` (int32 accumulation): only for layers with such an input quantizer.
+* ``native``: lowbit's own fp32 GEMV (``lowbit.packed.native``, built for this machine) reading the
+  stored 4- / 8-bit words directly: decode only (a few tokens), and where it applies it is taken by
+  rule, untimed: it reads each weight byte once at memory speed and computes in fp32, which none of
+  the others do (measured per shape in benchmarks/results/kernels.md).  The same library dequantizes
+  4- / 8-bit weights for ``dequant`` in one pass (bit-identical to the torch expression).
 
 ``int4pack`` and ``int8pack`` are row-at-a-time kernels: with fp32 inputs (torch 2.13, this CPU)
 their time grows linearly with the token count at 0.2-2 ms per token per layer, where a GEMM
@@ -36,13 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.core.packing import to_signed, unpack
+from lowbit.packed import native
 from lowbit.packed.intweight import IntWeight, expand_groups
 from lowbit.spec import QuantSpec
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # weights dequantized at once by the ``dequant`` kernel (16 MiB fp32)
-ROW_KERNELS = frozenset({"int4pack", "int8pack"})  # cost linear in tokens: decode only
+ROW_KERNELS = frozenset({"int4pack", "int8pack", "native"})  # cost linear in tokens: decode only
+RULE_KERNELS = ("native",)  # taken for decode without timing where they apply
 PROBE_TOKENS = {"decode": 1, "prefill": 64}
 REGIMES = tuple(PROBE_TOKENS)
 
@@ -88,8 +95,10 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     ``(rows, groups, group_size)`` view (two in-place passes, no per-column copies); the result is
     bit-identical to ``(q - zero) * scale`` in ``dtype``, as the subtraction of small integers is exact."""
     rows, cols = shape
-    w, offset = _offset_codes(packed, bits, shape, dtype)
     gs = cols if group_size is None else group_size
+    if native_layout(packed, scale, zero, bits, gs, g_idx, shape, dtype) and native.available():
+        return native.dequant(packed, scale, zero, bits, gs, shape)
+    w, offset = _offset_codes(packed, bits, shape, dtype)
     if g_idx is None and cols % gs == 0 and scale.shape[-1] == cols // gs:
         ng = cols // gs
         shift = torch.full((1, 1), float(offset), dtype=dtype, device=w.device) if zero is None \
@@ -124,6 +133,19 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
                               g_idx, bits, (r1 - r0, cols), dtype)
         y[:, r0:r1] = F.linear(x2, w.to(x.dtype), None if bias is None else bias[r0:r1])
     return y.reshape(*x.shape[:-1], rows)
+
+
+def native_layout(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
+                  g_idx: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> bool:
+    """The tensors are what the native kernels read: 4- / 8-bit words holding whole rows (no padding), groups
+    that tile the row in column order, contiguous fp32 scales, int8 zero points, fp32 compute, on the CPU."""
+    rows, cols = shape
+    return (bits in (4, 8) and g_idx is None and cols % group_size == 0 and dtype == torch.float32
+            and packed.device.type == "cpu" and packed.dtype == torch.int32 and packed.is_contiguous()
+            and packed.shape == (rows, cols * bits // 32) and (cols * bits) % 32 == 0
+            and scale.dtype == torch.float32 and scale.is_contiguous() and scale.shape == (rows, cols // group_size)
+            and (zero is None or (zero.dtype == torch.int8 and zero.is_contiguous() and zero.shape == scale.shape))
+            and sys.byteorder == "little")
 
 
 def int4pack_applicable(w: IntWeight) -> bool:
@@ -201,8 +223,12 @@ def fastest(kernels: dict[str, Kernel], x: torch.Tensor, reference: torch.Tensor
 
 
 def regime_candidates(names: list[str], regime: str) -> list[str]:
-    """The kernels worth timing for ``regime``: row-at-a-time kernels only for decode."""
-    return [n for n in names if regime == "decode" or n not in ROW_KERNELS]
+    """The kernels worth timing for ``regime``: row-at-a-time kernels only for decode, where a rule kernel
+    that applies is the only candidate (taken untimed)."""
+    if regime == "decode":
+        ruled = [n for n in RULE_KERNELS if n in names]
+        return ruled[:1] or list(names)
+    return [n for n in names if n not in ROW_KERNELS]
 
 
 def choose_kernels(key: Hashable, names: list[str], build: Callable[[list[str]], dict[str, Kernel]],

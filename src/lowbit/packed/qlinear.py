@@ -98,6 +98,8 @@ class QuantLinear(torch.nn.Module):
         """Kernels that apply to this layer, the reference ``dequant`` first (ties keep it)."""
         w = self._meta_weight()
         names = ["dequant"]
+        if self._native_applicable():
+            names.append("native")
         if kernels.int8x8_applicable(w, self._plain_input_spec()):
             names.append("int8x8")
         if kernels.int4pack_applicable(w):
@@ -105,6 +107,12 @@ class QuantLinear(torch.nn.Module):
         if kernels.int8pack_applicable(w):
             names.append("int8pack")
         return names
+
+    def _native_applicable(self) -> bool:
+        gs = self.group_size or self.in_features
+        return (self.bias is None or self.bias.dtype == torch.float32) and kernels.native_layout(
+            self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, gs, self.weight_g_idx,
+            (self.out_features, self.in_features), self.dtype) and kernels.native.available()
 
     def _kernels(self, names: list[str] | None = None) -> dict[str, kernels.Kernel]:
         """The kernels ``names`` (default: every applicable one), building their weight copies if needed."""
@@ -116,6 +124,13 @@ class QuantLinear(torch.nn.Module):
                                           self.weight_zero_point, self.group_size, self.weight_g_idx, self.bits,
                                           shape, self.dtype, self.bias)
         out: dict[str, kernels.Kernel] = {"dequant": dequant}
+        if "native" in names:
+            gs = self.group_size or self.in_features
+
+            def native(x: torch.Tensor) -> torch.Tensor:
+                return kernels.native.qgemv(self._quantize_input(x), self.weight_packed, self.weight_scale,
+                                            self.weight_zero_point, self.bias, self.bits, gs, self.out_features)
+            out["native"] = native
         w = self.int_weight() if set(names) - {"dequant"} else None
         if "int8x8" in names:
             self._w8t = self._w8t if self._w8t is not None else w.codes.t().contiguous()
