@@ -84,10 +84,11 @@ class LoadReport:
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
     """State-dict keys sharing storage with other keys (tied weights): key -> the other keys."""
-    by_ptr: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    by_ptr: dict[tuple[Any, ...], list[str]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if t is not None and t.numel() > 0:
-            by_ptr.setdefault((t.untyped_storage().data_ptr(), tuple(t.shape)), []).append(key)
+        if t is not None and t.numel() > 0:  # meta tensors have no storage: tied ones are the same object
+            where = ("meta", id(t)) if t.is_meta else (t.untyped_storage().data_ptr(),)
+            by_ptr.setdefault((*where, tuple(t.shape)), []).append(key)
     return {k: set(keys) - {k} for keys in by_ptr.values() if len(keys) > 1 for k in keys}
 
 

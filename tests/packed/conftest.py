@@ -25,3 +25,11 @@ def _random_int_weight(bits: int, rows: int, cols: int, group: int | None, symme
 def random_int_weight():
     """Factory: ``(bits, rows, cols, group, symmetric=True, seed=0, g_idx=False) -> IntWeight``."""
     return _random_int_weight
+
+
+@pytest.fixture()
+def no_native(monkeypatch):
+    """lowbit's native kernels switched off: the layers choose among torch's kernels only."""
+    from lowbit.packed import native
+
+    monkeypatch.setattr(native, "available", lambda: False)

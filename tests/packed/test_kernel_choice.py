@@ -1,5 +1,7 @@
 """Kernel choice: a short probe per regime on small random inputs, cached per layer signature; the
-chunked dequantize + GEMM kernel; row-at-a-time kernels (tinygemm int4, int8pack) never run prefill."""
+chunked dequantize + GEMM kernel; row-at-a-time kernels (tinygemm int4, int8pack) never run prefill.
+The probe tests switch lowbit's native kernels off (``no_native``): where they apply, decode takes
+them by rule (tests/packed/test_native.py)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def test_chunked_dequant_matmul_agrees_with_reference(symmetric, g_idx, random_i
         assert ((y - ref).norm() / ref.norm()).item() < 1e-6, chunk  # measured 0.0: same dot products
 
 
-def test_row_kernels_only_decode_and_probe_is_small(timer, random_int_weight):
+def test_row_kernels_only_decode_and_probe_is_small(timer, random_int_weight, no_native):
     calls, state = timer
     state["fast"] = "int4"  # the tinygemm kernel "wins" every timing it enters
     q = QuantLinear(random_int_weight(4, 64, 128, 64), bias=torch.randn(64))
@@ -74,7 +76,7 @@ def test_row_kernels_only_decode_and_probe_is_small(timer, random_int_weight):
         assert torch.allclose(q(x[0, ::150]), ref[0, ::150], rtol=1e-5, atol=1e-5)  # 2 strided rows
 
 
-def test_int8_row_kernel_is_decode_only(timer, random_int_weight):
+def test_int8_row_kernel_is_decode_only(timer, random_int_weight, no_native):
     calls, state = timer
     state["fast"] = "int8"
     q = QuantLinear(random_int_weight(8, 32, 64, None))
@@ -87,7 +89,7 @@ def test_int8_row_kernel_is_decode_only(timer, random_int_weight):
     assert q._w8 is None and q.weight_bytes() == packed  # and released when it is not chosen
 
 
-def test_choice_is_probed_once_per_signature(timer, random_int_weight):
+def test_choice_is_probed_once_per_signature(timer, random_int_weight, no_native):
     calls, state = timer
     state["fast"] = "dequant"
     a = QuantLinear(random_int_weight(4, 64, 128, 64, seed=1))
@@ -109,7 +111,7 @@ def test_choice_is_probed_once_per_signature(timer, random_int_weight):
 def test_real_probe_picks_applicable_kernels_that_agree(random_int_weight):
     q = QuantLinear(random_int_weight(4, 64, 128, 64, False), bias=torch.randn(64))
     chosen = q.select_kernel()
-    assert chosen["prefill"] == "dequant" and chosen["decode"] in {"dequant", "int4pack"}
+    assert chosen["prefill"] == "dequant" and chosen["decode"] in {"dequant", "int4pack", "native"}
     x = torch.randn(2, 9, 128)
     with torch.no_grad():
         assert torch.allclose(q(x), q.reference_forward(x), rtol=1e-4, atol=1e-5)

@@ -46,6 +46,7 @@ from lowbit.export.ct_tensors import (
     check_finite,
     layer_tensors,
     read_layer_weight,
+    read_packed_int,
     require,
     split_packed,
 )
@@ -321,8 +322,10 @@ def _check_layer_sets(path: Path, per_layer: dict[str, Any], schemes: dict[str, 
                           f"the file has no quantized tensors for it: the config and the tensors disagree; {CT_FIX}")
 
 
-def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Module:
-    """The module that runs layer ``name``'s weight: ``QuantLinear`` for int, ``nn.Linear`` for float formats.
+def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: torch.dtype,
+                      packed: torch.Tensor | None = None) -> torch.nn.Module:
+    """The module that runs layer ``name``'s weight: ``QuantLinear`` for int (``packed``: its stored words, used
+    as they are), ``nn.Linear`` for float formats.
 
     The bias (if the layer has one) is a placeholder until the checkpoint's dense tensors are loaded."""
     if w.shape != (old.out_features, old.in_features):
@@ -330,7 +333,7 @@ def _quantized_module(name: str, w: LayerWeight, old: torch.nn.Linear, dtype: to
                           f"config.json has a {old.out_features}x{old.in_features} one: the config and the tensors "
                           f"disagree; {CT_FIX}")
     if isinstance(w, IntWeight):
-        return QuantLinear(w, old.bias, dtype)
+        return QuantLinear(w, old.bias, dtype, packed=packed)
     return quantized_linear(QuantizedWeight(w, None, "compressed-tensors"), old.bias, dtype)
 
 
@@ -352,6 +355,9 @@ def _load_dense(path: Path, model: torch.nn.Module, dense: dict[str, torch.Tenso
                 if not (k.rpartition(".")[0] in quantized and not k.endswith(".bias"))}
     header = safetensors_header(path / WEIGHTS_FILE)
     compare_tensors(report, expected, {k: header[k] for k in dense}, model).check()
+    state = model.state_dict(keep_vars=True)
+    dense = {k: v.to(state[k].dtype) if k in state and state[k].is_floating_point() and v.dtype != state[k].dtype
+             else v for k, v in dense.items()}  # assigned, not copied: take the model's dtype first
     model.load_state_dict(dense, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -384,10 +390,14 @@ class CTLayout:
                          ) -> torch.nn.Module:
         """Layer ``name``'s module from its stored tensors ``t`` (suffix -> tensor), its input quantizer on."""
         group = self.schemes[name]
-        w = read_layer_weight(name, t, group.get("format") or self.default, group["weights"])
+        fmt = group.get("format") or self.default
+        if fmt == "pack-quantized" and isinstance(old, torch.nn.Linear):  # codes stay packed: no unpacked copy
+            packed, w = read_packed_int(name, t, group["weights"])
+        else:
+            packed, w = None, read_layer_weight(name, t, fmt, group["weights"])
         if isinstance(old, torch.nn.Embedding):
             return _quantized_embedding(name, w, old, dtype)
-        new = _quantized_module(name, w, old, dtype)
+        new = _quantized_module(name, w, old, dtype, packed)
         q = _input_quantizer(name, group.get("input_activations"), t)
         if q is not None:
             attach_input_quantizer(new, q)

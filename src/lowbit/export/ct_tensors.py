@@ -197,8 +197,9 @@ def _weight_shape(name: str, t: dict[str, torch.Tensor]) -> tuple[int, int]:
     return rows, cols
 
 
-def read_int_weight(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:
-    """Rebuild one ``pack-quantized`` layer's ``IntWeight``, checking the tensors against the scheme."""
+def read_packed_int(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> tuple[torch.Tensor, IntWeight]:
+    """One ``pack-quantized`` layer checked against the scheme, its codes left packed: ``(weight_packed, w)``
+    with ``w`` an ``IntWeight`` whose codes are a meta tensor of the weight's shape (no memory)."""
     if args.get("type", "int") != "int" or args.get("strategy") not in ("group", "channel"):
         raise LowbitError(f"{name}: lowbit reads int group/channel pack-quantized weights, not {args}")
     bits, gs = _num_bits(name, args), _group_size(name, args)
@@ -209,9 +210,16 @@ def read_int_weight(name: str, t: dict[str, torch.Tensor], args: dict[str, Any])
         raise LowbitError(f"{name}: weight_packed is {tuple(packed.shape)} {packed.dtype} but a {bits}-bit "
                           f"{rows}x{cols} weight packs to {want} int32: the config and the tensors disagree")
     scale = _scale(name, t, rows, cols, gs)
-    codes = to_signed(unpack(packed, bits, cols, "int32"), bits)
     zero = None if args.get("symmetric", True) else _zero_point(name, t, bits, rows, scale.shape[1])
-    return IntWeight(codes, scale, zero, bits, gs, _g_idx(name, t, cols, scale.shape[1]))
+    codes = torch.empty(rows, cols, dtype=torch.int8, device="meta")
+    return packed, IntWeight(codes, scale, zero, bits, gs, _g_idx(name, t, cols, scale.shape[1]))
+
+
+def read_int_weight(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:
+    """Rebuild one ``pack-quantized`` layer's ``IntWeight``, checking the tensors against the scheme."""
+    packed, w = read_packed_int(name, t, args)
+    w.codes = to_signed(unpack(packed, w.bits, w.shape[1], "int32"), w.bits)
+    return w
 
 
 def _read_unpacked_int(name: str, t: dict[str, torch.Tensor], args: dict[str, Any]) -> IntWeight:

@@ -36,12 +36,17 @@ class QuantLinear(torch.nn.Module):
 
     applies_input_quantizer = True
 
-    def __init__(self, w: IntWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, w: IntWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 packed: torch.Tensor | None = None):
+        """``packed``: the codes already packed (int32 words, as a checkpoint stores them; ``w.codes`` may then be
+        a meta tensor), taken as they are instead of packing ``w.codes``."""
         super().__init__()
         out_f, in_f = w.shape
         self.in_features, self.out_features = in_f, out_f
         self.bits, self.group_size, self.dtype = w.bits, w.group_size, dtype
-        self.register_buffer("weight_packed", pack(to_unsigned(w.codes, w.bits), w.bits, "int32"))
+        if packed is None:
+            packed = pack(to_unsigned(w.codes, w.bits), w.bits, "int32")
+        self.register_buffer("weight_packed", packed.contiguous())
         self.register_buffer("weight_scale", w.scale.clone())
         self.register_buffer("weight_zero_point", None if w.zero is None else w.zero.clone())
         self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32).clone())
