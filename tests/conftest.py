@@ -19,6 +19,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DATA_DIR = Path(os.environ["LOWBIT_DATA_DIR"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gguf_conversions(tmp_path_factory):
+    """GGUF files the tests write are converted into a session directory, not the user's cache."""
+    old = os.environ.get("LOWBIT_GGUF_CACHE")
+    os.environ["LOWBIT_GGUF_CACHE"] = str(tmp_path_factory.mktemp("gguf-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LOWBIT_GGUF_CACHE", None)
+    else:
+        os.environ["LOWBIT_GGUF_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.test.raw").is_file():

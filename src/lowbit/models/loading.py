@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,6 +98,33 @@ def _conversion_current(out: Path) -> bool:
         return int(json.loads(meta.read_text()).get("conversion_version", 1)) >= CONVERSION_VERSION
     except (ValueError, json.JSONDecodeError):
         return False
+
+
+GGUF_CACHE_ENV = "LOWBIT_GGUF_CACHE"  # where converted GGUF inputs are kept (default <cache>/gguf); "off": none
+
+
+def gguf_digest(path: Path) -> str:
+    """SHA-256 of a GGUF file's bytes (read in 8 MiB blocks): the key of its converted checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def converted_gguf(path: Path, cache: str | os.PathLike[str] | None = None) -> Path | None:
+    """The fp32 HF checkpoint converted from GGUF file ``path``, kept under its content hash: converted on the
+    first use (written to a temporary directory, then renamed), reused by every later command whatever the
+    file is called; None when ``LOWBIT_GGUF_CACHE=off``."""
+    where = os.environ.get(GGUF_CACHE_ENV, "")
+    if where.lower() in ("off", "0", "none"):
+        return None
+    root = Path(where).expanduser() if where else cache_dir(cache) / "gguf"
+    digest = gguf_digest(path)
+    out = root / digest[:24]
+    if not _conversion_current(out):
+        convert_gguf_to_hf(path, out, {"gguf": path.name, "sha256": digest, "conversion_version": CONVERSION_VERSION})
+    return out
 
 
 def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None) -> ModelSource:
@@ -431,10 +459,18 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     device = check_device(device)
     source = resolve_model(ref, cache)
+    converted = None
     if source.kind == "gguf":
         assert source.path is not None
         config = load_config(source)
         _check_causal_lm(config, str(source.path))
+        converted = converted_gguf(source.path, cache)
+    if converted is not None:  # the GGUF file's cached conversion, loaded as the built-in alias is
+        plain = ModelSource(str(converted), "hf_dir", converted, _weight_files(converted))
+        model = _load_local_or_hub(plain, torch_dtype, {})
+        tokenizer = _load_tokenizer(plain, str(converted), {})
+    elif source.kind == "gguf":
+        assert source.path is not None
         model, tokenizer = load_gguf_plain(source.path, torch_dtype)
         convert_conv1d(model)
     else:
