@@ -200,16 +200,62 @@ void lowbit_fgemv(const float *x, int64_t M, int64_t K, const float *w, int64_t 
     }
 }
 
-/* out (N, K) fp32 = the dequantized weight, W[n, k] = scale[n, g] * (u - offset - zero[n, g]), in one
- * pass over the packed bytes (the prefill path multiplies it with a BLAS GEMM). */
+/* out (N, K) fp32 = the dequantized weight, W[n, k] = scale[n, g] * (u - offset - zero[n, g]), in one pass over
+ * the packed bytes (the prefill path multiplies it with a BLAS GEMM).  Every value is the same single rounding
+ * of scale * (an exact small integer) as lowbit.packed.kernels.dequantize_packed's torch expression. */
+#ifdef LB_AVX512
+static void dequant_q4_row_avx512(const uint8_t *row, const float *scale, const int8_t *zero, int64_t n, int64_t G,
+                                  int64_t ng, float *o) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512 table = _mm512_mul_ps(_mm512_set1_ps(scale[n * ng + g]),
+                                           _mm512_sub_ps(iota, _mm512_set1_ps(8.0f + zero_at(zero, n, ng, g))));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (k >> 1))));
+            const __m512 even = _mm512_permutexvar_ps(v, table);
+            const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+            _mm512_storeu_ps(o + k, _mm512_permutex2var_ps(even, first, odd));
+            _mm512_storeu_ps(o + k + 16, _mm512_permutex2var_ps(even, second, odd));
+        }
+    }
+}
+
+static void dequant_q8_row_avx512(const uint8_t *row, const float *scale, const int8_t *zero, int64_t n, int64_t G,
+                                  int64_t ng, float *o) {
+    for (int64_t g = 0; g < ng; g++) {
+        const __m512i z = _mm512_set1_epi32(128 + (zero ? zero[n * ng + g] : 0));
+        const __m512 s = _mm512_set1_ps(scale[n * ng + g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+            _mm512_storeu_ps(o + k, _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(v, z))));
+        }
+    }
+}
+#endif
+
 void lowbit_dequant(const uint8_t *w, int bits, const float *scale, const int8_t *zero, int64_t N, int64_t K,
                     int64_t G, float *out, int threads) {
     const int64_t ng = (K + G - 1) / G, row_bytes = K * bits / 8;
     const float offset = bits == 4 ? 8.0f : 128.0f;
+#ifdef LB_AVX512
+    const int fast = K % G == 0 && G % (bits == 4 ? 32 : 16) == 0;
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * row_bytes;
         float *o = out + n * K;
+#ifdef LB_AVX512
+        if (fast && bits == 4) {
+            dequant_q4_row_avx512(row, scale, zero, n, G, ng, o);
+            continue;
+        }
+        if (fast) {
+            dequant_q8_row_avx512(row, scale, zero, n, G, ng, o);
+            continue;
+        }
+#endif
         for (int64_t g = 0; g < ng; g++) {
             const float z = offset + zero_at(zero, n, ng, g), s = scale[n * ng + g];
             const int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
