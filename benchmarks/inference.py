@@ -1,10 +1,14 @@
-"""Inference on this machine: fp32, int8 and int4 in lowbit's runtime, in ONNX Runtime (lowbit's ONNX export of
-the same weights), and Q8_0 / Q4_0 / Q4_K_M in llama.cpp.
+"""Inference on this machine: fp32, int8 and int4 in lowbit's fast runtime (native kernels, static KV cache,
+compiled decode step) and in transformers' eager forward, in ONNX Runtime (lowbit's ONNX export of the
+same weights), and Q8_0 / Q4_0 / Q4_K_M in llama.cpp.
 
-Decode tok/s (greedy, KV cache, 64 steps after a 128-token prompt), prefill tok/s (the 128-token
-prompt in one forward, and a 2048-token window in one forward: the regime of ``lowbit eval``),
-peak RSS of a fresh process per row, size on disk, and which kernel the packed layers chose for
-decode and prefill.  Each row runs in its own subprocess so RSS is its own.  llama.cpp rows need
+Decode tok/s (greedy, KV cache, 64 steps after a 128-token prompt), prefill tok/s and time to first
+token (the 128-token prompt in one forward), a 2048-token window in one forward (the regime of
+``lowbit eval``), peak RSS of a fresh process per row and the RSS its imports alone take, size on
+disk, and which kernel the packed layers chose.  Each row runs in its own subprocess (``lowbit.runtime.
+bench.measure_row``, what ``lowbit bench`` runs) so RSS is its own.  Each fast row also decodes the
+same 64 steps with the step left eager and reports whether the tokens are identical and the largest
+logit difference.  llama.cpp rows need
 llama-cpp-python (extra ``llamacpp``) or a loadable llama-cpp-py-sync; where neither is there, the
 llama.cpp rows of the previous results are kept and marked as such.  ONNX Runtime rows need the
 extra ``onnx``.  The load average before and after the run goes in the caption.
@@ -25,7 +29,9 @@ from pathlib import Path
 
 from _results import write_results
 
-ROWS = ["fp32", "int8 (rtn-w8, packed)", "int4 (gptq-w4g64, packed)", "onnxruntime fp32", "onnxruntime int8 (rtn-w8, QDQ)",
+LOWBIT_ROWS = {"fp32": "fp32", "int8 (rtn-w8, packed)": "rtn-w8", "int4 (gptq-w4g64, packed)": "gptq-w4g64"}
+ROWS = [f"{name}, {engine}" for name in LOWBIT_ROWS for engine in ("lowbit-eager", "lowbit-fast")] + [
+        "onnxruntime fp32", "onnxruntime int8 (rtn-w8, QDQ)",
         "onnxruntime int4 (gptq-w4g64, MatMulNBits)", "onnxruntime int4 (gptq-w4g64, MatMulNBits, accuracy 4)",
         "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp Q4_K_M"]
 ONNX_ROWS = {"onnxruntime int8 (rtn-w8, QDQ)": ("rtn-w8", 0), "onnxruntime int4 (gptq-w4g64, MatMulNBits)": ("gptq-w4g64", 0),
@@ -76,7 +82,9 @@ def prepare(tmp: Path) -> dict[str, Path]:
 
         m = copy.deepcopy(model)
         quantize(m, recipe, calib, progress=False)
-        paths[row] = save_quantized(m, tok, None, tmp / recipe, "compressed-tensors")[0]
+        saved = save_quantized(m, tok, None, tmp / recipe, "compressed-tensors")[0]
+        for engine in ("lowbit-eager", "lowbit-fast"):
+            paths[f"{row}, {engine}"] = saved
         for onnx_row, (onnx_recipe, level) in ONNX_ROWS.items():
             if onnx and onnx_recipe == recipe:
                 paths[onnx_row] = export_onnx(m, tok, tmp / f"{recipe}-{level}.onnx", accuracy_level=level).path
@@ -117,9 +125,22 @@ def run_onnx_row(path: str) -> dict:
     return out | {"window_tokens_per_s": WINDOW_TOKENS / best}
 
 
+def _compiled_vs_eager(model, ids, dec) -> dict:
+    """Greedy tokens and per-step logits of the compiled step (``dec``) and the same step left eager, same weights
+    and kernels."""
+    from lowbit.runtime.decode import StaticDecoder
+
+    fast = dec.generate(ids, NEW_TOKENS, keep_logits=True)
+    eager = StaticDecoder(model, ids.shape[1] + NEW_TOKENS + 1, compile=False).generate(ids, NEW_TOKENS, True)
+    diverge = next((i for i, (a, b) in enumerate(zip(eager.tokens, fast.tokens)) if a != b), None)
+    upto = NEW_TOKENS if diverge is None else diverge + 1
+    worst = max((a - b).abs().max().item() for a, b in zip(eager.step_logits[:upto], fast.step_logits[:upto]))
+    return {"tokens_identical": eager.tokens == fast.tokens, "first_divergence": diverge, "max_logit_diff": worst,
+            "logit_scale": max(a.abs().max().item() for a in eager.step_logits)}
+
+
 def run_row(row: str, path: str) -> dict:
-    from lowbit.eval.memory import peak_rss_mb
-    from lowbit.models.loading import load_model
+    from lowbit.eval.memory import current_rss_mb, peak_rss_mb
 
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
         else Path(path).stat().st_size
@@ -136,17 +157,47 @@ def run_row(row: str, path: str) -> dict:
         from collections import Counter
 
         import torch
+        from transformers import LlamaForCausalLM  # noqa: F401  (imports counted in the baseline)
 
+        import lowbit.runtime.decode  # noqa: F401
         from lowbit.packed import QuantLinear
-        from lowbit.runtime.speed import measure_speed
 
-        model, tok = load_model(path)
-        r = measure_speed(model, torch.tensor([_prompt(tok)]), NEW_TOKENS).to_dict()
+        baseline = current_rss_mb()
+        engine = row.rsplit(", ", 1)[1]
+        b = _measure_lowbit(engine, path)
+        r = b.pop("row")
+        model, ids = b["model"], b["ids"]
+        r["imports_rss_mb"] = baseline
         r["peak_rss_mb"] = peak_rss_mb()  # before the long window's activations
-        r["window_tokens_per_s"] = _window_tokens_per_s(model, torch.tensor([_prompt(tok, WINDOW_TOKENS)]))
+        r["window_tokens_per_s"] = _window_tokens_per_s(model, torch.tensor([_prompt(b["tok"], WINDOW_TOKENS)]))
         r["prefill_kernels"] = dict(Counter(m.kernel["prefill"] for m in model.modules()
                                             if isinstance(m, QuantLinear)))
     return {"peak_rss_mb": peak_rss_mb()} | r | {"row": row, "file_bytes": size}
+
+
+def _measure_lowbit(engine: str, path: str) -> dict:
+    """``lowbit bench``'s measurement of one lowbit row on the wikitext prompt; the model kept for more."""
+    import torch
+
+    from lowbit.eval.memory import peak_rss_mb
+    from lowbit.models.loading import load_model
+    from lowbit.runtime.decode import StaticDecoder
+    from lowbit.runtime.speed import measure_speed, select_kernels, weight_bytes
+
+    model, tok = load_model(path)
+    ids = torch.tensor([_prompt(tok)])
+    if engine == "lowbit-eager":
+        s = measure_speed(model, ids, NEW_TOKENS)
+        row = s.to_dict() | {"time_to_first_token_ms": 1e3 * s.prompt_tokens / s.prefill_tokens_per_s}
+        return {"row": row, "model": model, "ids": ids, "tok": tok}
+    dec = StaticDecoder(model, ids.shape[1] + NEW_TOKENS + 1, compile=True)
+    first = dec.generate(ids, NEW_TOKENS)
+    runs = [dec.generate(ids, NEW_TOKENS) for _ in range(3)]
+    prefill = min(g.prefill_s for g in runs)
+    row = {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": max(g.decode_tokens_per_s for g in runs),
+           "time_to_first_token_ms": 1e3 * prefill, "compile_s": first.compile_s, "weight_bytes": weight_bytes(model),
+           "kernels": select_kernels(model), "peak_rss_decode_mb": peak_rss_mb(), **_compiled_vs_eager(model, ids, dec)}
+    return {"row": row, "model": model, "ids": ids, "tok": tok}
 
 
 def _kernels(r: dict) -> str:
@@ -182,28 +233,77 @@ def keep_previous_llamacpp(results: dict, previous: Path) -> list[str]:
     return kept
 
 
+def _mib(v) -> str:
+    return f"{v:.0f}" if v else "-"
+
+
+def must_show(results: dict) -> list[str]:
+    """The issue's claims, computed from the rows."""
+    def get(row: str, key: str):
+        return results.get(row, {}).get(key)
+    fp_e, fp_f = "fp32, lowbit-eager", "fp32, lowbit-fast"
+    out = ["", "## Must show", ""]
+    base = get(fp_e, "decode_tokens_per_s")
+    for name in ("int4 (gptq-w4g64, packed)", "int8 (rtn-w8, packed)"):
+        for engine in ("lowbit-fast", "lowbit-eager"):
+            d = get(f"{name}, {engine}", "decode_tokens_per_s")
+            if d and base:
+                out.append(f"- {name} {engine} decode {d:.1f} tok/s = {d / base:.2f}x fp32 eager ({base:.1f}); "
+                           f"fp32 on the fast runtime: {get(fp_f, 'decode_tokens_per_s') or 0:.1f} "
+                           f"({d / (get(fp_f, 'decode_tokens_per_s') or d):.2f}x)")
+    for name in ("int4 (gptq-w4g64, packed)", "int8 (rtn-w8, packed)"):
+        p, q = get(f"{name}, lowbit-eager", "prefill_tokens_per_s"), get(fp_e, "prefill_tokens_per_s")
+        w, v = get(f"{name}, lowbit-eager", "window_tokens_per_s"), get(fp_e, "window_tokens_per_s")
+        if p and q:
+            out.append(f"- {name} prefill {p:.0f} tok/s vs fp32 {q:.0f} ({p / q:.2f}x); 2048-token window "
+                       f"{w or 0:.0f} vs {v or 0:.0f} ({(w or 0) / (v or 1):.2f}x)")
+    for engine in ("lowbit-eager", "lowbit-fast"):
+        r4, r32 = results.get(f"int4 (gptq-w4g64, packed), {engine}"), results.get(f"fp32, {engine}")
+        if r4 and r32 and r4.get("imports_rss_mb"):
+            over4, over32 = r4["peak_rss_mb"] - r4["imports_rss_mb"], r32["peak_rss_mb"] - r32["imports_rss_mb"]
+            out.append(f"- peak RSS, int4 vs fp32 ({engine}): whole process {r4['peak_rss_mb']:.0f} vs "
+                       f"{r32['peak_rss_mb']:.0f} MiB ({r4['peak_rss_mb'] / r32['peak_rss_mb']:.0%}); above the "
+                       f"{r4['imports_rss_mb']:.0f} MiB its imports take: {over4:.0f} vs {over32:.0f} MiB "
+                       f"({over4 / over32:.0%})")
+    for row, r in results.items():
+        if "tokens_identical" in r:
+            div = "" if r["tokens_identical"] else f", first divergence at step {r['first_divergence']}"
+            out.append(f"- {row}: compiled vs eager step, {NEW_TOKENS} greedy tokens identical: "
+                       f"{'yes' if r['tokens_identical'] else 'NO'}{div}; largest logit difference "
+                       f"{r['max_logit_diff']:.2e} (logits up to {r['logit_scale']:.1f})")
+    return out
+
+
 def report_lines(results: dict, kept: list[str], load_before: float, load_after: float) -> list[str]:
     """The markdown report: caption (with the load average), table, notes."""
     lines = ["# Inference on smollm2-135m (this 2-core CPU)", "",
-             f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
+             f"{PROMPT_TOKENS}-token wikitext2 prompt, {NEW_TOKENS} greedy decode steps with the KV cache, best of 3; "
              f"one forward over a {WINDOW_TOKENS}-token wikitext2 window (what `lowbit eval` runs per window), "
              "best of 2; a fresh process per row. Load average (1 min; the run itself accounts for about 2) "
              f"{load_before:.2f} before the run, {load_after:.2f} after.", "",
-             f"| runtime / weights | decode tok/s | prefill tok/s | {WINDOW_TOKENS}-token window tok/s | "
-             "peak RSS MiB | size on disk MiB | weights held MiB | packed kernels (layers) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "lowbit-eager: transformers' forward with its dynamic cache (packed layers on their chosen kernels, "
+             "fp32 linears on MKL). lowbit-fast: `lowbit.runtime.decode.StaticDecoder`: static KV cache, the decode "
+             "step compiled by torch.compile (inductor), packed and fp32 linears on lowbit's native GEMV for "
+             "decode (compile time of the first run apart).", "",
+             f"| runtime / weights | decode tok/s | prefill tok/s | time to first token ms | {WINDOW_TOKENS}-token "
+             "window tok/s | peak RSS MiB | of which imports MiB | size on disk MiB | weights held MiB | compile s | "
+             "packed kernels (layers) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row, r in results.items():
         window = f"{r['window_tokens_per_s']:.0f}" if r.get("window_tokens_per_s") else "-"
         held = f"{r['weight_bytes'] / 2**20:.0f}" if r.get("weight_bytes") else "-"
+        ttft = r.get("time_to_first_token_ms") or 1e3 * PROMPT_TOKENS / r["prefill_tokens_per_s"]
+        comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
         name = f"{row} (previous run)" if r.get("previous_run") else row
-        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {window} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['file_bytes'] / 2**20:.1f} | {held} | {_kernels(r)} |")
-    lines += ["", "Packed layers pick their kernels with a short probe per layer shape (1 token for decode, "
-              "64 for prefill; `lowbit.packed.kernels.choose_kernels`). torch's int4 tinygemm and int8pack "
-              "kernels run one row at a time with fp32 inputs (0.2-2 ms per token per layer here), so they "
-              "only compete for decode; prefill is dequantize + GEMM (or int8 x int8 `torch._int_mm` for "
-              "W8A8 layers). Peak RSS of the packed rows includes building the fp32 module tree before "
-              "packing."]
+        lines.append(f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.0f} | {ttft:.0f} | "
+                     f"{window} | {r['peak_rss_mb']:.0f} | {_mib(r.get('imports_rss_mb'))} | "
+                     f"{r['file_bytes'] / 2**20:.1f} | {held} | {comp} | {_kernels(r)} |")
+    lines += must_show(results)
+    lines += ["", "Kernels (benchmarks/results/kernels.md): where lowbit's native library is built (a C file and its "
+              "torch operators, compiled once per machine), 4- and 8-bit decode layers take its GEMV by rule, untimed; "
+              "prefill dequantizes in one vectorised pass and multiplies with MKL. Elsewhere layers probe torch's "
+              "kernels as before. Packed checkpoints load onto the meta device: no fp32 module tree is built, the "
+              "packed words are used as stored."]
     lines += ["", "ONNX Runtime rows: `lowbit export --format onnx` of the same weights, run by onnxruntime's CPU "
               "provider through `lowbit.runtime.onnxrt` (the KV cache as graph inputs / outputs, numpy in between). "
               "Accuracy level 0 computes MatMulNBits in fp32 (what `lowbit eval` measures); 4 quantizes its inputs "
@@ -232,7 +332,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"fp32": resolve_model("smollm2-135m").path, **prepare(Path(tmp))}
+        fp32 = resolve_model("smollm2-135m").path
+        paths = {"fp32, lowbit-eager": fp32, "fp32, lowbit-fast": fp32, **prepare(Path(tmp))}
         for row in ROWS:
             if row not in paths:
                 continue

@@ -94,7 +94,6 @@ def _lowbit_row(engine: str, model_ref: str, prompt: int, new: int, repeats: int
 def _llamacpp_row(path: str, prompt: int, new: int, repeats: int) -> BenchRow:
     from transformers import AutoTokenizer
 
-    from lowbit.eval.memory import peak_rss_mb
     from lowbit.runtime import llamacpp
 
     if not llamacpp.available():
@@ -103,7 +102,7 @@ def _llamacpp_row(path: str, prompt: int, new: int, repeats: int) -> BenchRow:
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     r = llamacpp.speed(p, prompt_ids(tok, prompt), new, repeats)
     return BenchRow("llamacpp", path, r.prefill_tokens_per_s, r.decode_tokens_per_s, 1e3 * prompt / r.prefill_tokens_per_s,
-                    peak_rss_mb(), prompt, new, r.threads, note=f"backend {llamacpp.backend()} (peak RSS: its child)")
+                    r.peak_rss_mb, prompt, new, r.threads, note=f"backend {llamacpp.backend()}")
 
 
 def _onnx_row(path: str, prompt: int, new: int, repeats: int) -> BenchRow:

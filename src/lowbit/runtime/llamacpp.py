@@ -193,6 +193,7 @@ class LlamaCppSpeed:
     prompt_tokens: int
     new_tokens: int
     threads: int
+    peak_rss_mb: float  # of the process that ran llama.cpp
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,12 +204,13 @@ def speed(path: str | Path, prompt: list[int], new_tokens: int = 64, repeats: in
     """Prefill (one batch) and greedy decode speed of llama.cpp, best of ``repeats`` (own process)."""
     threads = threads or torch.get_num_threads()
     out = _in_child("speed_here", str(path), ",".join(map(str, prompt)), str(new_tokens), str(repeats), str(threads))
-    prefill, decode = (float(v) for v in out.split(","))
-    return LlamaCppSpeed(prefill, decode, len(prompt), new_tokens, threads)
+    prefill, decode, rss = (float(v) for v in out.split(","))
+    return LlamaCppSpeed(prefill, decode, len(prompt), new_tokens, threads, rss)
 
 
 def time_generation(reset: Any, prefill: Any, step: Any, n_prompt: int, n_new: int, repeats: int) -> str:
-    """Best-of-``repeats`` prefill and decode speed (after one warm-up run) as ``"prefill_tok_s,decode_tok_s"``:
+    """Best-of-``repeats`` prefill and decode speed (after one warm-up run) and this process's peak RSS as
+    ``"prefill_tok_s,decode_tok_s,peak_rss_mb"``:
     ``prefill()`` runs the prompt and returns the id it predicts, ``step(token, position)`` one decode step."""
     best_p, best_d = math.inf, math.inf
     for _ in range(repeats + 1):
@@ -220,7 +222,9 @@ def time_generation(reset: Any, prefill: Any, step: Any, n_prompt: int, n_new: i
             nxt = step(nxt, n_prompt + i)
         t2 = time.perf_counter()
         best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
-    return f"{n_prompt / best_p},{n_new / best_d}"
+    from lowbit.eval.memory import peak_rss_mb
+
+    return f"{n_prompt / best_p},{n_new / best_d},{peak_rss_mb()}"
 
 
 def window_nll(logits: np.ndarray, row: list[int]) -> float:
@@ -230,7 +234,7 @@ def window_nll(logits: np.ndarray, row: list[int]) -> float:
 
 
 def speed_here(path: str, prompt: str, new_tokens: str, repeats: str, threads: str) -> str:
-    """``speed`` in this process: ``"prefill_tok_s,decode_tok_s"``."""
+    """``speed`` in this process: ``"prefill_tok_s,decode_tok_s,peak_rss_mb"``."""
     ids = [int(t) for t in prompt.split(",")]
     n_new = int(new_tokens)
     llm = open_model(path, len(ids) + n_new + 8, int(threads))
