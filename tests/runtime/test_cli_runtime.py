@@ -33,10 +33,20 @@ def test_quantize_then_bench_and_generate(small_dir, tmp_path, run_cli, clean_er
                              "--repeats", "1", "--json")
     assert code == 0, err
     r = json.loads(out)
-    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
-    assert sum(r["kernels"].values()) == 14  # every packed linear chose a kernel by timing
+    rows = {row["engine"]: row for row in r["rows"]}  # each measured in its own process
+    assert set(rows) == {"lowbit-fast", "lowbit-eager"} and r["bits_per_weight"] > 4
+    for row in rows.values():
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["time_to_first_token_ms"] > 0 and sum(row["kernels"].values()) == 14  # every packed linear
+    assert rows["lowbit-fast"]["compile_s"] > 0 and rows["lowbit-eager"]["compile_s"] is None
     code, out, err = run_cli("generate", str(tmp_path / "q"), "Hello there", "--max-new-tokens", "5")
     assert code == 0, err
     assert out.startswith("Hello there")
     code, _, err = run_cli("bench", str(tmp_path / "missing"))
     clean_error(code, err, "missing")
+    code, _, err = run_cli("bench", str(tmp_path / "q"), "--engines", "lowbit-fast,vllm")
+    clean_error(code, err, "unknown engine vllm", "choose from")
+    code, _, err = run_cli("bench", str(tmp_path / "q"), "--engines", "llamacpp")
+    clean_error(code, err, "needs --gguf FILE")
+    code, _, err = run_cli("bench", str(tmp_path / "q"), "--engines", "onnxruntime", "--onnx", str(tmp_path / "x.onnx"))
+    clean_error(code, err, "does not exist")

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                  ("decode", f"{r.decode_tokens_per_s:.1f} tokens/s"),
                  ("prefill", f"{r.prefill_tokens_per_s:.1f} tokens/s"),
                  ("time to first token", f"{r.time_to_first_token_ms:.0f} ms"),
-                 ("peak RSS", f"{r.peak_rss_mb:.0f} MiB")]
+                 ("peak RSS", f"{r.peak_rss_mb:.0f} MiB" + ("" if r.imports_rss_mb is None else
+                                                           f" ({r.imports_rss_mb:.0f} MiB before loading the model)"))]
         if r.weight_bytes is not None:
             items.append(("weights in memory", fmt_bytes(r.weight_bytes)))
         if r.compile_s is not None:

@@ -42,6 +42,7 @@ class BenchRow:
     prompt_tokens: int
     new_tokens: int
     threads: int
+    imports_rss_mb: float | None = None  # lowbit rows: RSS before loading the model (torch, transformers, lowbit)
     weight_bytes: int | None = None  # lowbit rows: parameters and packed buffers held
     compile_s: float | None = None  # lowbit-fast: tracing and compiling the decode step (first run only)
     kernels: dict[str, int] = field(default_factory=dict)  # packed layers' decode kernels
@@ -68,26 +69,27 @@ def engine_file(engine: str, model: str, gguf: str | None, onnx: str | None) -> 
 
 
 def _lowbit_row(engine: str, model_ref: str, prompt: int, new: int, repeats: int, cache: str | None) -> BenchRow:
-    from lowbit.eval.memory import peak_rss_mb
+    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the baseline is read)
+
+    from lowbit.eval.memory import current_rss_mb, peak_rss_mb
     from lowbit.models.loading import load_model
     from lowbit.runtime.decode import StaticDecoder
-    from lowbit.runtime.speed import measure_speed, weight_bytes
+    from lowbit.runtime.speed import measure_speed, select_kernels, weight_bytes
 
+    imports = current_rss_mb()
     model, tok = load_model(model_ref, cache=cache)
     ids = torch.tensor([prompt_ids(tok, prompt)])
     if engine == "lowbit-eager":
         r = measure_speed(model, ids, new, repeats)
         return BenchRow(engine, model_ref, r.prefill_tokens_per_s, r.decode_tokens_per_s,
                         1e3 * r.prompt_tokens / r.prefill_tokens_per_s, peak_rss_mb(), r.prompt_tokens, new, r.threads,
-                        r.weight_bytes, None, r.kernels)
+                        imports, r.weight_bytes, None, r.kernels)
     dec = StaticDecoder(model, ids.shape[1] + new + 1, compile=True)
     first = dec.generate(ids, new)  # compiles the step
     runs = [dec.generate(ids, new) for _ in range(repeats)]
     prefill = min(g.prefill_s for g in runs)
-    from lowbit.runtime.speed import select_kernels
-
     return BenchRow(engine, model_ref, ids.shape[1] / prefill, max(g.decode_tokens_per_s for g in runs), 1e3 * prefill,
-                    peak_rss_mb(), ids.shape[1], new, torch.get_num_threads(), weight_bytes(model),
+                    peak_rss_mb(), ids.shape[1], new, torch.get_num_threads(), imports, weight_bytes(model),
                     first.compile_s, select_kernels(model), "" if dec.compiled else f"eager: {dec.why_eager}")
 
 
