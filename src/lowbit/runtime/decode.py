@@ -10,7 +10,9 @@ step reads its weight with lowbit's native GEMV where that library is built (``D
 same for any other fp32 linear).
 
 A model with a quantized KV-cache setting (``lowbit.kvcache``) keeps its own cache, whose shapes grow
-with every token: it decodes eagerly (``compiled`` is then False and ``why_eager`` says so).
+with every token: it decodes eagerly, still on the native kernels (``compiled`` is then False and
+``why_eager`` says so).  Compiling around that cache (its update left to Python) recompiled per layer and
+per length and measured slower: KIVI4 on GPTQ W4 g64, 27.6 tok/s compiled against 35.8 eager.
 """
 
 from __future__ import annotations
