@@ -29,9 +29,9 @@ def test_greedy_generation_is_coherent(smollm):
 
 def test_perplexity_first_windows(smollm, data_dir):
     model, tok = smollm
-    r = evaluate(model, tok, "wikitext2", "test", seqlen=2048, max_windows=10)
-    assert r.windows == 10 and r.tokens == 20480
-    assert abs(r.perplexity - 19.92) < 0.05  # measured: 19.9222 (reference 19.92)
+    r = evaluate(model, tok, "wikitext2", "test", seqlen=2048, max_windows=2)  # 10 windows (19.92): eval_baseline.md
+    assert r.windows == 2 and r.tokens == 4096
+    assert abs(r.perplexity - 18.84) < 0.01  # measured: 18.8375
     assert r.tokens_per_s > 0 and r.peak_rss_mb > 0
 
 
@@ -57,6 +57,9 @@ def test_gguf_file_loads_same_weights(smollm):
 
     model, tok = smollm
     gguf = fetch_alias_gguf(ALIASES["smollm2-135m"], cache_dir())
+    from lowbit.models.loading import converted_gguf, resolve_model
+
+    assert converted_gguf(gguf) == resolve_model("smollm2-135m").path  # the alias's bytes: its conversion, reused
     g_model, g_tok = load_model(gguf)
     ids = tok("Hello world, this is a test.", return_tensors="pt").input_ids
     with torch.no_grad():

