@@ -145,7 +145,7 @@ class StaticDecoder:
         for start in range(0, n, chunk):
             part = ids[:, start:start + chunk]
             pos = torch.arange(start, start + part.shape[1], device=self.device)
-            out = self.model(input_ids=part, cache_position=pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=part, cache_position=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
         return logits
 

@@ -1,6 +1,7 @@
 """Inference measurements for a transformers-style model: prefill and decode speed, memory, weight bytes.
 
-Prefill: one forward over a ``prompt_tokens`` prompt (tokens / second).  Decode: greedy steps
+Prefill: one forward over a ``prompt_tokens`` prompt that computes the last position's logits only (as
+generation does; tokens / second).  Decode: greedy steps
 with the KV cache after that prompt, ``new_tokens`` of them (tokens / second, mean over steps).
 Each figure is the best of ``repeats`` runs after a warm-up.  Packed ``QuantLinear`` layers
 pick their kernels first (``select_kernels``), so the numbers are those of the fastest path.
@@ -65,14 +66,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def _prefill_seconds(model: Any, ids: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def _decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
     """Seconds for ``new_tokens`` greedy steps with the KV cache after prefilling ``ids``."""
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
