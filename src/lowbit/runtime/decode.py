@@ -39,9 +39,12 @@ class DecodeLinear(torch.nn.Linear):
     of an existing layer (``native_linears``): its parameters, names and tying are untouched."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= DECODE_TOKENS and x.dtype == torch.float32 and self.weight.is_contiguous():
-            return native.fgemv(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if (x.numel() // x.shape[-1] <= DECODE_TOKENS and x.dtype == w.dtype == torch.float32 and w.is_contiguous()
+                and x.device.type == w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return native.fgemv(x, w, self.bias)
+        return F.linear(x, w, self.bias)
 
 
 def native_linears(model: torch.nn.Module) -> int:
@@ -90,7 +93,8 @@ class StaticDecoder:
 
     ``compile``: compile the one-token step with ``torch.compile`` (``fullgraph``, static shapes);
     the first generation pays the compile time (reported in ``Generation.compile_s``), later ones reuse
-    the compiled step.  ``prefill_chunk``: prefill that many prompt tokens per forward."""
+    the compiled step.  ``prefill_chunk``: prefill that many prompt tokens per forward.  ``mode``: torch.compile's
+    mode (on a GPU, ``"reduce-overhead"`` captures the step in a CUDA graph)."""
 
     def __init__(self, model: Any, max_len: int, compile: bool = True, prefill_chunk: int | None = None,
                  mode: str | None = None):

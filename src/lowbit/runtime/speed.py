@@ -99,13 +99,16 @@ def measure_speed(model: Any, prompt_ids: torch.Tensor, new_tokens: int = 64, re
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, kv_cache: Any | None = None,
                   pivot_model: Any | None = None, prefill_chunk: int | None = None) -> str:
-    """Greedy continuation of ``prompt`` (packed layers use their measured kernels).  ``kv_cache``: a
+    """Greedy continuation of ``prompt`` (packed layers use their chosen kernels, fp32 linears the native GEMV).  ``kv_cache``: a
     quantized KV-cache setting (preset, mapping or config; default the model's own, ``"none"``: fp);
     ``pivot_model``: the full-precision model, for IntactKV pivots; ``prefill_chunk``: prefill the
     prompt that many tokens at a time (peak memory then follows the cache, not the prompt's activations)."""
     if prefill_chunk is not None and prefill_chunk < 1:
         raise LowbitError(f"prefill chunk must be a positive number of tokens, got {prefill_chunk}")
+    from lowbit.runtime.decode import native_linears
+
     select_kernels(model)
+    native_linears(model)  # fp32 linears (the output head first) on the native GEMV for decode steps
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

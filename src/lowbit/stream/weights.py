@@ -3,17 +3,17 @@ build the model's skeleton with every parameter on the meta device."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import warnings
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from lowbit.checkpoint import safetensors_spans
+from lowbit.checkpoint import SAFETENSORS_DTYPES as _DTYPES
+from lowbit.checkpoint import parameters_on_meta, safetensors_spans
 from lowbit.errors import LowbitError
 from lowbit.experts import ExpertLinears
 
@@ -121,42 +121,21 @@ def open_weights(source: Any, model: torch.nn.Module, what: str) -> Any:
 
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation cost); buffers
-    (rotary frequencies) are built for real, since checkpoints do not hold the non-persistent ones."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """The causal LM of ``config`` with every parameter on the meta device, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    with params_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
 def materialize(module: torch.nn.Module, prefix: str, reader: WeightReader, dtype: torch.dtype) -> None:
     """Read ``module``'s parameters from ``reader``, keys ``prefix + name``; floating tensors are cast to ``dtype``
-    (buffers are not read: the skeleton built them, see ``params_on_meta``).  MoE experts made one linear each
-    (``lowbit.experts``) are read from the checkpoint's fused tensors."""
+    (buffers are not read: the skeleton built them, see ``lowbit.checkpoint.parameters_on_meta``).  MoE experts made
+    one linear each (``lowbit.experts``) are read from the checkpoint's fused tensors."""
     experts = {}  # those the checkpoint holds fused (written by transformers 5 layouts); else one linear each
     for name, sub in module.named_modules():
         base = f"{prefix}{name}." if name else prefix

@@ -58,30 +58,42 @@ static void row_generic(const float *x, int64_t mt, int64_t K, const uint8_t *ro
 }
 
 #ifdef LB_AVX512
-/* 4-bit row, group size a multiple of 32.  x arrives deinterleaved per 32 columns (xd: the 16 even
- * columns, then the 16 odd ones), so 16 packed bytes widen to 16 int32 lanes whose low nibbles are the
- * even codes and whose high nibbles are the odd ones: no byte shuffles.  The zero point is subtracted
- * in integers (exact), the group's dot product accumulated in fp32, then scaled. */
-static void row_q4_avx512(const float *xd, int64_t mt, int64_t K, const uint8_t *row, const float *scale,
-                          const int8_t *zero, int64_t n, int64_t G, int64_t ng, float *out) {
+/* Helpers of the tile kernels (up to LB_TILE rows of x against one weight row): add x[m, k:k+16] * w to each
+ * row's partial sum of the group; at a group's end, fold the partial sums into the accumulators with its scale. */
+static inline void tile_fma(__m512 *part, const float *x, int64_t K, int64_t k, int64_t mt, __m512 w) {
+    for (int64_t m = 0; m < mt; m++) part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w, part[m]);
+}
+
+static inline void tile_group_end(__m512 *acc, __m512 *part, int64_t mt, float scale) {
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t m = 0; m < mt; m++) {
+        acc[m] = _mm512_fmadd_ps(s, part[m], acc[m]);
+        part[m] = _mm512_setzero_ps();
+    }
+}
+
+/* A 4- or 8-bit row (group size a multiple of 32 / 16) against a tile of x.  For 4 bits x arrives
+ * deinterleaved per 32 columns (16 even columns, then the 16 odd ones), so 16 packed bytes widen to 16 int32
+ * lanes whose low nibbles are the even codes and whose high nibbles the odd ones: no byte shuffles.  The zero
+ * point is subtracted in integers (exact), each group's dot product accumulated in fp32, then scaled. */
+static void row_tile_avx512(const float *x, int64_t mt, int64_t K, const uint8_t *row, int bits, const float *scale,
+                            const int8_t *zero, int64_t n, int64_t G, int64_t ng, float *out) {
     const __m512i low4 = _mm512_set1_epi32(15);
-    __m512 acc[LB_TILE];
-    for (int64_t m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    __m512 acc[LB_TILE], part[LB_TILE];
+    for (int64_t m = 0; m < mt; m++) acc[m] = part[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const __m512i z = _mm512_set1_epi32(8 + (zero ? zero[n * ng + g] : 0));
-        const __m512 s = _mm512_set1_ps(scale[n * ng + g]);
-        __m512 part[LB_TILE];
-        for (int64_t m = 0; m < mt; m++) part[m] = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (k >> 1))));
-            const __m512 we = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low4), z));
-            const __m512 wo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z));
-            for (int64_t m = 0; m < mt; m++) {
-                part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k), we, part[m]);
-                part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k + 16), wo, part[m]);
+        const __m512i z = _mm512_set1_epi32((bits == 4 ? 8 : 128) + (zero ? zero[n * ng + g] : 0));
+        for (int64_t k = g * G; k < (g + 1) * G; k += bits == 4 ? 32 : 16) {
+            if (bits == 4) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (k >> 1))));
+                tile_fma(part, x, K, k, mt, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low4), z)));
+                tile_fma(part, x, K, k + 16, mt, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z)));
+            } else {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+                tile_fma(part, x, K, k, mt, _mm512_cvtepi32_ps(_mm512_sub_epi32(v, z)));
             }
         }
-        for (int64_t m = 0; m < mt; m++) acc[m] = _mm512_fmadd_ps(s, part[m], acc[m]);
+        tile_group_end(acc, part, mt, scale[n * ng + g]);
     }
     for (int64_t m = 0; m < mt; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
@@ -108,25 +120,6 @@ static float row_q4_avx512_m1(const float *xd, const uint8_t *row, const float *
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-/* 8-bit row, group size a multiple of 16. */
-static void row_q8_avx512(const float *x, int64_t mt, int64_t K, const uint8_t *row, const float *scale,
-                          const int8_t *zero, int64_t n, int64_t G, int64_t ng, float *out) {
-    __m512 acc[LB_TILE];
-    for (int64_t m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        const __m512i z = _mm512_set1_epi32(128 + (zero ? zero[n * ng + g] : 0));
-        const __m512 s = _mm512_set1_ps(scale[n * ng + g]);
-        __m512 part[LB_TILE];
-        for (int64_t m = 0; m < mt; m++) part[m] = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
-            const __m128i b = _mm_loadu_si128((const __m128i *)(row + k));
-            const __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), z));
-            for (int64_t m = 0; m < mt; m++) part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w, part[m]);
-        }
-        for (int64_t m = 0; m < mt; m++) acc[m] = _mm512_fmadd_ps(s, part[m], acc[m]);
-    }
-    for (int64_t m = 0; m < mt; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
-}
 #endif
 
 /* y (M, N) = x (M, K) @ W^T (+ bias) for a bits-bit (4 or 8) group-quantized W stored as
@@ -157,10 +150,8 @@ void lowbit_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, int bi
 #ifdef LB_AVX512
             if (q4fast && mt == 1)
                 acc[0] = row_q4_avx512_m1(xd + m0 * K, row, scale, zero, n, G, ng);
-            else if (q4fast)
-                row_q4_avx512(xd + m0 * K, mt, K, row, scale, zero, n, G, ng, acc);
-            else if (fast && bits == 8)
-                row_q8_avx512(x + m0 * K, mt, K, row, scale, zero, n, G, ng, acc);
+            else if (q4fast || (fast && bits == 8))
+                row_tile_avx512(xd + m0 * K, mt, K, row, bits, scale, zero, n, G, ng, acc);
             else
 #endif
                 row_generic(x + m0 * K, mt, K, row, bits, scale, zero, n, G, ng, acc);
