@@ -176,27 +176,19 @@ def run_row(row: str, path: str) -> dict:
 
 
 def _measure_lowbit(engine: str, path: str) -> dict:
-    """``lowbit bench``'s measurement of one lowbit row on the wikitext prompt; the model kept for more."""
+    """``lowbit bench``'s measurement of one lowbit row (``measure_loaded``) on the wikitext prompt; the model kept
+    for more."""
     import torch
 
-    from lowbit.eval.memory import peak_rss_mb
     from lowbit.models.loading import load_model
-    from lowbit.runtime.decode import StaticDecoder
-    from lowbit.runtime.speed import measure_speed, select_kernels, weight_bytes
+    from lowbit.runtime.bench import measure_loaded
 
     model, tok = load_model(path)
     ids = torch.tensor([_prompt(tok)])
-    if engine == "lowbit-eager":
-        s = measure_speed(model, ids, NEW_TOKENS)
-        row = s.to_dict() | {"time_to_first_token_ms": 1e3 * s.prompt_tokens / s.prefill_tokens_per_s}
-        return {"row": row, "model": model, "ids": ids, "tok": tok}
-    dec = StaticDecoder(model, ids.shape[1] + NEW_TOKENS + 1, compile=True)
-    first = dec.generate(ids, NEW_TOKENS)
-    runs = [dec.generate(ids, NEW_TOKENS) for _ in range(3)]
-    prefill = min(g.prefill_s for g in runs)
-    row = {"prefill_tokens_per_s": ids.shape[1] / prefill, "decode_tokens_per_s": max(g.decode_tokens_per_s for g in runs),
-           "time_to_first_token_ms": 1e3 * prefill, "compile_s": first.compile_s, "weight_bytes": weight_bytes(model),
-           "kernels": select_kernels(model), "peak_rss_decode_mb": peak_rss_mb(), **_compiled_vs_eager(model, ids, dec)}
+    bench_row, dec = measure_loaded(engine, model, ids, NEW_TOKENS, 3, path)
+    row = bench_row.to_dict()
+    if dec is not None:
+        row |= _compiled_vs_eager(model, ids, dec)
     return {"row": row, "model": model, "ids": ids, "tok": tok}
 
 

@@ -71,26 +71,34 @@ def engine_file(engine: str, model: str, gguf: str | None, onnx: str | None) -> 
 def _lowbit_row(engine: str, model_ref: str, prompt: int, new: int, repeats: int, cache: str | None) -> BenchRow:
     from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the baseline is read)
 
-    from lowbit.eval.memory import current_rss_mb, peak_rss_mb
+    from lowbit.eval.memory import current_rss_mb
     from lowbit.models.loading import load_model
-    from lowbit.runtime.decode import StaticDecoder
-    from lowbit.runtime.speed import measure_speed, select_kernels, weight_bytes
 
     imports = current_rss_mb()
     model, tok = load_model(model_ref, cache=cache)
-    ids = torch.tensor([prompt_ids(tok, prompt)])
+    return measure_loaded(engine, model, torch.tensor([prompt_ids(tok, prompt)]), new, repeats, model_ref, imports)[0]
+
+
+def measure_loaded(engine: str, model: Any, ids: torch.Tensor, new: int, repeats: int, model_ref: str,
+                   imports_rss_mb: float | None = None) -> tuple[BenchRow, Any]:
+    """A ``lowbit-fast`` or ``lowbit-eager`` row of a loaded model on prompt ``ids`` (1, n), and the
+    ``StaticDecoder`` that ran it (None for eager), for further checks on the same compiled step."""
+    from lowbit.eval.memory import peak_rss_mb
+    from lowbit.runtime.decode import StaticDecoder
+    from lowbit.runtime.speed import measure_speed, select_kernels, weight_bytes
+
     if engine == "lowbit-eager":
         r = measure_speed(model, ids, new, repeats)
         return BenchRow(engine, model_ref, r.prefill_tokens_per_s, r.decode_tokens_per_s,
                         1e3 * r.prompt_tokens / r.prefill_tokens_per_s, peak_rss_mb(), r.prompt_tokens, new, r.threads,
-                        imports, r.weight_bytes, None, r.kernels)
+                        imports_rss_mb, r.weight_bytes, None, r.kernels), None
     dec = StaticDecoder(model, ids.shape[1] + new + 1, compile=True)
     first = dec.generate(ids, new)  # compiles the step
     runs = [dec.generate(ids, new) for _ in range(repeats)]
     prefill = min(g.prefill_s for g in runs)
     return BenchRow(engine, model_ref, ids.shape[1] / prefill, max(g.decode_tokens_per_s for g in runs), 1e3 * prefill,
-                    peak_rss_mb(), ids.shape[1], new, torch.get_num_threads(), imports, weight_bytes(model),
-                    first.compile_s, select_kernels(model), "" if dec.compiled else f"eager: {dec.why_eager}")
+                    peak_rss_mb(), ids.shape[1], new, torch.get_num_threads(), imports_rss_mb, weight_bytes(model),
+                    first.compile_s, select_kernels(model), "" if dec.compiled else f"eager: {dec.why_eager}"), dec
 
 
 def _llamacpp_row(path: str, prompt: int, new: int, repeats: int) -> BenchRow:
